@@ -1,0 +1,197 @@
+"""Supervised fine-tuning on expert demonstrations (the expert cache).
+
+Loss: mean negative log-likelihood over response tokens only (prompt and padding
+masked), normalised by the response tokens of the whole accumulated batch, as in
+TRL's SFTTrainer.
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from shared.data import load_expert_cache, load_rows
+from shared.modeling import default_device, load_model, load_tokenizer
+from shared.rollout import completion_logps, encode_prompts, evaluate
+from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
+
+
+@dataclass
+class Args:
+    model: str = "data/tiny-qwen3"
+    """policy to fine-tune: hub id (Qwen/Qwen3-0.6B) or local folder"""
+    train_data: str = "data/toy/train.jsonl"
+    """training prompts: .jsonl path or hub dataset id"""
+    eval_data: str = "data/toy/eval.jsonl"
+    """held-out prompts with instruction ids, for gold accuracy"""
+    expert_cache: str = "data/toy/expert_cache.jsonl"
+    """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
+    output_dir: str = "runs/sft"
+    """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
+    seed: int = 1
+    """seed for data order and initialisation"""
+    steps: int = 500
+    """optimizer steps"""
+    batch_size: int = 64
+    """sequences per optimizer step"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward; gradients are accumulated up to batch_size"""
+    learning_rate: float = 3e-3
+    """peak AdamW learning rate"""
+    warmup_steps: int = 20
+    """linear warmup, then linear decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 100
+    """evaluate on the held-out split every this many steps (and at start and end)"""
+    eval_prompts: int = 256
+    """held-out prompts used per evaluation"""
+    max_new_tokens: int = 24
+    """generation length at evaluation"""
+    save_every: int = 100
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue from <output_dir>/checkpoint if it exists"""
+    dtype: str = "float32"
+    """weights dtype: float32, bfloat16 or float16"""
+    autocast_bf16: bool = False
+    """run forward passes under bfloat16 autocast (GPU memory/speed knob)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    device: str = default_device()
+    """cuda or cpu"""
+    compile: bool = torch.cuda.is_available()
+    """torch.compile the loss function (default on with CUDA)"""
+    logp_chunk_tokens: int = 1024
+    """tokens per chunk when computing log-probs from hidden states"""
+    track: bool = False
+    """log to Weights & Biases as well as tensorboard"""
+    wandb_project: str = "posttrain"
+    """wandb project name"""
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood.
+
+    logps: [B, L] log-prob of each response token; mask: [B, L], 1 on response tokens.
+    num_tokens: the normaliser; pass the response-token count of the whole accumulated
+    batch so that micro-batch losses sum to the full-batch token mean (default: mask.sum()).
+    """
+    if num_tokens is None:
+        num_tokens = mask.sum()
+    return -(logps * mask).sum() / torch.clamp(torch.as_tensor(num_tokens, dtype=logps.dtype), min=1.0)
+
+
+def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
+    """Left-padded prompt + right-padded response (+ eos): every response starts at
+    column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    length = max(len(e) for e in encoded)
+    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        response_ids[i, :len(ids)] = torch.tensor(ids)
+        response_mask[i, :len(ids)] = 1
+    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
+    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+            response_mask, prompt_ids.size(1))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.batch_size % args.micro_batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = load_trainer_state(output_dir) if args.resume else None
+    start_step = state["step"] if state else 0
+    seed_everything(args.seed)
+
+    # ---- data: prompts and their expert responses
+    try:
+        train_rows = load_rows(args.train_data, required=("prompt",))
+        eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
+        cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    responses = [cache[r["prompt"]] for r in train_rows]
+
+    # ---- model, optimizer, schedule
+    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps))))
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+    loss_fn = torch.compile(sft_loss, dynamic=True) if args.compile else sft_loss
+    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations "
+          f"from {cache_header.get('teacher', '?')!r}")
+
+    def run_eval(step):
+        result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
+        logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
+        tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
+        return result
+
+    initial_eval = run_eval(start_step) if start_step == 0 else None
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sft",
+                    disable=os.environ.get("TQDM_DISABLE") == "1")
+    for step in progress:
+        step_start = time.time()
+        # ---- sample a batch (depends only on seed and step: resumable)
+        indices = torch.randint(len(train_rows), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
+        batch_prompts = [train_rows[i]["prompt"] for i in indices]
+        batch_responses = [responses[i] for i in indices]
+        num_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in batch_responses)
+
+        # ---- forward/backward over micro-batches, token-mean over the whole batch
+        total_loss = 0.0
+        for start in range(0, args.batch_size, args.micro_batch_size):
+            ids, mask, response_mask, prompt_len = sft_batch(
+                tokenizer, batch_prompts[start:start + args.micro_batch_size],
+                batch_responses[start:start + args.micro_batch_size], args.device)
+            with autocast:
+                logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens)
+            loss = loss_fn(logps.float(), response_mask, float(num_tokens))
+            loss.backward()
+            total_loss += loss.detach()
+        total_loss = float(total_loss)
+        if not math.isfinite(total_loss):
+            raise SystemExit(f"error: non-finite loss {total_loss} at step {step + 1}; last good checkpoint kept in "
+                             f"{output_dir / CHECKPOINT}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log, evaluate, checkpoint
+        logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm),
+                              "train/lr": scheduler.get_last_lr()[0], "perf/steps_per_sec": 1 / (time.time() - step_start)})
+        progress.set_postfix(loss=f"{total_loss:.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            final_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+
+    if start_step < args.steps:
+        write_json(output_dir / "eval.json", {
+            "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
+            "initial_gold": initial_eval["gold"] if initial_eval else None,
+            "samples": final_eval["texts"][:8]})
+    logger.close()
+    print(f"done: checkpoint in {output_dir / CHECKPOINT}")

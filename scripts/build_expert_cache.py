@@ -1,0 +1,52 @@
+"""Build the expert cache: one expert response per training prompt, from the toy
+world's oracle (offline default) or from any teacher model with batched generate."""
+
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from shared import toyworld
+from shared.data import load_rows, write_expert_cache
+from shared.modeling import default_device, load_model, load_tokenizer
+from shared.rollout import generate_rollouts
+
+
+@dataclass
+class Args:
+    data: str = "data/toy/train.jsonl"
+    """prompts to cover (.jsonl path or hub dataset id)"""
+    split: str = "train"
+    """split, for a hub dataset"""
+    out: str = "data/toy/expert_cache.jsonl"
+    """where the cache is written"""
+    teacher: str = "oracle"
+    """'oracle' (the toy world's exact expert) or a model id / folder to generate with"""
+    max_new_tokens: int = 512
+    """teacher generation length"""
+    temperature: float = 0.0
+    """teacher sampling temperature; 0 means greedy"""
+    batch_size: int = 16
+    """prompts per teacher generate call"""
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
+    """teacher weights dtype"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    rows = load_rows(args.data, args.split,
+                     required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))
+    prompts = [r["prompt"] for r in rows]
+    if args.teacher == "oracle":
+        responses, generation = [toyworld.oracle(r) for r in rows], {"method": "toy world oracle"}
+    else:
+        tokenizer, model = load_tokenizer(args.teacher), load_model(args.teacher, args.dtype, default_device())
+        responses = []
+        for i in tqdm(range(0, len(prompts), args.batch_size), desc="teacher generate"):
+            out = generate_rollouts(model, tokenizer, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                    temperature=max(args.temperature, 1e-5), do_sample=args.temperature > 0)
+            responses += out["texts"]
+        generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    write_expert_cache(args.out, prompts, responses, teacher=args.teacher, generation=generation)
+    print(f"wrote {len(responses)} expert responses from {args.teacher!r} to {args.out}")

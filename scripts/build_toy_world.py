@@ -1,0 +1,43 @@
+"""Build the offline default: a tiny Qwen3-architecture model + byte tokenizer saved
+with save_pretrained, and the toy world's train/eval splits as JSONL."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from shared.modeling import build_tiny_model
+from shared.toyworld import write_splits
+
+
+@dataclass
+class Args:
+    model_dir: str = "data/tiny-qwen3"
+    """where the tiny model and tokenizer are saved"""
+    data_dir: str = "data/toy"
+    """where train.jsonl and eval.jsonl are written"""
+    num_train: int = 4000
+    """training prompts"""
+    num_eval: int = 256
+    """held-out prompts (disjoint from training prompts)"""
+    hidden_size: int = 128
+    """width of the tiny model"""
+    num_layers: int = 4
+    """transformer blocks of the tiny model"""
+    intermediate_size: int = 384
+    """MLP width of the tiny model"""
+    seed: int = 0
+    """seed for the splits and the initial weights"""
+    force: bool = False
+    """rebuild even if the outputs exist"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.force or not (Path(args.model_dir) / "config.json").exists():
+        build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                         intermediate_size=args.intermediate_size, seed=args.seed)
+        print(f"saved tiny model to {args.model_dir}")
+    if args.force or not (Path(args.data_dir) / "eval.jsonl").exists():
+        paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
+        print(f"wrote {paths}")

@@ -1,0 +1,62 @@
+"""Prompt datasets (local JSONL or any hub dataset, through `datasets`) and the
+expert cache (pre-collected expert responses keyed by prompt)."""
+
+import json
+from pathlib import Path
+
+from datasets import load_dataset
+
+from shared.toyworld import write_jsonl
+
+
+def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list")) -> list[dict]:
+    """Rows from a .json/.jsonl file or a hub dataset id, validated field by field."""
+    if source.endswith((".json", ".jsonl")):
+        if not Path(source).exists():
+            raise ValueError(f"dataset file {source!r} does not exist")
+        dataset = load_dataset("json", data_files=source, split="train")
+    else:
+        dataset = load_dataset(source, split=split)
+    rows = dataset.to_list()
+    if not rows:
+        raise ValueError(f"dataset {source!r} has no rows")
+    for index, row in enumerate(rows):
+        for field in required:
+            if field not in row or row[field] is None:
+                raise ValueError(f"dataset {source!r} row {index}: missing field {field!r}")
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise ValueError(f"dataset {source!r} row {index}: field 'prompt' must be a non-empty string")
+    return rows
+
+
+def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str], teacher: str,
+                       generation: dict) -> None:
+    """One JSONL line per prompt; the first line records who wrote the responses and how."""
+    header = {"teacher": teacher, "generation": generation, "num_responses": len(responses)}
+    write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r} for p, r in zip(prompts, responses)], path)
+
+
+def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tuple[dict[str, str], dict]:
+    """The cache as {prompt: response} and its header; checks that every prompt in
+    `prompts` is covered and names the missing ones otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"expert cache {str(path)!r} does not exist; build it with scripts/build_expert_cache.py")
+    header, cache = {}, {}
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"expert cache {str(path)!r} line {line_number}: not valid JSON") from None
+            if "__header__" in record:
+                header = record["__header__"]
+            elif not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+                raise ValueError(f"expert cache {str(path)!r} line {line_number}: needs string fields 'prompt' and 'response'")
+            else:
+                cache[record["prompt"]] = record["response"]
+    missing = [p for p in (prompts or []) if p not in cache]
+    if missing:
+        raise ValueError(f"expert cache {str(path)!r} misses {len(missing)} of {len(prompts)} prompts, "
+                         f"for example {missing[0]!r}; rebuild it for this dataset")
+    return cache, header

@@ -1,0 +1,91 @@
+"""Loading a policy and its tokenizer (hub id or local folder), and building the
+tiny offline model that stands in for one.
+
+The tiny model is a real Qwen3-architecture checkpoint with a byte-level
+tokenizer and a chat template, saved with `save_pretrained`, so the offline
+default goes through exactly the same `from_pretrained` path as Qwen/Qwen3-0.6B.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+# One special token per role: the tiny model reads bytes, so every template byte costs compute.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges: one token per byte, so any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8,
+                     intermediate_size: int = 384, seed: int = 0) -> Path:
+    """Create and save a randomly initialised Qwen3-architecture model and its tokenizer."""
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+        head_dim=hidden_size // num_heads, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(name_or_path: str):
+    """Left padding (so every completion starts at the same column), pad and eos checked."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no eos token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # completions are masked after eos, so sharing it is safe
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat checkpoint")
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
+               gradient_checkpointing: bool = False):
+    """A causal LM from a hub id or a local folder, weights in `dtype` on `device`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").exists():
+        raise ValueError(f"--model {name_or_path!r} is a folder without config.json: not a saved model")
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it: one user turn plus the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

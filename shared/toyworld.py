@@ -1,0 +1,207 @@
+"""The offline toy world: a tiny instruction-following task in the spirit of IFEval.
+
+Every prompt is one content task on a short word ("reverse bcad") plus 0-3
+verifiable format constraints ("start with #", "end with !", "all caps",
+"at most 9 chars"). Rows use IFEval's schema (prompt, instruction_id_list,
+kwargs), so the toy world and real instruction-following data go through the
+same loading and the same verifier code.
+
+- reward: fraction of the prompt's instructions followed (instruction level; RL)
+- gold: every instruction followed (prompt-level strict accuracy; eval only)
+- oracle: a correct demonstration for any prompt (the offline expert)
+- preferences: pairwise labels along named quality axes (correctness, format,
+  concision) for the preference-based algorithms
+"""
+
+import json
+import random
+from pathlib import Path
+
+ALPHABET = "abcdefgh"
+CONTENT_TASKS = ("copy", "reverse", "upper", "sort", "count")
+DEFAULT_TASKS = ("copy", "reverse", "upper")  # sort and count are too hard for a 1M model in minutes
+START_CHARS = "#>*"
+END_CHARS = "!?."
+DECORATION = " #>*!?."  # what may surround the content; words are letters/digits only
+PREFERENCE_AXES = ("correctness", "format", "concision")
+
+
+def content_answer(task: str, text: str, letter: str | None = None) -> str:
+    """The bare content of a correct answer, before any format constraint."""
+    if task == "copy":
+        return text
+    if task == "reverse":
+        return text[::-1]
+    if task == "upper":
+        return text.upper()
+    if task == "sort":
+        return "".join(sorted(text))
+    if task == "count":
+        return str(text.count(letter))
+    raise ValueError(f"unknown toy task {task!r}")
+
+
+def _check_content(response, task, text=None, letter=None, **_):
+    body = response.strip(DECORATION)
+    expected = content_answer(task, text, letter)
+    # Case is the "caps" constraint's business, except for the upper task itself.
+    return body == expected if task == "upper" else body.lower() == expected
+
+
+def _check_start_with(response, char=None, **_):
+    return response.startswith(char)
+
+
+def _check_end_with(response, char=None, **_):
+    return response.endswith(char)
+
+
+def _check_caps(response, **_):
+    letters = [c for c in response if c.isalpha()]
+    return bool(letters) and all(c.isupper() for c in letters)
+
+
+def _check_max_chars(response, max_chars=None, **_):
+    return len(response) <= int(max_chars)
+
+
+TOY_CHECKERS = {
+    "toy:start_with": _check_start_with,
+    "toy:end_with": _check_end_with,
+    "toy:caps": _check_caps,
+    "toy:max_chars": _check_max_chars,
+}
+
+
+def check_instruction(response: str, instruction_id: str, kwargs: dict | None) -> bool:
+    """True when `response` follows one instruction. None-valued kwargs are ignored
+    (datasets fills absent struct fields with None)."""
+    kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    if instruction_id.startswith("toy:task:"):
+        return _check_content(response, instruction_id.split(":")[2], **kwargs)
+    if instruction_id in TOY_CHECKERS:
+        return TOY_CHECKERS[instruction_id](response, **kwargs)
+    raise ValueError(f"unknown instruction id {instruction_id!r}")
+
+
+def instructions_followed(row: dict, response: str) -> list[bool]:
+    kwargs_list = row.get("kwargs") or [{}] * len(row["instruction_id_list"])
+    return [check_instruction(response, i, k) for i, k in zip(row["instruction_id_list"], kwargs_list)]
+
+
+def reward(row: dict, response: str) -> float:
+    """Instruction-level reward in [0, 1]: the fraction of instructions followed."""
+    followed = instructions_followed(row, response)
+    return sum(followed) / max(1, len(followed))
+
+
+def gold(row: dict, response: str) -> float:
+    """Prompt-level strict accuracy: 1.0 only when every instruction is followed."""
+    return float(all(instructions_followed(row, response)))
+
+
+def oracle(row: dict) -> str:
+    """A correct demonstration: the content, then the constraints applied in order."""
+    ids, kwargs_list = row["instruction_id_list"], row["kwargs"]
+    args = {i: {k: v for k, v in kw.items() if v is not None} for i, kw in zip(ids, kwargs_list)}
+    (task_id,) = [i for i in ids if i.startswith("toy:task:")]
+    answer = content_answer(task_id.split(":")[2], args[task_id]["text"], args[task_id].get("letter"))
+    if "toy:caps" in args:
+        answer = answer.upper()
+    if "toy:start_with" in args:
+        answer = args["toy:start_with"]["char"] + answer
+    if "toy:end_with" in args:
+        answer = answer + args["toy:end_with"]["char"]
+    return answer
+
+
+def make_row(rng: random.Random, key: int, max_constraints: int = 3, tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
+    """One random prompt: a content task on a 3-5 letter word plus format constraints."""
+    task = rng.choice(tasks)
+    text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 5)))
+    task_kwargs = {"text": text}
+    phrases = [f"{task} {text}"]
+    if task == "count":
+        task_kwargs["letter"] = rng.choice(text)
+        phrases = [f"count {task_kwargs['letter']} in {text}"]
+    ids, kwargs = [f"toy:task:{task}"], [task_kwargs]
+
+    options = ["start_with", "end_with", "max_chars"] + (["caps"] if task not in ("upper", "count") else [])
+    for constraint in sorted(rng.sample(options, rng.randint(0, min(max_constraints, len(options)))),
+                             key=["caps", "start_with", "end_with", "max_chars"].index):
+        if constraint == "start_with":
+            kw = {"char": rng.choice(START_CHARS)}
+            phrases.append(f"start with {kw['char']}")
+        elif constraint == "end_with":
+            kw = {"char": rng.choice(END_CHARS)}
+            phrases.append(f"end with {kw['char']}")
+        elif constraint == "caps":
+            kw = {}
+            phrases.append("all caps")
+        else:  # max_chars is set last, from the length of the correct answer
+            kw = {"max_chars": None}
+        ids.append(f"toy:{constraint}")
+        kwargs.append(kw)
+    row = {"key": key, "prompt": "", "instruction_id_list": ids, "kwargs": kwargs}
+    if "toy:max_chars" in ids:
+        limit = len(oracle(row)) + rng.randint(0, 2)
+        kwargs[ids.index("toy:max_chars")]["max_chars"] = limit
+        phrases.append(f"at most {limit} chars")
+    # The word goes last, right before the assistant turn: a tiny model then copies from a
+    # near-constant relative offset, which it learns in minutes instead of hours.
+    row["prompt"] = ", ".join(phrases[1:] + phrases[:1])
+    return row
+
+
+def make_split(num_rows: int, seed: int, max_constraints: int = 3, exclude: set[str] | None = None,
+               tasks: tuple[str, ...] = DEFAULT_TASKS) -> list[dict]:
+    """`num_rows` distinct prompts from `seed`, none of whose prompt text is in `exclude`."""
+    rng, rows, seen = random.Random(seed), [], set(exclude or ())
+    while len(rows) < num_rows:
+        row = make_row(rng, key=len(rows), max_constraints=max_constraints, tasks=tasks)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    """Write atomically: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256, seed: int = 0,
+                 tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
+    """Train and eval splits as JSONL that `datasets.load_dataset("json", ...)` reads."""
+    out_dir = Path(out_dir)
+    eval_rows = make_split(num_eval, seed=seed + 1, tasks=tasks)
+    train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows}, tasks=tasks)
+    write_jsonl(train_rows, out_dir / "train.jsonl")
+    write_jsonl(eval_rows, out_dir / "eval.jsonl")
+    return {"train": str(out_dir / "train.jsonl"), "eval": str(out_dir / "eval.jsonl")}
+
+
+def axis_scores(row: dict, response: str) -> dict[str, float]:
+    """Scores along the named quality axes; higher is better on each."""
+    followed = instructions_followed(row, response)
+    content = [f for i, f in zip(row["instruction_id_list"], followed) if i.startswith("toy:task:")]
+    fmt = [f for i, f in zip(row["instruction_id_list"], followed) if not i.startswith("toy:task:")]
+    return {
+        "correctness": float(all(content)),
+        "format": sum(fmt) / len(fmt) if fmt else 1.0,
+        "concision": -float(abs(len(response) - len(oracle(row)))),
+    }
+
+
+def preference(row: dict, response_a: str, response_b: str, axis: str) -> float:
+    """Pairwise label on one axis: 1.0 if a is better, 0.0 if b is better, 0.5 on a tie."""
+    if axis not in PREFERENCE_AXES:
+        raise ValueError(f"unknown preference axis {axis!r}; choose from {PREFERENCE_AXES}")
+    a, b = axis_scores(row, response_a)[axis], axis_scores(row, response_b)[axis]
+    return 1.0 if a > b else 0.0 if a < b else 0.5

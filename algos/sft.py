@@ -35,15 +35,15 @@ class Args:
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
     """seed for data order and initialisation"""
-    steps: int = 500
+    steps: int = 300
     """optimizer steps"""
-    batch_size: int = 64
+    batch_size: int = 32
     """sequences per optimizer step"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 32
     """sequences per forward/backward; gradients are accumulated up to batch_size"""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """peak AdamW learning rate"""
-    warmup_steps: int = 20
+    warmup_steps: int = 10
     """linear warmup, then linear decay to 0"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

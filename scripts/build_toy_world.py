@@ -24,6 +24,8 @@ class Args:
     """width of the tiny model"""
     num_layers: int = 4
     """transformer blocks of the tiny model"""
+    num_heads: int = 8
+    """attention heads (small heads learn the copy circuit much faster than few wide ones)"""
     intermediate_size: int = 384
     """MLP width of the tiny model"""
     seed: int = 0
@@ -35,7 +37,7 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.force or not (Path(args.model_dir) / "config.json").exists():
-        build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                          intermediate_size=args.intermediate_size, seed=args.seed)
         print(f"saved tiny model to {args.model_dir}")
     if args.force or not (Path(args.data_dir) / "eval.jsonl").exists():

@@ -35,8 +35,8 @@ class Args:
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
     """seed for data order and initialisation"""
-    steps: int = 300
-    """optimizer steps"""
+    steps: int = 200
+    """optimizer steps (200 leaves the tiny model clearly imperfect, so RL has room)"""
     batch_size: int = 32
     """sequences per optimizer step"""
     micro_batch_size: int = 32
@@ -59,6 +59,8 @@ class Args:
     """checkpoint every this many steps (and at the end)"""
     resume: bool = False
     """continue from <output_dir>/checkpoint if it exists"""
+    stop_at_step: int = 0
+    """end this invocation after this step, as an interruption would (0: run to the end)"""
     dtype: str = "float32"
     """weights dtype: float32, bfloat16 or float16"""
     autocast_bf16: bool = False
@@ -187,6 +189,10 @@ if __name__ == "__main__":
             final_eval = run_eval(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+        if step + 1 == args.stop_at_step:
+            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+            print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
+            raise SystemExit(0)
 
     if start_step < args.steps:
         write_json(output_dir / "eval.json", {

@@ -1,0 +1,33 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.modeling import build_tiny_model
+from shared.toyworld import oracle, write_splits
+from shared.data import load_rows, write_expert_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A very small model (hidden 32, 2 layers), 64 training and 16 eval prompts,
+    and an oracle expert cache, all written the way the real scripts write them."""
+    root = tmp_path_factory.mktemp("world")
+    model_dir = build_tiny_model(root / "model", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    paths = write_splits(root / "data", num_train=64, num_eval=16, seed=0)
+    rows = load_rows(paths["train"])
+    write_expert_cache(root / "data" / "expert_cache.jsonl", [r["prompt"] for r in rows], [oracle(r) for r in rows],
+                       teacher="oracle", generation={})
+    return {"root": root, "model": str(model_dir), "train": paths["train"], "eval": paths["eval"],
+            "expert_cache": str(root / "data" / "expert_cache.jsonl")}
+
+
+def run_script(script: str, *flags: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True,
+                            env={**__import__("os").environ, "TQDM_DISABLE": "1"}, cwd=ROOT)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

@@ -56,7 +56,8 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float,
                  with_entropy: bool):
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [chunk, V], freed after the chunk
+    logits = F.linear(hidden, weight, bias)  # [chunk, V], freed after the chunk
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for the softmax
     lse = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:

@@ -1,0 +1,44 @@
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from shared.rollout import completion_logps, completion_mask_from_ids
+
+
+def small_model(vocab):
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
+    return Qwen3ForCausalLM(config).double()
+
+
+def naive_logps(model, ids, mask, start, temperature=1.0):
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, start - 1:-1] / temperature
+    logprobs = torch.log_softmax(logits, -1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logprobs.gather(-1, ids[:, start:, None]).squeeze(-1), entropy
+
+
+def test_chunked_logps_match_naive_values_and_gradients_at_qwen_vocab():
+    model = small_model(151_936)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(151_936, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    fast, fast_entropy = completion_logps(model, ids, mask, 7, temperature=0.7, chunk_tokens=4, with_entropy=True)
+    fast.sum().backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    slow, slow_entropy = naive_logps(model, ids, mask, 7, temperature=0.7)
+    slow.sum().backward()
+    assert torch.allclose(fast, slow, atol=1e-10)
+    assert torch.allclose(fast_entropy, slow_entropy, atol=1e-10)
+    for a, p in zip(fast_grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-10)
+
+
+def test_completion_mask_covers_up_to_and_including_eos():
+    ids = torch.tensor([[5, 6, 9, 7, 9], [5, 6, 7, 8, 8], [9, 1, 1, 1, 1]])
+    mask, truncated = completion_mask_from_ids(ids, eos_token_id=9)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]

@@ -1,0 +1,91 @@
+"""End-to-end runs of each script on the tiny world, through the command line."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_script
+
+
+def common_flags(world, out):
+    return ["--model", world["model"], "--train-data", world["train"], "--eval-data", world["eval"],
+            "--output-dir", str(out), "--eval-every", "2", "--eval-prompts", "8", "--save-every", "2"]
+
+
+def sft_flags(world, out):
+    return common_flags(world, out) + ["--expert-cache", world["expert_cache"], "--steps", "4", "--batch-size", "8",
+                                       "--micro-batch-size", "4", "--max-new-tokens", "8"]
+
+
+def grpo_flags(world, out, model):
+    flags = common_flags(world, out) + ["--steps", "4", "--prompts-per-step", "2", "--group-size", "4",
+                                        "--micro-batch-size", "4", "--max-new-tokens", "8", "--beta", "0.1",
+                                        "--num-iterations", "2", "--learning-rate", "1e-3"]
+    flags[flags.index("--model") + 1] = model
+    return flags
+
+
+def losses(out):
+    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+
+
+def assert_same_weights(dir_a, dir_b):
+    a = AutoModelForCausalLM.from_pretrained(dir_a / "checkpoint")
+    b = AutoModelForCausalLM.from_pretrained(dir_b / "checkpoint")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("script", ["algos/sft.py", "algos/grpo.py"])
+def test_help_lists_flags(script):
+    out = run_script(script, "--help").stdout
+    assert "--learning-rate" in out and "--resume" in out and "--compile" in out
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    run_script("algos/sft.py", *sft_flags(tiny_world, out))
+    return out
+
+
+def test_sft_end_to_end_checkpoint_loads(sft_run):
+    model = AutoModelForCausalLM.from_pretrained(sft_run / "checkpoint")
+    assert model.config.model_type == "qwen3"
+    result = json.loads((sft_run / "eval.json").read_text())
+    assert 0.0 <= result["gold"] <= 1.0 and len(losses(sft_run)) == 4
+    assert (sft_run / "checkpoint" / "trainer_state.pt").exists()
+
+
+def test_sft_resume_equals_uninterrupted(tiny_world, sft_run, tmp_path):
+    run_script("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--stop-at-step", "2")
+    assert len(losses(tmp_path)) == 2
+    run_script("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--resume")
+    assert losses(tmp_path) == pytest.approx(losses(sft_run), rel=1e-5)
+    assert_same_weights(tmp_path, sft_run)
+
+
+def test_grpo_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    run_script("algos/grpo.py", *grpo_flags(tiny_world, full, str(sft_run / "checkpoint")))
+    assert len(losses(full)) == 4
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
+    run_script("algos/grpo.py", *grpo_flags(tiny_world, interrupted, str(sft_run / "checkpoint")), "--stop-at-step", "2")
+    run_script("algos/grpo.py", *grpo_flags(tiny_world, interrupted, str(sft_run / "checkpoint")), "--resume")
+    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
+    assert_same_weights(interrupted, full)
+
+
+def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):
+    other_prompts = tmp_path / "other.jsonl"
+    other_prompts.write_text('{"prompt": "copy zz", "instruction_id_list": ["toy:task:copy"], "kwargs": [{"text": "zz"}]}\n')
+    result = run_script("algos/sft.py", *sft_flags(tiny_world, tmp_path / "a"), "--train-data", str(other_prompts),
+                        expect_ok=False)
+    assert result.returncode != 0 and "misses 1 of 1 prompts" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "b", tiny_world["model"]),
+                        "--group-size", "1", expect_ok=False)
+    assert result.returncode != 0 and "--group-size must be >= 2" in result.stderr

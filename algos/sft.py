@@ -71,8 +71,8 @@ class Args:
     """cuda or cpu"""
     compile: bool = torch.cuda.is_available()
     """torch.compile the loss function (default on with CUDA)"""
-    logp_chunk_tokens: int = 1024
-    """tokens per chunk when computing log-probs from hidden states"""
+    logp_chunk_tokens: int = 0
+    """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
     track: bool = False
     """log to Weights & Biases as well as tensorboard"""
     wandb_project: str = "posttrain"

@@ -3,7 +3,6 @@ algorithm runs but none of them defines."""
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from shared import toyworld
 from shared.modeling import chat_prompt
@@ -54,45 +53,86 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
             "completion_mask": completion_mask, "truncated": truncated, "texts": texts}
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float,
-                 with_entropy: bool):
-    logits = F.linear(hidden, weight, bias)  # [chunk, V], freed after the chunk
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for the softmax
-    lse = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logps, logps.new_zeros(())
-    with torch.no_grad():
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-    return logps, entropy
+LOGITS_CHUNK_BYTES = 64 * 2**20  # ~110 tokens at Qwen3's vocabulary, the whole batch for the tiny model
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """Per-token log-probs (and entropies) from hidden states and the LM head, one
+    chunk of rows at a time. Backward recomputes each chunk's logits and adds its
+    weight gradient into one buffer, so no [tokens, vocab] tensor outlives a chunk.
+    d logp_t / d logits_t = (onehot(target_t) - softmax_t) / temperature."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_tokens):
+        logps = hidden.new_empty(hidden.size(0), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropies = torch.empty_like(logps)
+        for s in range(0, hidden.size(0), chunk_tokens):
+            logits = _chunk_logits(hidden[s:s + chunk_tokens], weight, bias, temperature)
+            lse = torch.logsumexp(logits, dim=-1)
+            logps[s:s + chunk_tokens] = logits.gather(-1, targets[s:s + chunk_tokens, None]).squeeze(-1) - lse
+            entropies[s:s + chunk_tokens] = lse - (logits.softmax(-1) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropies):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights: accumulate in fp32
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=accumulate) if bias is not None and ctx.needs_input_grad[2] else None
+        for s in range(0, hidden.size(0), ctx.chunk_tokens):
+            h, g = hidden[s:s + ctx.chunk_tokens], grad_logps[s:s + ctx.chunk_tokens]
+            grad_logits = _chunk_logits(h, weight, bias, ctx.temperature).softmax(-1).mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, targets[s:s + ctx.chunk_tokens, None], g[:, None])
+            grad_logits = grad_logits.div_(ctx.temperature)
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk_tokens] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T.to(accumulate), h.to(accumulate))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(accumulate)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def _chunk_logits(hidden, weight, bias, temperature):
+    logits = F.linear(hidden, weight, bias)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for the softmax
 
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
-                     temperature: float = 1.0, chunk_tokens: int = 1024, with_entropy: bool = False):
+                     temperature: float = 1.0, chunk_tokens: int = 0, with_entropy: bool = False):
     """Per-token log-probs of input_ids[:, completion_start:] under `model`.
 
     Logits are computed only at completion positions and only `chunk_tokens` rows
-    at a time; each chunk is recomputed in backward (activation checkpointing), so
-    no [tokens, vocab] tensor ever outlives its chunk, forward or backward.
+    at a time (ChunkedTokenLogps), so no [tokens, vocab] tensor ever outlives its
+    chunk, forward or backward.
     Returns logps [B, L] (and entropies [B, L], no grad, when with_entropy).
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
     hidden = hidden[:, completion_start - 1:-1]  # position t predicts token t+1
-    batch, length, width = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(-1, width), input_ids[:, completion_start:].reshape(-1)
     head = model.get_output_embeddings()
-    logps, entropies = [], []
-    for start in range(0, flat_hidden.size(0), chunk_tokens):
-        args = (flat_hidden[start:start + chunk_tokens], head.weight, head.bias,
-                flat_targets[start:start + chunk_tokens], temperature, with_entropy)
-        chunk_logps, chunk_entropy = (checkpoint(_chunk_logps, *args, use_reentrant=False)
-                                      if torch.is_grad_enabled() else _chunk_logps(*args))
-        logps.append(chunk_logps)
-        entropies.append(chunk_entropy.expand(chunk_logps.shape))
-    logps = torch.cat(logps).view(batch, length)
-    return (logps, torch.cat(entropies).view(batch, length)) if with_entropy else logps
+    logps, entropies = token_logps_from_hidden(hidden, head.weight, head.bias, input_ids[:, completion_start:],
+                                               temperature, chunk_tokens)
+    return (logps, entropies) if with_entropy else logps
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+                            temperature: float = 1.0, chunk_tokens: int = 0):
+    """log softmax(hidden @ weight.T + bias)[target] for hidden [B, L, H], targets [B, L],
+    `chunk_tokens` rows at a time (0: as many as fit in LOGITS_CHUNK_BYTES of float32
+    logits). Returns float32 logps and entropies (no grad), both [B, L]."""
+    batch, length, width = hidden.shape
+    if chunk_tokens <= 0:
+        chunk_tokens = max(16, LOGITS_CHUNK_BYTES // (4 * weight.size(0)))
+    logps, entropies = ChunkedTokenLogps.apply(hidden.reshape(-1, width), weight, bias, targets.reshape(-1),
+                                               temperature, chunk_tokens)
+    return logps.view(batch, length), entropies.view(batch, length)
 
 
 @torch.no_grad()

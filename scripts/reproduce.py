@@ -1,0 +1,123 @@
+"""The main job: build the offline toy world, run SFT, then every RL method from the
+same SFT checkpoint with the same rollout budget, over seeds, and write a table.
+
+Each run is a plain command line of an algorithm script (printed before it runs),
+so any row of the table can be reproduced by hand. A run whose eval.json exists is
+not redone; an interrupted run continues with --resume.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    out_dir: str = "results"
+    """where runs/, table.md and the plots go"""
+    seeds: int = 2
+    """seeds per method (the table reports mean +- std)"""
+    quick: bool = False
+    """a ~3-minute smoke version: fewer SFT/RL steps, one seed, fewer eval prompts"""
+    sft_steps: int = 200
+    """SFT optimizer steps"""
+    rl_steps: int = 40
+    """generation batches per RL method (same rollout budget for every method)"""
+    prompts_per_step: int = 16
+    """prompts per generation batch"""
+    group_size: int = 8
+    """completions per prompt"""
+    eval_prompts: int = 256
+    """held-out prompts per evaluation"""
+    python: str = sys.executable
+    """interpreter used for the algorithm scripts"""
+
+
+def run(command: list[str], log_path: Path) -> None:
+    """Run one script, its output going to a log file; stop the job on failure."""
+    print("$ " + " ".join(command[1:]), flush=True)
+    with open(log_path, "a") as log:
+        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+    if result.returncode != 0:
+        raise SystemExit(f"error: command failed (exit {result.returncode}); see {log_path}")
+
+
+def train(args, name: str, script: str, flags: list[str], runs_dir: Path) -> dict:
+    """One training run, skipped if finished, resumed if interrupted."""
+    out = runs_dir / name
+    if not (out / "eval.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if (out / "checkpoint").exists() else []
+        start = time.time()
+        run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt")
+        (out / "wall_time.txt").write_text(f"{time.time() - start:.1f}")
+    result = json.loads((out / "eval.json").read_text())
+    result["wall_time"] = float((out / "wall_time.txt").read_text()) if (out / "wall_time.txt").exists() else float("nan")
+    print(f"  {name}: gold {result['gold']:.3f} reward {result['reward']:.3f}", flush=True)
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.quick:
+        args.seeds, args.sft_steps, args.rl_steps, args.eval_prompts = 1, 150, 10, 128
+    out_dir = Path(args.out_dir)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    job_start = time.time()
+
+    # ---- the offline world: tiny model, toy data, expert cache (reused when present)
+    run([args.python, "scripts/build_toy_world.py"], out_dir / "build.log")
+    if not Path(ROOT / "data/toy/expert_cache.jsonl").exists():
+        run([args.python, "scripts/build_expert_cache.py"], out_dir / "build.log")
+
+    eval_flags = ["--eval-prompts", str(args.eval_prompts)]
+    rl_budget = ["--steps", str(args.rl_steps), "--prompts-per-step", str(args.prompts_per_step),
+                 "--group-size", str(args.group_size), "--eval-every", str(max(1, args.rl_steps // 4)), *eval_flags]
+    results: dict[str, list[dict]] = {}
+    for seed in range(1, args.seeds + 1):
+        print(f"== seed {seed}", flush=True)
+        sft = train(args, f"sft_seed{seed}", "algos/sft.py",
+                    ["--seed", str(seed), "--steps", str(args.sft_steps), "--eval-every", str(max(1, args.sft_steps // 4)),
+                     *eval_flags], runs_dir)
+        results.setdefault("base model", []).append({**sft, "gold": sft["initial_gold"], "reward": float("nan"),
+                                                     "length": float("nan"), "wall_time": 0.0})
+        results.setdefault("SFT", []).append(sft)
+        sft_checkpoint = str(runs_dir / f"sft_seed{seed}" / "checkpoint")
+        # Every RL method: same SFT start, same prompts x G x steps.
+        rl_methods = [
+            ("GRPO", "algos/grpo.py", []),
+        ]
+        for method, script, extra in rl_methods:
+            name = method.lower().replace(" ", "_").replace("(", "").replace(")", "")
+            results.setdefault(method, []).append(
+                train(args, f"{name}_seed{seed}", script, ["--model", sft_checkpoint, "--seed", str(seed), *rl_budget, *extra],
+                      runs_dir))
+
+    # ---- the table
+    lines = [f"Held-out gold accuracy (prompt-level strict) on {args.eval_prompts} toy-world prompts, "
+             f"mean ± std over {args.seeds} seed(s). RL methods: {args.rl_steps} steps x {args.prompts_per_step} prompts x "
+             f"G={args.group_size} from the same SFT checkpoint.", "",
+             "| method | gold accuracy | reward (instruction-level) | response length (tokens) | wall time (s) |",
+             "|---|---|---|---|---|"]
+    for method, runs in results.items():
+        lines.append(f"| {method} | {mean_std([r['gold'] for r in runs])} | {mean_std([r['reward'] for r in runs])} | "
+                     f"{mean_std([r['length'] for r in runs])} | {statistics.mean(r['wall_time'] for r in runs):.0f} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "table.md").write_text(table)
+    print("\n" + table)
+    print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}")

@@ -5,6 +5,7 @@ masked), normalised by the response tokens of the whole accumulated batch, as in
 TRL's SFTTrainer.
 """
 
+import json
 import math
 import os
 import time
@@ -150,7 +151,8 @@ if __name__ == "__main__":
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
         return result
 
-    initial_eval = run_eval(start_step) if start_step == 0 else None
+    if start_step == 0:
+        write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sft",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
@@ -197,7 +199,7 @@ if __name__ == "__main__":
     if start_step < args.steps:
         write_json(output_dir / "eval.json", {
             "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
-            "initial_gold": initial_eval["gold"] if initial_eval else None,
+            "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],
             "samples": final_eval["texts"][:8]})
     logger.close()
     print(f"done: checkpoint in {output_dir / CHECKPOINT}")

@@ -66,6 +66,9 @@ def train(args, name: str, script: str, flags: list[str], runs_dir: Path) -> dic
 
 
 def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # drop NaN: a quantity a run did not record
+    if not values:
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -94,8 +97,10 @@ if __name__ == "__main__":
         sft = train(args, f"sft_seed{seed}", "algos/sft.py",
                     ["--seed", str(seed), "--steps", str(args.sft_steps), "--eval-every", str(max(1, args.sft_steps // 4)),
                      *eval_flags], runs_dir)
-        results.setdefault("base model", []).append({**sft, "gold": sft["initial_gold"], "reward": float("nan"),
-                                                     "length": float("nan"), "wall_time": 0.0})
+        initial = runs_dir / f"sft_seed{seed}" / "initial_eval.json"  # the model before SFT
+        base = json.loads(initial.read_text()) if initial.exists() else {"gold": sft["initial_gold"]}
+        results.setdefault("base model", []).append({"reward": float("nan"), "length": float("nan"), **base,
+                                                     "wall_time": 0.0})
         results.setdefault("SFT", []).append(sft)
         sft_checkpoint = str(runs_dir / f"sft_seed{seed}" / "checkpoint")
         # Every RL method: same SFT start, same prompts x G x steps.
@@ -112,7 +117,7 @@ if __name__ == "__main__":
     lines = [f"Held-out gold accuracy (prompt-level strict) on {args.eval_prompts} toy-world prompts, "
              f"mean ± std over {args.seeds} seed(s). RL methods: {args.rl_steps} steps x {args.prompts_per_step} prompts x "
              f"G={args.group_size} from the same SFT checkpoint.", "",
-             "| method | gold accuracy | reward (instruction-level) | response length (tokens) | wall time (s) |",
+             "| method | gold accuracy | reward (instruction-level) | response length (tokens) | wall time per run (s) |",
              "|---|---|---|---|---|"]
     for method, runs in results.items():
         lines.append(f"| {method} | {mean_std([r['gold'] for r in runs])} | {mean_std([r['reward'] for r in runs])} | "

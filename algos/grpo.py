@@ -215,10 +215,13 @@ if __name__ == "__main__":
 
     # ---- policy, reference (only when beta > 0), optimizer, schedule
     model_path = str(output_dir / CHECKPOINT) if state else args.model
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+    try:
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False) if args.beta > 0 else None
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     model.train()
-    ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     if state:

@@ -129,8 +129,11 @@ if __name__ == "__main__":
 
     # ---- model, optimizer, schedule
     model_path = str(output_dir / CHECKPOINT) if state else args.model
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+    try:
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -55,7 +55,11 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 128, num_layers: in
 
 def load_tokenizer(name_or_path: str):
     """Left padding (so every completion starts at the same column), pad and eos checked."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: not a saved model folder, and not "
+                         f"reachable as a hub id ({type(error).__name__})") from None
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no eos token; set eos_token in its tokenizer_config.json")
@@ -74,7 +78,11 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").exists():
         raise ValueError(f"--model {name_or_path!r} is a folder without config.json: not a saved model")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a model from {name_or_path!r}: not a saved model folder, and not "
+                         f"reachable as a hub id ({type(error).__name__})") from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

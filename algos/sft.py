@@ -164,14 +164,14 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
         batch_prompts = [train_rows[i]["prompt"] for i in indices]
         batch_responses = [responses[i] for i in indices]
-        num_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in batch_responses)
+        micro_batches = [sft_batch(tokenizer, batch_prompts[s:s + args.micro_batch_size],
+                                   batch_responses[s:s + args.micro_batch_size], args.device)
+                         for s in range(0, args.batch_size, args.micro_batch_size)]
+        num_tokens = sum(int(response_mask.sum()) for _, _, response_mask, _ in micro_batches)
 
         # ---- forward/backward over micro-batches, token-mean over the whole batch
         total_loss = 0.0
-        for start in range(0, args.batch_size, args.micro_batch_size):
-            ids, mask, response_mask, prompt_len = sft_batch(
-                tokenizer, batch_prompts[start:start + args.micro_batch_size],
-                batch_responses[start:start + args.micro_batch_size], args.device)
+        for ids, mask, response_mask, prompt_len in micro_batches:
             with autocast:
                 logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens)
             loss = loss_fn(logps.float(), response_mask, float(num_tokens))

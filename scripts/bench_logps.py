@@ -18,7 +18,7 @@ from shared.rollout import token_logps_from_hidden
 @dataclass
 class Args:
     tokens: int = 2048
-    """completion tokens (the issue's 8k needs ~15 GB for the naive path: pass --tokens 8192 on a big machine)"""
+    """completion tokens (the issue's 8k needs ~12 GB for the naive path: pass --tokens 8192 on a big machine)"""
     vocab: int = 151_936
     """vocabulary size"""
     hidden: int = 1024

@@ -7,6 +7,7 @@ not redone; an interrupted run continues with --resume.
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def run(command: list[str], log_path: Path) -> None:
     """Run one script, its output going to a log file; stop the job on failure."""
     print("$ " + " ".join(command[1:]), flush=True)
     with open(log_path, "a") as log:
-        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={"TQDM_DISABLE": "1", **os.environ})
     if result.returncode != 0:
         raise SystemExit(f"error: command failed (exit {result.returncode}); see {log_path}")
 

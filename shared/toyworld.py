@@ -147,8 +147,8 @@ def make_row(rng: random.Random, key: int, max_constraints: int = 3, tasks: tupl
         limit = len(oracle(row)) + rng.randint(0, 2)
         kwargs[ids.index("toy:max_chars")]["max_chars"] = limit
         phrases.append(f"at most {limit} chars")
-    # The word goes last, right before the assistant turn: a tiny model then copies from a
-    # near-constant relative offset, which it learns in minutes instead of hours.
+    # The word goes last, right before the assistant turn, so a tiny model copies it from a
+    # near-constant relative offset whatever constraints precede it.
     row["prompt"] = ", ".join(phrases[1:] + phrases[:1])
     return row
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def tiny_world(tmp_path_factory):
 
 def run_script(script: str, *flags: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True,
-                            env={**__import__("os").environ, "TQDM_DISABLE": "1"}, cwd=ROOT)
+                            env={**os.environ, "TQDM_DISABLE": "1"}, cwd=ROOT)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -26,7 +26,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import load_rows
+from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
 from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
@@ -42,6 +42,10 @@ class Args:
     """listwise training prompts: .jsonl path or hub dataset id"""
     pairs_data: str = "data/toy/pairs.jsonl"
     """pairwise data with prompt, chosen, rejected and optional soft `label` (scripts/build_preference_pairs.py, or a hub id)"""
+    max_prompt_tokens: int = 512
+    """prompts longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    long_prompts: Literal["drop", "error"] = "drop"
+    """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     reward_fn: str = "shared.toyworld:reward"
@@ -267,7 +271,20 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
     if listwise:
         reward_fn = load_reward_fn(args.reward_fn)
-    else:
+
+    # ---- policy, reference (pairwise anchor), optimizer, schedule
+    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    try:
+        tokenizer = load_tokenizer(model_path)
+        if listwise:
+            train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
+        else:
+            pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
+        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        ref_model = None if listwise else load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if not listwise:
         chosen = [response_text(p["chosen"], "chosen", i) for i, p in enumerate(pairs)]
         rejected = [response_text(p["rejected"], "rejected", i) for i, p in enumerate(pairs)]
         labels = [1.0 if args.hard_labels else float(p.get("label", 1.0) if p.get("label") is not None else 1.0)
@@ -275,15 +292,6 @@ if __name__ == "__main__":
         bad = next((i for i, q in enumerate(labels) if not 0.0 <= q <= 1.0), None)
         if bad is not None:
             raise SystemExit(f"error: pairs row {bad}: field 'label' must be a probability in [0, 1], got {labels[bad]}")
-
-    # ---- policy, reference (pairwise anchor), optimizer, schedule
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
-    try:
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = None if listwise else load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))

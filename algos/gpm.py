@@ -19,12 +19,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import load_rows
+from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import encode_prompts
 from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
@@ -38,6 +39,10 @@ class Args:
     """backbone: any causal LM id or folder (the tiny SFT model offline)"""
     pairs_data: str = "data/toy/pairs.jsonl"
     """prompt, chosen, rejected, optional soft `label` and per-axis `axes` (scripts/build_preference_pairs.py, or a hub id)"""
+    max_prompt_tokens: int = 512
+    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    long_prompts: Literal["drop", "error"] = "drop"
+    """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     output_dir: str = "runs/gpm"
     """checkpoint (backbone + heads), metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
@@ -159,8 +164,11 @@ if __name__ == "__main__":
     seed_everything(args.seed)
 
     # ---- pairs: text, soft labels, per-axis labels; a held-out split
+    model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
         pairs = load_rows(args.pairs_data, required=("prompt", "chosen", "rejected"))
+        tokenizer = load_tokenizer(model_path)
+        pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     chosen = [response_text(p["chosen"], "chosen", i) for i, p in enumerate(pairs)]
@@ -179,9 +187,7 @@ if __name__ == "__main__":
     heldout, train = order[:num_holdout], order[num_holdout:]
 
     # ---- backbone and heads, optimizer, schedule
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
-        tokenizer = load_tokenizer(model_path)
         backbone = load_model(model_path, args.dtype, args.device)
     except ValueError as error:
         raise SystemExit(f"error: {error}")

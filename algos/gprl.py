@@ -27,7 +27,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import load_rows
+from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
 from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
@@ -43,6 +43,10 @@ class Args:
     """trained General Preference Model (algos/gpm.py output: backbone + gpm_heads.pt)"""
     train_data: str = "data/toy/train.jsonl"
     """training prompts: .jsonl path or hub dataset id"""
+    max_prompt_tokens: int = 512
+    """prompts longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    long_prompts: Literal["drop", "error"] = "drop"
+    """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     reward_fn: str = "shared.toyworld:reward"
@@ -368,6 +372,7 @@ if __name__ == "__main__":
     model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path)
+        train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
         ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
     except ValueError as error:

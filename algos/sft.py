@@ -11,12 +11,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate
 from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
@@ -28,6 +29,10 @@ class Args:
     """policy to fine-tune: hub id (Qwen/Qwen3-0.6B) or local folder"""
     train_data: str = "data/toy/train.jsonl"
     """training prompts: .jsonl path or hub dataset id"""
+    max_prompt_tokens: int = 512
+    """prompts longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    long_prompts: Literal["drop", "error"] = "drop"
+    """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
@@ -125,15 +130,16 @@ if __name__ == "__main__":
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    responses = [cache[r["prompt"]] for r in train_rows]
 
     # ---- model, optimizer, schedule
     model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path)
+        train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
+    responses = [cache[r["prompt"]] for r in train_rows]
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

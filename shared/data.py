@@ -7,6 +7,7 @@ from pathlib import Path
 from datasets import load_dataset
 
 from shared.ifeval import from_rlvr
+from shared.modeling import chat_prompt
 from shared.toyworld import write_jsonl
 
 
@@ -41,6 +42,28 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
         if not isinstance(row["prompt"], str) or not row["prompt"]:
             raise ValueError(f"dataset {source!r} row {index}: field 'prompt' must be a non-empty string")
     return rows
+
+
+def keep_short_prompts(rows: list[dict], tokenizer, max_prompt_tokens: int, on_long: str, source: str) -> list[dict]:
+    """The rows whose chat-templated prompt has at most max_prompt_tokens tokens.
+    Longer ones are dropped with a printed count (on_long="drop") or stop the run,
+    naming the first such row (on_long="error"); max_prompt_tokens <= 0 keeps all."""
+    if max_prompt_tokens <= 0:
+        return rows
+    encoded = tokenizer([chat_prompt(tokenizer, row["prompt"]) for row in rows], add_special_tokens=False)["input_ids"]
+    too_long = [index for index, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
+    if too_long and on_long == "error":
+        first = too_long[0]
+        raise ValueError(f"dataset {source!r} row {first}: prompt has {len(encoded[first])} tokens, more than "
+                         f"--max-prompt-tokens {max_prompt_tokens} ({len(too_long)} such rows); raise the limit or "
+                         f"pass --long-prompts drop")
+    if len(too_long) == len(rows):
+        raise ValueError(f"dataset {source!r}: all {len(rows)} prompts are longer than --max-prompt-tokens {max_prompt_tokens}")
+    if too_long:
+        print(f"dropped {len(too_long)} of {len(rows)} prompts of {source!r} longer than "
+              f"--max-prompt-tokens {max_prompt_tokens}")
+    dropped = set(too_long)
+    return [row for index, row in enumerate(rows) if index not in dropped]
 
 
 def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str], teacher: str,

@@ -17,7 +17,8 @@ import algos.gprl as gprl
 import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
-from shared.data import load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_expert_cache, load_rows
+from shared.modeling import build_tiny_tokenizer, chat_prompt
 
 BAD_VALUES = [None, "", 0, 3.5, [], ["x"], {"a": 1}, True]
 
@@ -68,6 +69,22 @@ def test_empty_dataset_and_bad_expert_cache_lines(tmp_path):
     cache.write_text('{"prompt": "a", "response": "b"}\n{broken\n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         load_expert_cache(cache)
+
+
+
+def test_long_prompts_are_dropped_with_a_count_or_named_in_an_error(capsys):
+    tokenizer = build_tiny_tokenizer()
+    rows = [{"prompt": "copy " + "ab " * n} for n in (1, 40, 2, 60)]
+    lengths = [len(tokenizer(chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows]
+    limit = max(lengths[0], lengths[2])
+    assert lengths[1] > limit and lengths[3] > limit
+    kept = keep_short_prompts(rows, tokenizer, limit, "drop", "d.jsonl")
+    assert kept == [rows[0], rows[2]] and "dropped 2 of 4 prompts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=rf"row 1: prompt has {lengths[1]} tokens, more than --max-prompt-tokens {limit} \(2 such"):
+        keep_short_prompts(rows, tokenizer, limit, "error", "d.jsonl")
+    with pytest.raises(ValueError, match="all 4 prompts are longer"):
+        keep_short_prompts(rows, tokenizer, 1, "drop", "d.jsonl")
+    assert keep_short_prompts(rows, tokenizer, 0, "error", "d.jsonl") == rows
 
 
 def edge_tensors(seed: int, batch: int = 4, length: int = 5):

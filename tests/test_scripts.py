@@ -266,3 +266,6 @@ def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):
     result = run_script("algos/chord.py", *grpo_flags(tiny_world, tmp_path / "d", tiny_world["model"]),
                         "--expert-cache", tiny_world["expert_cache"], "--expert-data-ratio", "1.0", expect_ok=False)
     assert result.returncode != 0 and "--expert-data-ratio must be in (0, 1)" in result.stderr
+    result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "e", tiny_world["model"]),
+                        "--max-prompt-tokens", "3", "--long-prompts", "error", expect_ok=False)
+    assert result.returncode != 0 and "row 0: prompt has" in result.stderr and "Traceback" not in result.stderr

@@ -3,8 +3,10 @@ rollouts seen, KL to the SFT reference, and the distributions of response length
 of log-probs of each method's responses against the expert's.
 
 Per run (cached in <run>/analysis.json): on the first `prompts` held-out prompts,
-- KL(policy || SFT reference) per response, estimated on samples at temperature 1:
-  the mean of sum_t [log pi(y_t) - log pi_ref(y_t)] (an unbiased estimate of the KL);
+- KL(policy || SFT reference) per response, estimated on samples at temperature 1
+  with the k3 estimator summed over tokens, sum_t [exp(r_t) - 1 - r_t] with
+  r_t = log pi_ref(y_t) - log pi(y_t): unbiased like the plain log-ratio sum, but never
+  negative, so a small KL does not read as a negative one;
 - greedy response lengths (tokens, with eos);
 - per-token mean log-prob under the policy of its own greedy responses and of the
   expert's responses (how far the policy's mass sits from the expert's).
@@ -63,14 +65,15 @@ def analyze_run(checkpoint: Path, reference: Path, prompts: list[str], expert: l
     ids = torch.cat([sampled["prompt_ids"], sampled["completion_ids"]], 1)
     mask = torch.cat([sampled["prompt_mask"], sampled["completion_mask"]], 1)
     start, completion_mask = sampled["prompt_ids"].size(1), sampled["completion_mask"].float()
-    log_ratio = (completion_logps(policy, ids, mask, start) - completion_logps(ref, ids, mask, start)) * completion_mask
+    ref_minus_policy = completion_logps(ref, ids, mask, start) - completion_logps(policy, ids, mask, start)
+    k3 = (torch.exp(ref_minus_policy) - 1 - ref_minus_policy) * completion_mask
     greedy = generate_rollouts(policy, tokenizer, prompts, 1, max_new_tokens, do_sample=False)
     lengths = greedy["completion_mask"].sum(1)
     own_ids, own_mask, own_response_mask, own_start = response_batch(tokenizer, prompts, greedy["texts"], ids.device)
     own = (completion_logps(policy, own_ids, own_mask, own_start) * own_response_mask).sum(1) / own_response_mask.sum(1)
     exp_ids, exp_mask, exp_response_mask, exp_start = response_batch(tokenizer, prompts, expert, ids.device)
     exp = (completion_logps(policy, exp_ids, exp_mask, exp_start) * exp_response_mask).sum(1) / exp_response_mask.sum(1)
-    return {"kl": float(log_ratio.sum(1).mean()), "lengths": lengths.tolist(), "own_logprob": own.tolist(),
+    return {"kl": float(k3.sum(1).mean()), "kl_estimator": "k3", "lengths": lengths.tolist(), "own_logprob": own.tolist(),
             "expert_logprob": exp.tolist()}
 
 
@@ -91,13 +94,16 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, runs in curves.items():
+    palette = plt.get_cmap("tab20").colors
+    colors = palette[0::2] + palette[1::2]  # ten strong colours, then their light twins: no two methods share one
+    for index, (method, runs) in enumerate(curves.items()):
         by_x = defaultdict(list)
         for run in runs:
             for x, y in run:
                 by_x[x].append(y)
         xs = sorted(by_x)
-        ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", label=method)
+        ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], marker="o", label=method,
+                color=colors[index % len(colors)])
     ax.set_xlabel("rollouts seen (prompts x G x steps)")
     ax.set_ylabel("held-out gold accuracy (mean over seeds)")
     ax.set_title("Held-out accuracy during RL, all methods from the same SFT checkpoint")
@@ -156,7 +162,7 @@ def analyze(runs: dict[str, list[Path]], references: dict[int, Path], eval_data:
     for method, run_dirs in runs.items():
         for run_dir in run_dirs:
             cached = run_dir / "analysis.json"
-            if not cached.exists():
+            if not cached.exists() or json.loads(cached.read_text()).get("kl_estimator") != "k3":
                 seed = int(re.search(r"seed(\d+)$", run_dir.name).group(1))
                 result = analyze_run(run_dir / "checkpoint", references[seed], prompt_texts, expert, max_new_tokens)
                 cached.write_text(json.dumps(result))

@@ -51,6 +51,8 @@ class Args:
     """optimizer steps"""
     batch_size: int = 64
     """pairs per step"""
+    micro_batch_size: int = 64
+    """pairs per forward/backward; gradients are accumulated over the step's batch"""
     learning_rate: float = 1e-4
     """AdamW learning rate of backbone and heads, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -77,6 +79,10 @@ class Args:
     """end this invocation after this step, as an interruption would (0: run to the end)"""
     dtype: str = "float32"
     """backbone weights dtype"""
+    autocast_bf16: bool = False
+    """run the backbone under bfloat16 autocast (GPU memory/speed knob)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
     device: str = default_device()
     """cuda or cpu"""
     compile: bool = torch.cuda.is_available()
@@ -157,6 +163,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.dims < 1 or args.tau <= 0 or not 0 < args.holdout < 1:
         raise SystemExit("error: --dims >= 1, --tau > 0 and --holdout in (0, 1) required")
+    if args.micro_batch_size < 1 or args.batch_size < 1:
+        raise SystemExit("error: --batch-size and --micro-batch-size must be >= 1")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = load_trainer_state(output_dir) if args.resume else None
@@ -188,7 +196,7 @@ if __name__ == "__main__":
 
     # ---- backbone and heads, optimizer, schedule
     try:
-        backbone = load_model(model_path, args.dtype, args.device)
+        backbone = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
@@ -206,6 +214,7 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(gpm_loss, dynamic=True) if args.compile else gpm_loss
+    autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     backbone.train()
 
@@ -248,26 +257,36 @@ if __name__ == "__main__":
         step_start = time.time()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
         part = [train[i] for i in torch.randint(len(train), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()]
-        prompts = [pairs[i]["prompt"] for i in part]
-        v, gate = gpm_embed(backbone, value_head, gate_head, tokenizer, prompts + prompts,
-                            [chosen[i] for i in part] + [rejected[i] for i in part], args.device)
-        n = len(part)
-        loss, metrics = loss_fn(v[:n], v[n:], gate[:n], labels[part].to(args.device), args.tau,
-                                axis_labels[part].to(args.device) if use_axes else None, args.axis_weight)
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"error: non-finite loss at step {step + 1}; last good checkpoint kept in {output_dir / CHECKPOINT}")
-        loss.backward()
+        loss, metrics, gate_entropy = 0.0, {}, 0.0
+        for start in range(0, len(part), args.micro_batch_size):
+            micro = part[start:start + args.micro_batch_size]
+            prompts, share = [pairs[i]["prompt"] for i in micro], len(micro) / len(part)
+            with autocast:
+                v, gate = gpm_embed(backbone, value_head, gate_head, tokenizer, prompts + prompts,
+                                    [chosen[i] for i in micro] + [rejected[i] for i in micro], args.device)
+            v, gate, n = v.float(), gate.float(), len(micro)
+            # num_pairs = the whole batch: the micro-batch losses add up to the full batch's mean
+            micro_loss, micro_metrics = loss_fn(v[:n], v[n:], gate[:n], labels[micro].to(args.device), args.tau,
+                                                axis_labels[micro].to(args.device) if use_axes else None, args.axis_weight,
+                                                num_pairs=torch.tensor(float(len(part)), device=args.device))
+            if not math.isfinite(micro_loss.item()):
+                raise SystemExit(f"error: non-finite loss at step {step + 1}; last good checkpoint kept in {output_dir / CHECKPOINT}")
+            micro_loss.backward()
+            loss += micro_loss.item()
+            for key, value in micro_metrics.items():
+                # accuracy is a per-micro-batch mean, axis_loss already a share of the batch sum
+                metrics[key] = metrics.get(key, 0.0) + float(value) * (share if key == "accuracy" else 1.0)
+            gate_entropy += share * float(-(gate * gate.clamp(min=1e-12).log()).sum(-1).mean().detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # ---- log, evaluate, checkpoint
-        logger.log(step + 1, {"train/loss": loss.item(), "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-                              **{f"train/{k}": float(v) for k, v in metrics.items()},
-                              "train/gate_entropy": float(-(gate * gate.clamp(min=1e-12).log()).sum(-1).mean().detach()),
+        logger.log(step + 1, {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+                              **{f"train/{k}": v for k, v in metrics.items()}, "train/gate_entropy": gate_entropy,
                               "perf/steps_per_sec": 1 / (time.time() - step_start)})
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             final_eval = run_eval(step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:

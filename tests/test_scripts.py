@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,20 @@ def test_grpo_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     run_script("algos/grpo.py", *grpo_flags(tiny_world, interrupted, str(sft_run / "checkpoint")), "--resume")
     assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
     assert_same_weights(interrupted, full)
+
+
+
+def test_micro_batches_and_gradient_checkpointing_leave_training_unchanged(tiny_world, sft_run, tmp_path):
+    """The memory knobs change memory, not results: one full-batch forward/backward per step
+    against micro-batches of 2 with gradient checkpointing, same losses and weights."""
+    for script, flags, batch in [("algos/sft.py", sft_flags(tiny_world, tmp_path / "sft_full"), 8),
+                                 ("algos/grpo.py", grpo_flags(tiny_world, tmp_path / "grpo_full", str(sft_run / "checkpoint")), 8)]:
+        full = Path(flags[flags.index("--output-dir") + 1])
+        small = full.with_name(full.name.replace("full", "small"))
+        run_script(script, *flags, "--micro-batch-size", str(batch))
+        run_script(script, *flags, "--output-dir", str(small), "--micro-batch-size", "2", "--gradient-checkpointing")
+        assert losses(small) == pytest.approx(losses(full), rel=1e-5, abs=1e-7), script
+        assert_same_weights(small, full)
 
 
 def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
@@ -214,6 +229,17 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
     result = json.loads((gpm / "eval.json").read_text())
     assert 0 <= result["heldout_accuracy"] <= 1 and "axis_accuracy/correctness" in result
     assert (gpm / "checkpoint" / "gpm_heads.pt").exists()
+    # memory knobs: uneven micro-batches (3 + 3 + 2 pairs) with gradient checkpointing train the same model
+    gpm_small = tmp_path / "gpm_small"
+    run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir",
+               str(gpm_small), "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdout", "0.25",
+               "--micro-batch-size", "3", "--gradient-checkpointing")
+    assert losses(gpm_small) == pytest.approx(losses(gpm), rel=1e-5, abs=1e-7)
+    assert_same_weights(gpm_small, gpm)
+    heads, small_heads = (torch.load(d / "checkpoint" / "gpm_heads.pt", weights_only=False) for d in (gpm, gpm_small))
+    for name in ("value_head", "gate_head"):
+        for key, value in heads[name].items():
+            assert torch.allclose(value, small_heads[name][key], atol=1e-6), (name, key)
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]

@@ -25,6 +25,7 @@ import tyro
 from shared.data import load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, generate_rollouts
+from shared.run import write_json
 
 
 @dataclass
@@ -165,7 +166,7 @@ def analyze(runs: dict[str, list[Path]], references: dict[int, Path], eval_data:
             if not cached.exists() or json.loads(cached.read_text()).get("kl_estimator") != "k3":
                 seed = int(re.search(r"seed(\d+)$", run_dir.name).group(1))
                 result = analyze_run(run_dir / "checkpoint", references[seed], prompt_texts, expert, max_new_tokens)
-                cached.write_text(json.dumps(result))
+                write_json(cached, result)
             analyses.setdefault(method, []).append(json.loads(cached.read_text()))
     plot_distributions(analyses, out_dir / "lengths.png", out_dir / "logprobs.png")
     return analyses

@@ -22,6 +22,7 @@ from pathlib import Path
 import tyro
 
 from analyze import analyze, eval_curve, plot_curves
+from shared.run import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when any seed's command fails: the other seeds start nothing new
@@ -47,6 +48,8 @@ class Args:
     """completions per prompt"""
     eval_prompts: int = 256
     """held-out prompts per evaluation"""
+    side_prompts: int = 2000
+    """training prompts sampled for the preference pairs and for AAPA's discriminator"""
     jobs: int = 2
     """seeds run side by side, each with cpu_count / jobs threads"""
     python: str = sys.executable
@@ -74,7 +77,7 @@ def train(args, name: str, script: str, flags: list[str], runs_dir: Path) -> dic
         resume = ["--resume"] if (out / "checkpoint").exists() else []
         start = time.time()
         run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt", args.threads)
-        (out / "wall_time.txt").write_text(f"{time.time() - start:.1f}")
+        atomic_write_text(out / "wall_time.txt", f"{time.time() - start:.1f}")
     result = json.loads((out / "eval.json").read_text())
     result["wall_time"] = float((out / "wall_time.txt").read_text()) if (out / "wall_time.txt").exists() else float("nan")
     print(f"  {name}: " + (f"gold {result['gold']:.3f} reward {result['reward']:.3f}" if "gold" in result
@@ -100,7 +103,7 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
     pairs = runs_dir / f"pairs_seed{seed}.jsonl"
     if not pairs.exists():
         run([args.python, "scripts/build_preference_pairs.py", "--model", sft_checkpoint, "--out", str(pairs),
-             "--seed", str(seed)], runs_dir / f"pairs_seed{seed}.log", args.threads)
+             "--seed", str(seed), "--num-prompts", str(args.side_prompts)], runs_dir / f"pairs_seed{seed}.log", args.threads)
     # The General Preference Model GPRL optimises, trained on those pairs from the same SFT backbone.
     gpm = train(args, f"gpm_seed{seed}", "algos/gpm.py", ["--model", sft_checkpoint, "--pairs-data", str(pairs),
                                                           "--seed", str(seed), "--steps", str(args.gpm_steps)], runs_dir)
@@ -113,7 +116,7 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
         ("CHORD-phi", "algos/chord.py", ["--preset", "chord-phi"]),
         # the paper's CHORD-mu decays over 200 steps; here over the run's own length
         ("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", str(args.rl_steps)]),
-        ("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo"]),
+        ("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(args.side_prompts)]),
         ("AAPA-SFT", "algos/aapa.py", ["--base", "sft", *discriminator]),
         ("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator]),
         ("AAPA staged", "algos/aapa.py", ["--staged", "--stage1-steps", str(args.rl_steps // 2), *discriminator]),
@@ -189,7 +192,7 @@ if __name__ == "__main__":
               f"Whole job: {time.time() - job_start:.0f} s on {os.cpu_count()} CPU core(s), {args.jobs} seed(s) side by side "
               f"with {args.threads} thread(s) each (per-run wall times include that sharing)."]
     table = "\n".join(lines) + "\n"
-    (out_dir / "table.md").write_text(table)
+    atomic_write_text(out_dir / "table.md", table)
     print("\n" + table)
     print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}, plots curves.png, "
           f"lengths.png, logprobs.png in {out_dir}")

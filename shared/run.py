@@ -53,7 +53,7 @@ class RunLogger:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and _parse(line) is not None and _parse(line)["step"] <= step]
-        _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
@@ -73,14 +73,15 @@ def _parse(line: str):
         return None  # a line cut short by a crash
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
 def write_json(path: Path, obj) -> None:
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2))
+    atomic_write_text(Path(path), json.dumps(obj, indent=2))
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args, extra: dict | None = None,

@@ -11,7 +11,7 @@ from conftest import ROOT
 METHODS = ["base model", "SFT", "GRPO", "CHORD-phi", "CHORD-mu", "AAPA-GRPO", "AAPA-SFT", "AAPA-CHORD", "AAPA staged",
            "UniAPL", "ADPO listwise", "ADPO pairwise", "GPRL"]
 SMALLEST = ["--seeds", "1", "--sft-steps", "10", "--rl-steps", "2", "--gpm-steps", "4", "--eval-prompts", "16",
-            "--prompts-per-step", "4", "--group-size", "4"]
+            "--prompts-per-step", "4", "--group-size", "4", "--side-prompts", "200"]
 
 
 def reproduce(out_dir) -> subprocess.CompletedProcess:

@@ -180,7 +180,10 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict) -> Non
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group_size,
                             num_generations=args.group_size, max_completion_length=args.max_new_tokens, beta=0.04,
                             loss_type="dapo", learning_rate=1e-6, max_steps=args.steps + 1, temperature=1.0,
-                            logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", shuffle_dataset=False)
+                            logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                            shuffle_dataset=False,
+                            # TRL's GRPOConfig turns both on by default; ours runs float32 without checkpointing
+                            bf16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=str(path), reward_funcs=[toy_reward], args=config, train_dataset=dataset,
                               processing_class=load_tokenizer(str(path)), callbacks=[timer])
         trainer.train()

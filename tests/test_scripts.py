@@ -42,6 +42,18 @@ def assert_same_weights(dir_a, dir_b):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def assert_interrupted_run_resumes_exactly(script: str, flags: list[str], full, stop_at: int) -> None:
+    """The run of `flags` stopped at step `stop_at` and resumed gives the same losses and
+    weights as the uninterrupted run already written to `full`."""
+    flags = list(flags)
+    interrupted = full.with_name(full.name + "_interrupted")
+    flags[flags.index("--output-dir") + 1] = str(interrupted)
+    run_script(script, *flags, "--stop-at-step", str(stop_at))
+    run_script(script, *flags, "--resume")
+    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
+    assert_same_weights(interrupted, full)
+
+
 ALGORITHMS = ["sft", "grpo", "chord", "adpo", "aapa", "uniapl", "gpm", "gprl"]
 
 
@@ -79,15 +91,13 @@ def test_sft_resume_equals_uninterrupted(tiny_world, sft_run, tmp_path):
 
 
 def test_grpo_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     run_script("algos/grpo.py", *grpo_flags(tiny_world, full, str(sft_run / "checkpoint")))
     assert len(losses(full)) == 4
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
-    run_script("algos/grpo.py", *grpo_flags(tiny_world, interrupted, str(sft_run / "checkpoint")), "--stop-at-step", "2")
-    run_script("algos/grpo.py", *grpo_flags(tiny_world, interrupted, str(sft_run / "checkpoint")), "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/grpo.py", grpo_flags(tiny_world, full, str(sft_run / "checkpoint")), full,
+                                           stop_at=2)
 
 
 
@@ -105,7 +115,7 @@ def test_micro_batches_and_gradient_checkpointing_leave_training_unchanged(tiny_
 
 
 def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint")) + [
         "--expert-cache", tiny_world["expert_cache"], "--preset", "example", "--mu-warmup", "2", "--mu-decay", "2"]
     run_script("algos/chord.py", *flags)
@@ -113,15 +123,11 @@ def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert [m["train/mu"] for m in metrics if "train/mu" in m] == pytest.approx([0.0, 0.25, 0.5, 0.26])
     assert all(0 < m["train/expert_token_prob"] < 1 for m in metrics if "train/mu" in m)
     assert json.loads((full / "eval.json").read_text())["step"] == 4
-    flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script("algos/chord.py", *flags, "--stop-at-step", "2")
-    run_script("algos/chord.py", *flags, "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/chord.py", flags, full, stop_at=2)
 
 
 def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
     flags += ["--kl-coef", "0.05", "--drop-all-failed"]
@@ -130,11 +136,7 @@ def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     train = [m for m in metrics if "train/loss" in m]
     assert len(train) == 4 and all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
     assert all(0.1 <= m["train/tau_min"] <= m["train/tau_max"] <= 5.0 for m in train if m["train/groups_kept"] > 0)
-    flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script("algos/adpo.py", *flags, "--stop-at-step", "2")
-    run_script("algos/adpo.py", *flags, "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/adpo.py", flags, full, stop_at=2)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
     """From the untrained model, whose responses are far from the expert's, the fixed
     discriminator must separate them on held-out prompts; it must not change while the
     policy trains; stopping inside stage 1 and resuming must equal an uninterrupted run."""
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, tiny_world["model"]) + [
         "--expert-cache", tiny_world["expert_cache"], "--staged", "--stage1-steps", "2", "--disc-prompts", "64",
         "--disc-holdout", "0.25"]
@@ -181,11 +183,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
     assert [m["train/stage"] for m in metrics if "train/stage" in m] == [1, 1, 2, 2]
     assert all("eval/disc_accuracy_fresh" in m and "eval/anchor_score_expert" in m for m in metrics if "eval/gold" in m)
     assert (full / "stage1" / "config.json").exists()
-    flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script("algos/aapa.py", *flags, "--stop-at-step", "1")
-    run_script("algos/aapa.py", *flags, "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/aapa.py", flags, full, stop_at=1)
 
 
 def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft_run, tmp_path):
@@ -203,7 +201,7 @@ def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft
 
 
 def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--num-iterations"):flags.index("--num-iterations") + 2]
     flags += ["--expert-cache", tiny_world["expert_cache"], "--epsilon", "0.0", "--disc-steps", "2", "--gradient-penalty", "0.1"]
@@ -215,11 +213,7 @@ def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert all(m["constraint/next_multiplier"] == pytest.approx(m["constraint/multiplier"] + m["constraint/divergence"])
                for m in metrics)
     assert all(0 <= m["disc/accuracy"] <= 1 and 0 <= m["disc/saturated"] <= 1 for m in metrics)
-    flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script("algos/uniapl.py", *flags, "--stop-at-step", "2")
-    run_script("algos/uniapl.py", *flags, "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/uniapl.py", flags, full, stop_at=2)
 
 
 def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tmp_path):
@@ -240,7 +234,7 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
     for name in ("value_head", "gate_head"):
         for key, value in heads[name].items():
             assert torch.allclose(value, small_heads[name][key], atol=1e-6), (name, key)
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
     flags += ["--gpm", str(gpm / "checkpoint"), "--drift-every", "2", "--probe-prompts", "8"]
@@ -250,11 +244,7 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
     assert [m["step"] for m in drift] == [2, 4]
     assert all(f"drift/margin/{axis}" in m and f"drift/rho/{axis}" in m for m in drift for axis in ("correctness", "format", "concision"))
     assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
-    flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script("algos/gprl.py", *flags, "--stop-at-step", "3")
-    run_script("algos/gprl.py", *flags, "--resume")
-    assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
-    assert_same_weights(interrupted, full)
+    assert_interrupted_run_resumes_exactly("algos/gprl.py", flags, full, stop_at=3)
     result = run_script("algos/gprl.py", *flags, "--gpm", str(sft_run / "checkpoint"), expect_ok=False)
     assert result.returncode != 0 and "has no gpm_heads.pt" in result.stderr and "Traceback" not in result.stderr
 

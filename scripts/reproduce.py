@@ -35,7 +35,7 @@ class Args:
     seeds: int = 2
     """seeds per method (the table reports mean +- std)"""
     quick: bool = False
-    """a ~3-minute smoke version: fewer SFT/RL steps, one seed, fewer eval prompts"""
+    """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts"""
     sft_steps: int = 200
     """SFT optimizer steps"""
     rl_steps: int = 20
@@ -145,7 +145,7 @@ def mean_std(values: list[float]) -> str:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.quick:
-        args.seeds, args.sft_steps, args.rl_steps, args.gpm_steps, args.eval_prompts = 1, 150, 4, 50, 128
+        args.seeds, args.sft_steps, args.rl_steps, args.gpm_steps, args.eval_prompts, args.side_prompts = 1, 150, 4, 30, 128, 500
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be >= 1")
     args.jobs = min(args.jobs, args.seeds)

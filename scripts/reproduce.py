@@ -133,13 +133,14 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
     return {"results": results, "run_dirs": run_dirs, "gpm_accuracy": gpm["heldout_accuracy"]}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], signed: bool = False) -> str:
     values = [v for v in values if v == v]  # drop NaN: a quantity a run did not record
     if not values:
         return "–"
+    number = "{:+.3f}" if signed else "{:.3f}"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return number.format(values[0])
+    return f"{number.format(statistics.mean(values))} ± {statistics.stdev(values):.3f}"
 
 
 if __name__ == "__main__":
@@ -181,16 +182,24 @@ if __name__ == "__main__":
              f"mean ± std over {args.seeds} seed(s). RL methods: {args.rl_steps} steps x {args.prompts_per_step} prompts x "
              f"G={args.group_size} from the same SFT checkpoint. KL: per-response KL(policy || SFT checkpoint) (k3 estimator), "
              f"estimated on samples at temperature 1 for {min(128, args.eval_prompts)} held-out prompts.", "",
-             "| method | gold accuracy | reward (instruction-level) | response length (tokens) | KL to SFT | wall time per run (s) |",
-             "|---|---|---|---|---|---|"]
+             f"Gold - GRPO: the difference to GRPO's gold accuracy within each seed (same SFT checkpoint), "
+             f"which removes the spread that comes from the SFT checkpoints.", "",
+             "| method | gold accuracy | gold - GRPO (paired by seed) | reward (instruction-level) | response length (tokens) "
+             "| KL to SFT | wall time per run (s) |",
+             "|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         kl = mean_std([a["kl"] for a in analyses[method]]) if method in analyses else "–"
-        lines.append(f"| {method} | {mean_std([r['gold'] for r in runs])} | {mean_std([r['reward'] for r in runs])} | "
+        paired = mean_std([r["gold"] - g["gold"] for r, g in zip(runs, results["GRPO"])], signed=True)
+        lines.append(f"| {method} | {mean_std([r['gold'] for r in runs])} | {paired} | {mean_std([r['reward'] for r in runs])} | "
                      f"{mean_std([r['length'] for r in runs])} | {kl} | {statistics.mean(r['wall_time'] for r in runs):.0f} |")
+    # the job's time summed over invocations, so a rerun that only redraws does not report itself as the job
+    job_time_file = runs_dir / "job_time.txt"
+    job_time = (float(job_time_file.read_text()) if job_time_file.exists() else 0.0) + time.time() - job_start
+    atomic_write_text(job_time_file, f"{job_time:.1f}")
     lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm_accuracies)} "
                   "on the SFT model's sampled pairs (chance 0.5).", "",
-              f"Whole job: {time.time() - job_start:.0f} s on {os.cpu_count()} CPU core(s), {args.jobs} seed(s) side by side "
-              f"with {args.threads} thread(s) each (per-run wall times include that sharing)."]
+              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {args.jobs} seed(s) side by "
+              f"side with {args.threads} thread(s) each (per-run wall times include that sharing)."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / "table.md", table)
     print("\n" + table)

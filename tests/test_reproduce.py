@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 METHODS = ["base model", "SFT", "GRPO", "CHORD-phi", "CHORD-mu", "AAPA-GRPO", "AAPA-SFT", "AAPA-CHORD", "AAPA staged",
@@ -23,15 +24,19 @@ def reproduce(out_dir) -> subprocess.CompletedProcess:
 
 def test_smallest_main_job_tables_every_method_and_resumes_without_rerunning(tmp_path):
     first = reproduce(tmp_path)
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
-            (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method")).strip("| ").split(" | ")
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            (line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and not line.startswith("| method"))}
     assert list(rows) == METHODS
     for method, cells in rows.items():
-        gold = float(cells[0].split(" ")[0])
-        assert 0.0 <= gold <= 1.0, method
+        assert 0.0 <= float(cells["gold accuracy"]) <= 1.0, method
         if method not in ("base model", "SFT"):
-            kl = float(cells[3].split(" ")[0])
+            kl = float(cells["KL to SFT"])
             assert math.isfinite(kl) and kl >= 0.0, method
+        # the paired column is this seed's gold minus GRPO's
+        difference = float(cells["gold accuracy"]) - float(rows["GRPO"]["gold accuracy"])
+        assert float(cells["gold - GRPO (paired by seed)"]) == pytest.approx(difference, abs=1.5e-3), method
     for plot in ("curves.png", "lengths.png", "logprobs.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
     assert first.stdout.count("$ algos/") == 13  # SFT, the GPM and 11 RL runs

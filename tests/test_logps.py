@@ -42,3 +42,25 @@ def test_completion_mask_covers_up_to_and_including_eos():
     mask, truncated = completion_mask_from_ids(ids, eos_token_id=9)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_bfloat16_weights_and_autocast_give_float32_logps_close_to_float32_and_gradients():
+    """The GPU knobs on the CPU: bf16 weights, and fp32 weights under bf16 autocast, both give
+    float32 log-probs within bf16 precision of the float32 model's, and a finite gradient."""
+    reference = small_model(300).float()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(300, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        exact = completion_logps(reference, ids, mask, 6)
+    bf16_model = small_model(300).to(torch.bfloat16)
+    autocast_model = small_model(300).float()
+    for model, autocast in ((bf16_model, False), (autocast_model, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logps = completion_logps(model, ids, mask, 6)
+        assert logps.dtype == torch.float32
+        assert torch.allclose(logps, exact, atol=0.1), (logps - exact).abs().max()
+        logps.sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(grad.float()).all() for grad in grads)

@@ -3,9 +3,10 @@ same SFT checkpoint with the same rollout budget, over seeds, and write a table.
 
 Each run is a plain command line of an algorithm script (printed before it runs),
 so any row of the table can be reproduced by hand. A run whose eval.json exists is
-not redone; an interrupted run continues with --resume. Seeds run side by side
-(--jobs) with the CPU threads split between them: on the tiny model two one-thread
-processes get through about 1.3x the work of one two-thread process.
+not redone; an interrupted run continues with --resume. Runs go side by side
+(--jobs: seeds first; with fewer seeds than jobs, a seed's RL methods) with the CPU
+threads split between them: on the tiny model two one-thread processes get through
+about 1.3x the work of one two-thread process.
 """
 
 import json
@@ -35,7 +36,7 @@ class Args:
     seeds: int = 2
     """seeds per method (the table reports mean +- std)"""
     quick: bool = False
-    """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts"""
+    """a ~3.5-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts"""
     sft_steps: int = 200
     """SFT optimizer steps"""
     rl_steps: int = 20
@@ -51,7 +52,7 @@ class Args:
     side_prompts: int = 2000
     """training prompts sampled for the preference pairs and for AAPA's discriminator"""
     jobs: int = 2
-    """seeds run side by side, each with cpu_count / jobs threads"""
+    """runs side by side, each with cpu_count / jobs threads: seeds first, then a seed's RL methods"""
     python: str = sys.executable
     """interpreter used for the algorithm scripts"""
 
@@ -69,14 +70,14 @@ def run(command: list[str], log_path: Path, threads: int) -> None:
         raise SystemExit(f"error: command failed (exit {result.returncode}); see {log_path}")
 
 
-def train(args, name: str, script: str, flags: list[str], runs_dir: Path) -> dict:
+def train(args, name: str, script: str, flags: list[str], runs_dir: Path, threads: int) -> dict:
     """One training run, skipped if finished, resumed if interrupted."""
     out = runs_dir / name
     if not (out / "eval.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (out / "checkpoint").exists() else []
         start = time.time()
-        run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt", args.threads)
+        run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt", threads)
         atomic_write_text(out / "wall_time.txt", f"{time.time() - start:.1f}")
     result = json.loads((out / "eval.json").read_text())
     result["wall_time"] = float((out / "wall_time.txt").read_text()) if (out / "wall_time.txt").exists() else float("nan")
@@ -93,7 +94,7 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
                  "--group-size", str(args.group_size), "--eval-every", str(max(1, args.rl_steps // 4)), *eval_flags]
     sft = train(args, f"sft_seed{seed}", "algos/sft.py",
                 ["--seed", str(seed), "--steps", str(args.sft_steps), "--eval-every", str(max(1, args.sft_steps // 4)),
-                 *eval_flags], runs_dir)
+                 *eval_flags], runs_dir, args.threads)
     initial = runs_dir / f"sft_seed{seed}" / "initial_eval.json"  # the model before SFT
     base = json.loads(initial.read_text()) if initial.exists() else {"gold": sft["initial_gold"]}
     results = {"base model": {"reward": float("nan"), "length": float("nan"), **base, "wall_time": 0.0}, "SFT": sft}
@@ -106,7 +107,8 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
              "--seed", str(seed), "--num-prompts", str(args.side_prompts)], runs_dir / f"pairs_seed{seed}.log", args.threads)
     # The General Preference Model GPRL optimises, trained on those pairs from the same SFT backbone.
     gpm = train(args, f"gpm_seed{seed}", "algos/gpm.py", ["--model", sft_checkpoint, "--pairs-data", str(pairs),
-                                                          "--seed", str(seed), "--steps", str(args.gpm_steps)], runs_dir)
+                                                          "--seed", str(seed), "--steps", str(args.gpm_steps)], runs_dir,
+                args.threads)
     # AAPA's fixed discriminator depends only on the SFT checkpoint, the expert data and the seed:
     # the first AAPA run trains it and the other three load it.
     discriminator = ["--disc-path", str(runs_dir / f"aapa-grpo_seed{seed}" / "discriminator.pt")]
@@ -125,11 +127,24 @@ def run_seed(args, seed: int, runs_dir: Path) -> dict:
         ("ADPO pairwise", "algos/adpo.py", ["--mode", "pairwise", "--pairs-data", str(pairs)]),
         ("GPRL", "algos/gprl.py", ["--gpm", str(runs_dir / f"gpm_seed{seed}" / "checkpoint")]),
     ]
-    for method, script, extra in rl_methods:
-        name = method.lower().replace(" ", "_")
-        results[method] = train(args, f"{name}_seed{seed}", script,
-                                ["--model", sft_checkpoint, "--seed", str(seed), *rl_budget, *extra], runs_dir)
-        run_dirs[method] = runs_dir / f"{name}_seed{seed}"
+
+    def train_method(name, script, extra, needs):
+        if needs is not None:
+            needs.result()  # AAPA's shared discriminator must exist before the runs that load it
+        return train(args, name, script, ["--model", sft_checkpoint, "--seed", str(seed), *rl_budget, *extra], runs_dir,
+                     max(1, args.threads // args.methods_at_once))
+
+    # With fewer seeds than jobs the spare jobs run this seed's methods side by side. Futures start in
+    # submission order, so a run that waits on AAPA-GRPO never holds the only worker before it.
+    with ThreadPoolExecutor(max_workers=args.methods_at_once) as pool:
+        futures = {}
+        for method, script, extra in rl_methods:
+            name = f"{method.lower().replace(' ', '_')}_seed{seed}"
+            needs = futures["AAPA-GRPO"] if "--disc-path" in extra else None
+            futures[method] = pool.submit(train_method, name, script, extra, needs)
+            run_dirs[method] = runs_dir / name
+        for method, future in futures.items():
+            results[method] = future.result()
     return {"results": results, "run_dirs": run_dirs, "gpm_accuracy": gpm["heldout_accuracy"]}
 
 
@@ -149,8 +164,9 @@ if __name__ == "__main__":
         args.seeds, args.sft_steps, args.rl_steps, args.gpm_steps, args.eval_prompts, args.side_prompts = 1, 150, 4, 30, 128, 500
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit("error: --seeds and --jobs must be >= 1")
+    args.methods_at_once = max(1, args.jobs // args.seeds)  # the RL runs of one seed side by side
     args.jobs = min(args.jobs, args.seeds)
-    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # per seed; its RL runs share them
     out_dir = Path(args.out_dir)
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +178,8 @@ if __name__ == "__main__":
         run([args.python, "scripts/build_expert_cache.py"], out_dir / "build.log", os.cpu_count() or 1)
 
     # ---- every seed's pipeline, side by side
-    print(f"{args.seeds} seed(s), {args.jobs} at a time with {args.threads} CPU thread(s) each", flush=True)
+    print(f"{args.seeds} seed(s), {args.jobs} at a time with {args.threads} CPU thread(s) each; a seed's RL runs "
+          f"{args.methods_at_once} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         per_seed = list(pool.map(lambda seed: run_seed(args, seed, runs_dir), range(1, args.seeds + 1)))
     results = {method: [s["results"][method] for s in per_seed] for method in per_seed[0]["results"]}
@@ -198,8 +215,9 @@ if __name__ == "__main__":
     atomic_write_text(job_time_file, f"{job_time:.1f}")
     lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm_accuracies)} "
                   "on the SFT model's sampled pairs (chance 0.5).", "",
-              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {args.jobs} seed(s) side by "
-              f"side with {args.threads} thread(s) each (per-run wall times include that sharing)."]
+              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s): {args.jobs} seed(s) side by "
+              f"side with {args.threads} thread(s) each, a seed's RL runs {args.methods_at_once} at a time sharing them "
+              f"(per-run wall times include that sharing)."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / "table.md", table)
     print("\n" + table)

@@ -71,7 +71,6 @@ def test_empty_dataset_and_bad_expert_cache_lines(tmp_path):
         load_expert_cache(cache)
 
 
-
 def test_long_prompts_are_dropped_with_a_count_or_named_in_an_error(capsys):
     tokenizer = build_tiny_tokenizer()
     rows = [{"prompt": "copy " + "ab " * n} for n in (1, 40, 2, 60)]

@@ -221,10 +221,14 @@ def uniapl_policy_loss(logps, old_logps, ref_logps, advantages, mask, expert_log
     return rl_loss + expert_coef * nll, {**metrics, "rl_loss": rl_loss.detach(), "expert_nll": nll.detach()}
 
 
-def shaped_rewards(task_rewards, disc_logits, coef):
-    """r = r_task + coef * log D(x, y), log D = log sigmoid(logit) <= 0: responses the
-    discriminator takes for the policy's own lose reward. [N] -> [N]."""
-    return task_rewards + coef * torch.nn.functional.logsigmoid(disc_logits)
+def uniapl_advantages(task_rewards, disc_logits, group_size, adv_coef, scale="group"):
+    """A = A_task + coef * A_adv: the task reward and the adversarial reward log D(x, y)
+    (log sigmoid(logit) <= 0: responses D takes for the policy's own score lower) are each
+    group-normalised on their own (group_advantages), then added. Normalising their sum
+    instead would let coef cancel in every group whose task rewards tie, so lambda and nu
+    would not act at their stated scale. All [B*G]."""
+    adversarial = group_advantages(torch.nn.functional.logsigmoid(disc_logits), group_size, scale)
+    return group_advantages(task_rewards, group_size, scale) + adv_coef * adversarial
 
 
 def discriminator_loss(head, expert_features, policy_features, label_smoothing=0.0, gradient_penalty=0.0):
@@ -358,7 +362,7 @@ if __name__ == "__main__":
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
-    advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
+    advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
     loss_fn = torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss
 
     # ---- the online discriminator: features standardised with fixed statistics of expert responses
@@ -428,11 +432,10 @@ if __name__ == "__main__":
         high = math.log(args.saturation_threshold / (1 - args.saturation_threshold))  # logit of the threshold
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
-        # ---- score: r_task + (lambda [+ nu]) * log D, then group-relative advantages
+        # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
         rewards = score(reward_fn, group_rows, rollouts["texts"])
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
-        shaped = shaped_rewards(rewards, policy_logits.cpu(), adv_coef)
-        advantages = advantage_fn(shaped, args.group_size, args.scale_rewards).to(args.device)
+        advantages = advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
@@ -507,7 +510,7 @@ if __name__ == "__main__":
             "disc/loss": disc_loss.item() if args.disc_steps else float("nan"), "disc/accuracy": float(disc_metrics["accuracy"]),
             "disc/gradient_penalty": float(disc_metrics["penalty"]), "disc/saturated": float(saturated),
             "disc/expert_prob": float(torch.sigmoid(expert_logits).mean()), "disc/policy_prob": float(torch.sigmoid(policy_logits).mean()),
-            "train/reward": rewards.mean(), "train/shaped_reward": shaped.mean(),
+            "train/reward": rewards.mean(), "train/log_d": torch.nn.functional.logsigmoid(policy_logits).mean(),
             "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},

@@ -3,6 +3,7 @@ algorithm runs but none of them defines."""
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from shared import toyworld
 from shared.modeling import chat_prompt
@@ -25,32 +26,51 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) ->
     return (positions[None, :] <= first_eos[:, None]).long(), ~has_eos
 
 
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float, do_sample: bool = True) -> GenerationConfig:
+    """The whole generation configuration, from our flags alone: plain softmax(logits / T)
+    sampling (or greedy), no top-k / top-p / min-p / repetition penalty. A checkpoint's
+    own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) would otherwise
+    change what is sampled while every ratio, KL and anchor assumes softmax(logits / T)."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+
+
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
-                      temperature: float = 1.0, do_sample: bool = True) -> dict:
+                      temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False) -> dict:
     """One batched `generate` (KV cache) for every prompt x group_size sample.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
-    (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts.
+    (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts;
+    with output_scores, also the logits generate sampled from at each step, [B*G, L, V].
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    was_training = model.training
+    config = sampling_config(tokenizer, max_new_tokens, temperature, do_sample)
+    # generate() fills every field we leave unset from model.generation_config; an empty
+    # one in its place leaves only the library defaults (no penalties, no truncation)
+    was_training, saved_config = model.training, model.generation_config
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         use_cache=True, **sampling)
-    model.train(was_training)
-    completion_ids = out[:, prompt_ids.size(1):]
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             output_scores=output_scores, return_dict_in_generate=True)
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
+    completion_ids = out.sequences[:, prompt_ids.size(1):]
     completion_mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "truncated": truncated, "texts": texts}
+    result = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "truncated": truncated, "texts": texts}
+    if output_scores:
+        result["scores"] = torch.stack(out.scores, dim=1)
+    return result
 
 
 LOGITS_CHUNK_BYTES = 64 * 2**20  # ~110 tokens at Qwen3's vocabulary, the whole batch for the tiny model

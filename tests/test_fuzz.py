@@ -133,7 +133,7 @@ def test_every_pure_function_stays_finite_on_edge_values(seed):
         "aapa_loss": lambda: aapa.aapa_loss(logps, other, other, adv, mask, logps, mask, 0.5, 0.5, use_phi=True, beta=0.1),
         "aapa_scores": lambda: aapa.anchor_scores(rewards * 100),
         "uniapl_policy_loss": lambda: uniapl.uniapl_policy_loss(logps, other, other, adv, mask, logps, mask, 3.0, beta=0.1),
-        "shaped_rewards": lambda: uniapl.shaped_rewards(rewards, rewards * 1e3, 0.1),
+        "uniapl_advantages": lambda: uniapl.uniapl_advantages(rewards, rewards * 1e3, 2, 0.1),
         "dual_update": lambda: uniapl.dual_update(0.5, float(rewards[0]), 0.3, 1.0),
     }
     for name, make in checks.items():

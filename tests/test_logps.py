@@ -64,3 +64,31 @@ def test_bfloat16_weights_and_autocast_give_float32_logps_close_to_float32_and_g
         logps.sum().backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(grad.float()).all() for grad in grads)
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(tmp_path):
+    # A checkpoint whose generation_config asks for a repetition penalty, top-k and min-p:
+    # rollouts must still come from softmax(logits / T), the distribution every ratio,
+    # KL and anchor is computed under.
+    from shared.modeling import build_tiny_model, load_model, load_tokenizer
+    from shared.rollout import generate_rollouts
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    model = load_model(str(path))
+    model.generation_config.update(repetition_penalty=1.3, top_k=20, min_p=0.1, do_sample=True)
+    model.save_pretrained(path)
+    model, tokenizer = load_model(str(path)), load_tokenizer(str(path))
+    assert model.generation_config.repetition_penalty == 1.3
+    torch.manual_seed(0)
+    out = generate_rollouts(model, tokenizer, ["abc", "hello there"], group_size=2, max_new_tokens=6,
+                            temperature=0.7, output_scores=True)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        ours = completion_logps(model, ids, mask, out["prompt_ids"].size(1), temperature=0.7)
+    sampled_from = torch.log_softmax(out["scores"].float(), -1).gather(-1, out["completion_ids"][..., None]).squeeze(-1)
+    active = out["completion_mask"].bool()
+    assert torch.allclose(sampled_from[active], ours[active], atol=1e-4)
+    # every token stays reachable: no top-k / min-p cut (the untrained model is near uniform)
+    assert torch.isfinite(out["scores"][active]).all()
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was

@@ -4,7 +4,7 @@ smoothing, gradient penalty) and the dual update of the Lagrange multiplier."""
 import pytest
 import torch
 
-from algos.uniapl import discriminator_loss, dual_update, shaped_rewards, uniapl_policy_loss
+from algos.uniapl import discriminator_loss, dual_update, group_advantages, uniapl_advantages, uniapl_policy_loss
 from test_losses import grad_of_logp, toy_policy
 
 
@@ -23,11 +23,28 @@ def test_policy_loss_gradient_closed_form():
     assert metrics["expert_nll"].item() == pytest.approx((-(expert_logps * expert_mask).sum() / 5).item())
 
 
-def test_shaped_rewards():
-    rewards = torch.tensor([1.0, 0.5, 0.0])
-    logits = torch.tensor([0.0, 3.0, -3.0])
-    expected = rewards + 0.2 * torch.log(torch.sigmoid(logits))
-    assert torch.allclose(shaped_rewards(rewards, logits, 0.2), expected, atol=1e-6)
+def test_advantages_normalise_task_and_adversarial_terms_separately():
+    rewards = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    logits = torch.tensor([0.0, 3.0, -3.0, 1.0])
+    log_d = torch.log(torch.sigmoid(logits))
+
+    def z(x):  # group z-score with Bessel's std, written out
+        return (x - x.mean()) / (x.std() + 1e-4)
+
+    assert torch.allclose(uniapl_advantages(rewards, logits, 4, 0.2), z(rewards) + 0.2 * z(log_d), atol=1e-5)
+
+
+def test_advantages_respond_to_lambda_when_task_rewards_tie():
+    # every sample of the group has the same task reward: only the adversarial term is left,
+    # and it must scale with lambda (a joint normalisation would give the same unit-scale
+    # advantages for lambda 0.1 and 0.01)
+    tied = torch.full((4,), 0.5)
+    logits = torch.tensor([-2.0, -0.5, 0.5, 2.0])
+    small, large = uniapl_advantages(tied, logits, 4, 0.01), uniapl_advantages(tied, logits, 4, 0.1)
+    assert torch.allclose(large, 10 * small, atol=1e-6)
+    assert large.abs().max() < 0.2  # lambda * a z-score of 4 values: |A| <= 0.1 * 1.5
+    assert torch.equal(torch.sign(large), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert torch.allclose(uniapl_advantages(tied, logits, 4, 0.0), group_advantages(tied, 4))
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -90,7 +107,7 @@ def test_extreme_logits_and_empty_masks_stay_finite():
         head[0].weight.fill_(1e3)
     loss, metrics = discriminator_loss(head, torch.full((2, 2), 10.0), torch.full((2, 2), -10.0), 0.1, 0.1)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
-    assert torch.isfinite(shaped_rewards(torch.zeros(2), torch.tensor([-1e4, 1e4]), 1.0)).all()
+    assert torch.isfinite(uniapl_advantages(torch.zeros(2), torch.tensor([-1e4, 1e4]), 2, 1.0)).all()
     logps = torch.tensor([[-1e4, 0.0]])
     loss, _ = uniapl_policy_loss(logps, logps, logps, torch.ones(1), torch.zeros(1, 2), logps, torch.zeros(1, 2), 1.0, beta=0.1)
     assert torch.isfinite(loss)

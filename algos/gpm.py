@@ -99,7 +99,7 @@ def skew_scores(v_a, v_b):
 
 
 def gpm_scores(v_a, v_b, gate):
-    """s(a, b) = sum_l gate_l * s_l(a, b), gate [..., k] on the simplex. Skew-symmetric: s(a, b) = -s(b, a)."""
+    """s(a, b) = sum_l gate_l * s_l(a, b), gate [..., k] >= 0 (summing to k). Skew-symmetric: s(a, b) = -s(b, a)."""
     return (gate * skew_scores(v_a, v_b)).sum(-1)
 
 
@@ -140,13 +140,16 @@ def pair_batch(tokenizer, prompts: list[str], responses: list[str], device):
 
 def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
     """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
-    and the gate lambda(x) [N, k] from the hidden state at the prompt's last token."""
+    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
     ids, mask, response_lengths, prompt_len = pair_batch(tokenizer, prompts, responses, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
     rows = torch.arange(ids.size(0), device=ids.device)
     v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
-    gate = torch.softmax(gate_head(hidden[:, prompt_len - 1]), dim=-1)
+    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
+    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
+    k = gate_head.out_features
+    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
     return v, gate
 
 
@@ -200,8 +203,10 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
-    value_head = torch.nn.Linear(hidden_size, 2 * args.dims).to(args.device)
-    gate_head = torch.nn.Linear(hidden_size, args.dims).to(args.device)
+    value_head = torch.nn.Linear(hidden_size, 2 * args.dims, bias=False).to(args.device)  # heads without bias, as the reference
+    gate_head = torch.nn.Linear(hidden_size, args.dims, bias=False).to(args.device)
+    for head in (value_head, gate_head):
+        torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))  # the reference's initialisation
     if state:
         heads = torch.load(output_dir / CHECKPOINT / GPM_HEADS, weights_only=False)
         value_head.load_state_dict(heads["value_head"])

@@ -3,7 +3,7 @@ with per-dimension group-relative advantages and a closed-loop drift monitor.
 
 Per step: G rollouts per prompt; one GPM forward per rollout gives v_i in R^{2k} and
 the prompt's gate lambda(x). For each dimension l, S_l(i) = mean_{j != i} s_l(i, j)
-(group-centred by skew-symmetry) is normalised on its own scale, A_l = S_l / std(S_l),
+(group-centred by skew-symmetry) is normalised on its own scale, A_l = S_l / (std(S_l) + 1e-4),
 so that no axis dominates by scale; A = sum_l w_l A_l, w_l proportional to
 lambda_l(x) * rho_l (rho: the drift weights). Loss: PPO-clip + beta * k3 KL to the
 reference. Every N steps the drift monitor measures per-dimension margins of the
@@ -139,7 +139,7 @@ def skew_scores(v_a, v_b):
 
 
 def gpm_scores(v_a, v_b, gate):
-    """s(a, b) = sum_l gate_l * s_l(a, b), gate [..., k] on the simplex. Skew-symmetric: s(a, b) = -s(b, a)."""
+    """s(a, b) = sum_l gate_l * s_l(a, b), gate [..., k] >= 0 (summing to k). Skew-symmetric: s(a, b) = -s(b, a)."""
     return (gate * skew_scores(v_a, v_b)).sum(-1)
 
 
@@ -151,16 +151,17 @@ def group_dim_scores(v, group_size):
     return (pairwise.sum(dim=2) / (group_size - 1)).reshape(-1, pairwise.size(-1))
 
 
-def gprl_advantages(v, gate, rho, group_size, std_floor=1e-6):
-    """A = sum_l w_l * S_l / std_group(S_l), w_l = gate_l * rho_l / sum_l' gate_l' * rho_l'.
+def gprl_advantages(v, gate, rho, group_size, eps=1e-4):
+    """A = sum_l w_l * S_l / (std_group(S_l) + eps), w_l = gate_l * rho_l / sum_l' gate_l' * rho_l'.
 
     v: [B*G, 2k] GPM embeddings; gate: [B*G, k] (the prompt's gate, repeated); rho: [k].
-    A dimension whose group scores are all ~equal (std < std_floor) contributes 0.
+    S_l is already group-centred (skew-symmetry), so a dimension whose group scores are
+    all equal contributes 0; eps (GRPO's 1e-4, with Bessel's std) keeps a near-tie from
+    being blown up to unit-scale advantages.
     Returns (advantages [B*G], per-dimension normalised advantages [B*G, k]).
     """
     scores = group_dim_scores(v, group_size).view(-1, group_size, gate.size(-1))
-    std = scores.std(dim=1, keepdim=True)
-    per_dim = torch.where(std > std_floor, scores / std.clamp(min=std_floor), torch.zeros_like(scores)).reshape(-1, gate.size(-1))
+    per_dim = (scores / (scores.std(dim=1, keepdim=True) + eps)).reshape(-1, gate.size(-1))
     weights = gate * rho
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
     return (weights * per_dim).sum(-1), per_dim
@@ -293,13 +294,16 @@ def pair_batch(tokenizer, prompts: list[str], responses: list[str], device):
 
 def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
     """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
-    and the gate lambda(x) [N, k] from the hidden state at the prompt's last token."""
+    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
     ids, mask, response_lengths, prompt_len = pair_batch(tokenizer, prompts, responses, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
     rows = torch.arange(ids.size(0), device=ids.device)
     v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
-    gate = torch.softmax(gate_head(hidden[:, prompt_len - 1]), dim=-1)
+    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
+    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
+    k = gate_head.out_features
+    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
     return v, gate
 
 
@@ -314,8 +318,8 @@ def load_gpm(path: str, dtype: str, device: str):
         raise SystemExit(f"error: {error}")
     heads = torch.load(heads_path, weights_only=False)
     hidden_size = backbone.config.hidden_size
-    value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"]).to(device)
-    gate_head = torch.nn.Linear(hidden_size, heads["dims"]).to(device)
+    value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"], bias=False).to(device)
+    gate_head = torch.nn.Linear(hidden_size, heads["dims"], bias=False).to(device)
     value_head.load_state_dict(heads["value_head"])
     gate_head.load_state_dict(heads["gate_head"])
     names = heads["axes"] or [f"dim{l}" for l in range(heads["dims"])]

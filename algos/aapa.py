@@ -101,6 +101,8 @@ class Args:
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
+    expert_temperature: float = 0.0
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0 (stage 2 with --staged)"""
     weight_decay: float = 0.0
@@ -358,6 +360,7 @@ if __name__ == "__main__":
     state = load_trainer_state(output_dir) if args.resume else None
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
+    expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
 
@@ -392,12 +395,12 @@ if __name__ == "__main__":
     model.train()
 
     def make_optimizer(step):
-        """AdamW and a linear decay over the current stage (the whole run unless --staged)."""
+        """AdamW and a linear decay over the current stage's optimizer steps (the whole run unless --staged)."""
         stage1 = args.staged and step < args.stage1_steps
         length = args.stage1_steps if stage1 else args.steps - (args.stage1_steps if args.staged else 0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.stage1_learning_rate if stage1 else args.learning_rate,
                                       weight_decay=args.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / length))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (length * args.num_iterations)))
 
     optimizer, scheduler = make_optimizer(start_step)
     if state:
@@ -552,8 +555,8 @@ if __name__ == "__main__":
                         expert_logps, expert_mask = logps.new_zeros(0, 1), logps.new_zeros(0, 1)
                     else:
                         ids, mask, expert_mask, expert_prompt_len = expert_batch
-                        expert_logps = completion_logps(model, ids, mask, expert_prompt_len,
-                                                        chunk_tokens=args.logp_chunk_tokens).float()
+                        expert_logps = completion_logps(model, ids, mask, expert_prompt_len, expert_temperature,
+                                                        args.logp_chunk_tokens).float()
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
@@ -575,7 +578,7 @@ if __name__ == "__main__":
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, stage switch, checkpoint

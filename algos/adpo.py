@@ -140,6 +140,15 @@ def sequence_logps(logps, mask, length_normalize=False):
     return total / mask.sum(dim=1).clamp(min=1.0) if length_normalize else total
 
 
+def group_entropy(entropies, mask, group_size):
+    """Mean over each group's sequences of the sequence's mean token entropy, as the
+    author's code averages (a token-weighted mean would let long completions decide).
+    entropies, mask: [P*G, L] -> [P]."""
+    mask = mask.to(entropies.dtype)
+    per_sequence = (entropies * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return per_sequence.view(-1, group_size).mean(1)
+
+
 def adaptive_tau(normalized_entropy, group_mean_reward, tau0=0.8, alpha=1.0, reward_coef=1.0, tau_min=0.1, tau_max=5.0):
     """tau = clip(tau0 * (1 + alpha*H + reward_coef*(1-H)*(1-R)), tau_min, tau_max) per prompt.
 
@@ -294,7 +303,9 @@ if __name__ == "__main__":
             raise SystemExit(f"error: pairs row {bad}: field 'label' must be a probability in [0, 1], got {labels[bad]}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    # the learning rate decays once per optimizer step (TRL): num_iterations per listwise batch, one per pairwise batch
+    optimizer_steps = args.steps * (args.num_iterations if args.mode == "listwise" else 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / optimizer_steps))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -353,8 +364,7 @@ if __name__ == "__main__":
             anchor_logps = torch.cat([a[0] for a in anchor]).float() if anchor else None
             if num_groups:
                 entropies = torch.cat([a[1] for a in anchor]).float()
-                group_mask = completion_mask.view(num_groups, -1).float()
-                normalized_entropy = (entropies.view(num_groups, -1) * group_mask).sum(1) / group_mask.sum(1).clamp(min=1) / log_vocab
+                normalized_entropy = group_entropy(entropies, completion_mask, args.group_size) / log_vocab
                 group_mean_reward = rewards.view(-1, args.group_size)[keep_groups].mean(1).to(args.device)
                 tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,
                                    args.tau_min, args.tau_max) if args.adaptive_tau else torch.full_like(group_mean_reward, args.tau0)
@@ -388,6 +398,7 @@ if __name__ == "__main__":
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             lengths = completion_mask.sum(1).float()
             step_metrics = {
                 "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
@@ -439,9 +450,9 @@ if __name__ == "__main__":
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
             step_metrics = {}
             progress.set_postfix(loss=f"{total_loss:.3f}")
-        scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint

@@ -85,6 +85,8 @@ class Args:
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
+    expert_temperature: float = 0.0
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -302,6 +304,7 @@ if __name__ == "__main__":
     state = load_trainer_state(output_dir) if args.resume else None
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
+    expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
 
@@ -325,7 +328,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -409,8 +413,8 @@ if __name__ == "__main__":
                         expert_logps, expert_mask = logps.new_zeros(0, 1), logps.new_zeros(0, 1)
                     else:
                         ids, mask, expert_mask, expert_prompt_len = expert_batch
-                        expert_logps = completion_logps(model, ids, mask, expert_prompt_len,
-                                                        chunk_tokens=args.logp_chunk_tokens).float()
+                        expert_logps = completion_logps(model, ids, mask, expert_prompt_len, expert_temperature,
+                                                        args.logp_chunk_tokens).float()
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
@@ -433,7 +437,7 @@ if __name__ == "__main__":
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint

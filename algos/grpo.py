@@ -228,7 +228,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -315,7 +316,7 @@ if __name__ == "__main__":
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint

@@ -93,6 +93,8 @@ class Args:
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
+    expert_temperature: float = 0.0
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -332,6 +334,7 @@ if __name__ == "__main__":
     state = load_trainer_state(output_dir) if args.resume else None
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
+    expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
 
@@ -472,8 +475,8 @@ if __name__ == "__main__":
                     expert_logps, expert_mask = logps.new_zeros(0, 1), logps.new_zeros(0, 1)
                 else:
                     ids, mask, expert_mask, expert_prompt_len = expert_batch
-                    expert_logps = completion_logps(model, ids, mask, expert_prompt_len,
-                                                    chunk_tokens=args.logp_chunk_tokens).float()
+                    expert_logps = completion_logps(model, ids, mask, expert_prompt_len, expert_temperature,
+                                                    args.logp_chunk_tokens).float()
             loss, metrics = loss_fn(
                 logps, logps.detach(), None if ref_logps is None else ref_logps[sl].float(), advantages[sl],
                 completion_mask[sl], expert_logps, expert_mask, expert_coef, num_expert_tokens=num_expert_tokens,

@@ -83,10 +83,25 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a model from {name_or_path!r}: not a saved model folder, and not "
                          f"reachable as a hub id ({type(error).__name__})") from None
+    disable_dropout(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere, as TRL does by default: with dropout on, the log-probs of
+    the update's forward pass would differ from the old/reference ones at rho = 1 for no
+    reason but the noise, and the sampled and trained distributions would differ."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for key, value in model.config.to_dict().items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algos.adpo import adaptive_tau, adpo_listwise_loss, adpo_pairwise_loss, group_advantages, sequence_logps
+from algos.adpo import adaptive_tau, adpo_listwise_loss, adpo_pairwise_loss, group_advantages, group_entropy, sequence_logps
 from test_losses import grad_of_logp, toy_policy
 
 
@@ -142,3 +142,11 @@ def test_compiled_adpo_losses_equal_eager():
     compiled, _ = torch.compile(adpo_pairwise_loss, dynamic=True)(seq[:3], seq[3:], anchor[:3, 0], anchor[3:, 0],
                                                                    torch.tensor([1.0, 0.7, 0.5]), 2.0)
     assert torch.allclose(eager, compiled, atol=1e-6)
+
+
+def test_group_entropy_averages_per_sequence_first():
+    # group of 2: a 1-token sequence with entropy 3 and a 3-token one with entropy 1 each;
+    # per sequence first gives (3 + 1) / 2 = 2, token-weighted would give 6 / 4 = 1.5
+    entropies = torch.tensor([[3.0, 9.0, 9.0], [1.0, 1.0, 1.0], [2.0, 2.0, 0.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert torch.allclose(group_entropy(entropies, mask, 2), torch.tensor([2.0, 3.0]))

@@ -92,3 +92,22 @@ def test_sampling_ignores_the_checkpoints_generation_config(tmp_path):
     # every token stays reachable: no top-k / min-p cut (the untrained model is near uniform)
     assert torch.isfinite(out["scores"][active]).all()
     assert model.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was
+
+
+def test_loaded_models_have_dropout_off(tmp_path):
+    # a checkpoint saved with attention dropout 0.5: in train mode two forward passes
+    # would differ; after load_model they are identical, so rho is exactly 1 at the old policy
+    from shared.modeling import build_tiny_model, load_model
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    noisy = load_model(str(path))
+    noisy.config.attention_dropout = 0.5
+    noisy.save_pretrained(path)
+    model = load_model(str(path)).train()
+    assert model.config.attention_dropout == 0.0
+    ids = torch.randint(200, (2, 9))
+    mask = torch.ones_like(ids)
+    torch.manual_seed(0)
+    first = completion_logps(model, ids, mask, 4)
+    second = completion_logps(model, ids, mask, 4)
+    assert torch.equal(first, second)

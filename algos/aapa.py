@@ -8,10 +8,13 @@ gets an anchor score s = log D(x, y), normalised within its group like a reward 
 added to the task advantage: A = A_task + lambda * A_anchor. With base SFT the loss is
 L_SFT + lambda * (policy gradient on A_anchor); with base CHORD the GRPO part of
 (1 - mu) * L_GRPO + mu * L_SFT-phi uses A. --staged runs A-SFT, then A-GRPO, in one command.
-From the paper: the plug-in term, the fixed discriminator, offline expert data, the
-bases and the staged setting. Our interpretation (its method section is not public):
-the embedding (mean-pooled prompt and response hidden states of a frozen encoder), the
-head, the separate group normalisation of s, and CHORD's constant mu.
+From the paper (its abstract; the method section is not public): the plug-in term,
+the fixed discriminator, offline expert data, the three bases, the staged setting.
+Ours, each with its flag: s = log D (anchor_scores); the initial policy's rollouts as
+negatives (--disc-prompts); the features (--disc-layers, --disc-encoder) and head
+(--disc-hidden); the separate group normalisation of s and its weight (--anchor-coef,
+--anchor-schedule); the A-SFT form (--base sft); CHORD's constant mu (--chord-mu, --phi);
+expert rows at the sampling temperature (--expert-temperature). docs/algorithms.md#aapa.
 """
 
 import importlib

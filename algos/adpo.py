@@ -8,9 +8,12 @@ distribution q. Gradient: (1/tau) * sum_i (softmax(u)_i - q_i) * grad l_i.
   policy, q = softmax(group z-scored reward / beta_r), tau adaptive per prompt.
 - pairwise (offline): chosen/rejected pairs, anchor = the reference (initial) model,
   q = the pair's soft label; hard labels with tau = 1/beta give exactly DPO.
-Interpretation: the adaptive-tau reward coefficient and tau_max are our choices (not
-given in the sources we have); entropies and the anchor come from one no-grad pass
-of the sampling policy.
+From the paper: the anchored softmax, the adaptive-tau form and tau0 0.8, beta_r 0.5,
+alpha 1.0 (--tau-alpha), tau_min 0.1. From the author's code: the on-policy anchor, no
+extra KL by default (--kl-coef 0), the entropy averaged per sequence.
+Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 5
+(--tau-max), --num-iterations 2, pairwise --tau 10; entropies and the anchor come from
+one no-grad pass of the sampling policy. docs/algorithms.md#adpo.
 """
 
 import importlib

@@ -7,8 +7,11 @@ L = (1 - mu) * L_GRPO + mu * L_SFT in one optimizer step. mu follows a warmup /
 cosine-decay schedule (CHORD-mu); with phi on, each expert token's NLL is weighted by
 p * (1 - p), p its probability (CHORD-phi), which mutes tokens the policy already
 knows (p ~ 1) and tokens far from it (p ~ 0).
-Interpretation: phi is detached by default (Trinity; ms-swift is not: --no-detach-phi),
-the expert NLL uses temperature 1, and expert rows per step = rollouts * r / (1 - r).
+From the paper and Trinity-RFT: the loss, the mu schedule, phi, the presets, phi
+detached, expert log-probs at the rollout temperature (one pass for both).
+Ours, each with its flag: ms-swift's non-detached phi (--no-detach-phi), expert rows
+at temperature 1 (--expert-temperature 1), expert rows per step = rollouts * r / (1 - r)
+(--expert-data-ratio). Formulas and sources: docs/algorithms.md#chord.
 """
 
 import importlib

@@ -2,13 +2,14 @@
 Model for Language Model Alignment", ICML 2025), the preference model GPRL optimises.
 
 Each response gets an embedding v(x, y) in R^{2k} (a value head on the last token's
-hidden state, L2-normalised) and each prompt a gate lambda(x) on the simplex over k
-dimensions (softmax of a head on the last prompt token's hidden state). The score
+hidden state, L2-normalised) and each prompt a gate lambda(x) = k * softmax(W h / sqrt(H))
+over k dimensions (h the last prompt token's hidden state, H its width; the gates sum to
+k, as in the reference repository, whose bias-free heads we follow too). The score
     s(i, j) = sum_l lambda_l(x) * (v_i[2l] v_j[2l+1] - v_i[2l+1] v_j[2l])
 is skew-symmetric, s(i, j) = -s(j, i), and P(i > j) = sigmoid(s(i, j) / tau). Unlike a
 scalar Bradley-Terry reward it can represent cyclic (intransitive) preferences.
 Training: -[q log sigmoid(s(w, l)/tau) + (1 - q) log sigmoid(-s(w, l)/tau)], q the
-pair's (soft) label. Our addition, on by default when pairs carry per-axis labels:
+pair's (soft) label. docs/algorithms.md#gpm-and-gprl. Our addition, on by default when pairs carry per-axis labels:
 the same loss on each dimension's own score with that axis' label (--axis-weight), so
 that dimension l means axis l and GPRL's drift monitor can name what drifts.
 """

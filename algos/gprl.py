@@ -12,6 +12,7 @@ dimension takes most of the gain while another falls (single-axis exploitation),
 shrinks that dimension's rho, tightens the clip range and raises beta; when clear, it
 relaxes them back. Interpretation (the paper's body is not available): the forms of
 S_l, A_l, w_l, the margins and the alarm rule above; every threshold is a flag.
+The GPM is read as algos/gpm.py saved it. docs/algorithms.md#gpm-and-gprl.
 """
 
 import importlib

@@ -5,6 +5,7 @@ within each group into advantages, then minimise the clipped surrogate
 -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
 aggregated by loss_type. With num_iterations == 1 the old policy is the current
 one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
+Formulas, sources and the defaults that differ from TRL: docs/algorithms.md#grpo.
 """
 
 import importlib

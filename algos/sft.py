@@ -3,6 +3,7 @@
 Loss: mean negative log-likelihood over response tokens only (prompt and padding
 masked), normalised by the response tokens of the whole accumulated batch, as in
 TRL's SFTTrainer.
+docs/algorithms.md#sft.
 """
 
 import json

@@ -2,14 +2,21 @@
 single-stage objective.
 
 Every optimizer step sees expert demonstrations (the expert cache) and on-policy
-groups: L = L_GRPO(reward r_task + lambda * log D(x, y)) + (c_sft + nu) * L_NLL(expert).
+groups: L = L_GRPO(A_task + lambda * A_adv) + (c_sft + nu) * L_NLL(expert), where A_adv
+is the group advantage of log D(x, y), normalised separately from the task reward's.
 The discriminator D (a small head on frozen sentence embeddings) is co-trained online,
 GAIL-style: k BCE steps per policy step, expert responses vs the current rollouts.
 Alignment is a constrained problem, max reward s.t. divergence-from-expert <= epsilon,
 solved with a Lagrange multiplier nu >= 0 updated by dual ascent every step.
-Interpretation (the method section is not public): the divergence is the expert-data
-NLL per token (or -E log D of rollouts with --divergence disc, where nu then scales the
-adversarial reward instead of the NLL); label smoothing / gradient penalty guard D.
+From the paper (its abstract; the method section is not public): one single-stage
+objective on mixed SFT and RL data, expert demonstrations in every step, adversarial
+alignment with the expert distribution, constrained optimisation.
+Ours, the whole objective above, each part with its flag: the adversarial reward
+(--adv-coef), the co-trained D (--disc-steps, --label-smoothing, --gradient-penalty),
+the divergence (--divergence nll: expert NLL per token, nu raises the NLL weight;
+disc: -E log D of rollouts, nu raises the adversarial weight), the bound and dual step
+(--epsilon, --dual-lr), expert rows at the sampling temperature (--expert-temperature).
+docs/algorithms.md#uniapl.
 """
 
 import importlib

@@ -44,7 +44,7 @@ class Args:
     steps: int = 3
     """timed GRPO steps per model (after one warm-up step)"""
     prompts: int = 4
-    """prompts per GRPO step (ALGORITHMS.md's TRL reference: 4)"""
+    """prompts per GRPO step (4, the shape of the TRL reference timings)"""
     group_size: int = 8
     """G (reference: 8)"""
     max_new_tokens: int = 32
@@ -158,7 +158,7 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict) -> Non
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
         emit({"bench": "trl", "model": label, "skipped": "trl is not installed (it is not a requirement: pip install trl "
-              "to measure it side by side); ALGORITHMS.md's reference, measured elsewhere: 0.66 s per step at 0.8M, 7.8 s at 25M"})
+              "to measure it side by side); a reference measured on another machine: 0.66 s per step at 0.8M, 7.8 s at 25M"})
         return
 
     def toy_reward(completions, row_id, **_):

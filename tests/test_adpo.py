@@ -1,4 +1,4 @@
-"""ADPO's math against ALGORITHMS.md: anchored listwise and pairwise losses, their
+"""ADPO's math against docs/algorithms.md: anchored listwise and pairwise losses, their
 closed-form gradients, the DPO special case and the adaptive temperature."""
 
 import pytest

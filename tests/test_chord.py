@@ -1,4 +1,4 @@
-"""CHORD's math against ALGORITHMS.md: the mu schedule, the phi-weighted expert NLL
+"""CHORD's math against docs/algorithms.md: the mu schedule, the phi-weighted expert NLL
 (detached and not) and the mixed loss, on hand-made tensors and a toy policy."""
 
 import math

@@ -1,4 +1,4 @@
-"""Parity and gradient tests of the SFT and GRPO math against ALGORITHMS.md,
+"""Parity and gradient tests of the SFT and GRPO math against docs/algorithms.md,
 on hand-made tensors and a toy differentiable 'policy'."""
 
 import math

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
-from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
 PRESETS = {
@@ -117,7 +117,11 @@ class Args:
     save_every: int = 20
     """checkpoint every this many steps (and at the end)"""
     resume: bool = False
-    """continue from <output_dir>/checkpoint if it exists"""
+    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
+    allow_flag_changes: bool = False
+    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
     stop_at_step: int = 0
     """end this invocation after this step, as an interruption would (0: run to the end)"""
     dtype: str = "float32"
@@ -290,6 +294,7 @@ def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_common_flags(args)
     if args.group_size < 2 and args.scale_rewards == "group":
         raise SystemExit("error: --group-size must be >= 2 with --scale-rewards group (a group of one has no std)")
     if args.num_iterations < 1:
@@ -303,8 +308,7 @@ if __name__ == "__main__":
     if not (0 <= mu_valley <= 1 and 0 <= mu_peak <= 1) or mu_warmup < 0 or mu_decay < 0:
         raise SystemExit("error: --mu-peak and --mu-valley must be in [0, 1], --mu-warmup and --mu-decay >= 0")
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = load_trainer_state(output_dir) if args.resume else None
+    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
     expert_temperature = args.expert_temperature or args.temperature
@@ -344,9 +348,10 @@ if __name__ == "__main__":
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "
           f"mu: warmup {mu_warmup}, decay {mu_decay}, peak {mu_peak}, valley {mu_valley}; phi {use_phi}")
 
-    def run_eval(step):
+    def run_eval(step, log=True):
         result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
-        logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
+        if log:
+            logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
         return result
 
@@ -355,6 +360,7 @@ if __name__ == "__main__":
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+    final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="chord",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
@@ -434,9 +440,7 @@ if __name__ == "__main__":
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = float(total_loss)
-            if not math.isfinite(total_loss):
-                raise SystemExit(f"error: non-finite loss {total_loss} at step {step + 1}; last good checkpoint kept in "
-                                 f"{output_dir / CHECKPOINT}")
+            stop_if_not_finite(total_loss, step + 1, output_dir)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -463,7 +467,8 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if start_step < args.steps:
+    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
+        final_eval = final_eval or run_eval(args.steps, log=False)
         write_json(output_dir / "eval.json", {
             "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
             "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import encode_prompts
-from shared.run import CHECKPOINT, RunLogger, load_trainer_state, save_checkpoint, seed_everything, step_generator, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
@@ -75,7 +75,11 @@ class Args:
     save_every: int = 100
     """checkpoint every this many steps (and at the end)"""
     resume: bool = False
-    """continue from <output_dir>/checkpoint if it exists"""
+    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
+    allow_flag_changes: bool = False
+    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
     stop_at_step: int = 0
     """end this invocation after this step, as an interruption would (0: run to the end)"""
     dtype: str = "float32"
@@ -165,13 +169,13 @@ def response_text(value, field: str, index: int) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_common_flags(args)
     if args.dims < 1 or args.tau <= 0 or not 0 < args.holdout < 1:
         raise SystemExit("error: --dims >= 1, --tau > 0 and --holdout in (0, 1) required")
     if args.micro_batch_size < 1 or args.batch_size < 1:
         raise SystemExit("error: --batch-size and --micro-batch-size must be >= 1")
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = load_trainer_state(output_dir) if args.resume else None
+    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
 
@@ -229,7 +233,7 @@ if __name__ == "__main__":
                 "axes": axis_names if use_axes else [], "tau": args.tau}
 
     @torch.no_grad()
-    def run_eval(step):
+    def run_eval(step, log=True):
         """Held-out accuracy: the fraction of pairs with s(chosen, rejected) > 0; per axis on its non-tied pairs."""
         backbone.eval()
         scores, dim_scores = [], []
@@ -250,13 +254,15 @@ if __name__ == "__main__":
                 decided = held_axes[:, l] != 0.5
                 agree = (dim_scores[:, l] > 0) == (held_axes[:, l] > 0.5)
                 result[f"axis_accuracy/{name}"] = float(agree[decided].float().mean()) if decided.any() else float("nan")
-        logger.log(step, {f"eval/{k}": v for k, v in result.items()})
+        if log:
+            logger.log(step, {f"eval/{k}": v for k, v in result.items()})
         tqdm.write(f"step {step}: held-out pairwise accuracy {result['heldout_accuracy']:.3f} " +
                    " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items() if k.startswith("axis")))
         return result
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", run_eval(0))
+    final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gpm",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
@@ -275,8 +281,7 @@ if __name__ == "__main__":
             micro_loss, micro_metrics = loss_fn(v[:n], v[n:], gate[:n], labels[micro].to(args.device), args.tau,
                                                 axis_labels[micro].to(args.device) if use_axes else None, args.axis_weight,
                                                 num_pairs=torch.tensor(float(len(part)), device=args.device))
-            if not math.isfinite(micro_loss.item()):
-                raise SystemExit(f"error: non-finite loss at step {step + 1}; last good checkpoint kept in {output_dir / CHECKPOINT}")
+            stop_if_not_finite(micro_loss.item(), step + 1, output_dir)
             micro_loss.backward()
             loss += micro_loss.item()
             for key, value in micro_metrics.items():
@@ -302,7 +307,8 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if start_step < args.steps:
+    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
+        final_eval = final_eval or run_eval(args.steps, log=False)
         write_json(output_dir / "eval.json", {"step": args.steps, **final_eval,
                                               "initial_heldout_accuracy": json.loads((output_dir / "initial_eval.json").read_text())["heldout_accuracy"]})
     logger.close()

@@ -75,7 +75,7 @@ def train(args, name: str, script: str, flags: list[str], runs_dir: Path, thread
     out = runs_dir / name
     if not (out / "eval.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (out / "checkpoint").exists() else []
+        resume = ["--resume"]  # continues an interrupted run, starts a new one in an empty folder
         start = time.time()
         run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt", threads)
         atomic_write_text(out / "wall_time.txt", f"{time.time() - start:.1f}")

@@ -1,8 +1,11 @@
-"""Run plumbing shared by every script: seeding, logging (tensorboard, a JSONL
+"""Run plumbing shared by every script: one run per output folder (a lock, no silent
+overwrite, resume only with the same flags), seeding, logging (tensorboard, a JSONL
 file, optional wandb) and atomic, resumable checkpoints."""
 
 import dataclasses
+import fcntl
 import json
+import math
 import os
 import random
 import shutil
@@ -14,6 +17,105 @@ import torch
 
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
 TRAINER_STATE = "trainer_state.pt"
+COMPLETE = "complete"  # written last into a checkpoint folder: its absence means the save was cut short
+RUN_RECORD = "run.json"  # the flags the run was started with
+# flags that change how a run is computed or reported, never what it computes: free to differ on --resume
+RUN_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_flag_changes", "stop_at_step", "track", "wandb_project", "device",
+                     "compile", "micro_batch_size", "gradient_checkpointing", "logp_chunk_tokens", "output_dir"}
+_held_locks = []  # open lock files: the lock lasts as long as the process
+
+
+def claim_output_dir(args) -> dict | None:
+    """Make args.output_dir this process's run folder and return the trainer state to
+    resume from (None: start at step 0). Stops with one error line when the folder is
+    a file or not writable, when another process holds it, when it holds a run and
+    neither --resume nor --overwrite was given, or when --resume would change flags of
+    the run (unless --allow-flag-changes). A checkpoint save cut short at any instant
+    is repaired first, so --resume always finds the newest complete checkpoint."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: --output-dir {str(output_dir)!r} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / ".lock", "a")
+    except OSError as error:
+        raise SystemExit(f"error: --output-dir {str(output_dir)!r} cannot be written ({error.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when the process ends, however it ends
+    except BlockingIOError:
+        raise SystemExit(f"error: --output-dir {str(output_dir)!r} is in use by another running process") from None
+    _held_locks.append(lock)
+    recover_checkpoint(output_dir)
+    holds_run = any((output_dir / name).exists() for name in (RUN_RECORD, "metrics.jsonl", CHECKPOINT))
+    if holds_run and not args.resume:
+        if not getattr(args, "overwrite", False):
+            raise SystemExit(f"error: --output-dir {str(output_dir)!r} already holds a run; pass --resume to continue it, "
+                             "--overwrite to delete it and start again, or choose another folder")
+        for entry in output_dir.iterdir():
+            if entry.name != ".lock":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if args.resume and (output_dir / RUN_RECORD).exists():
+        recorded = json.loads((output_dir / RUN_RECORD).read_text())["args"]
+        changed = [f"--{key.replace('_', '-')} {recorded[key]!r} -> {value!r}" for key, value in dataclasses.asdict(args).items()
+                   if key not in RUN_NEUTRAL_FLAGS and key in recorded and _jsonable(value) != recorded[key]]
+        if changed and not getattr(args, "allow_flag_changes", False):
+            raise SystemExit(f"error: --resume with flags that differ from the run in {str(output_dir)!r}: "
+                             f"{', '.join(changed)}; rerun with the run's flags or pass --allow-flag-changes")
+    return load_trainer_state(output_dir) if args.resume else None
+
+
+def recover_checkpoint(output_dir: Path) -> None:
+    """save_checkpoint writes checkpoint.tmp, renames checkpoint to checkpoint.old,
+    renames checkpoint.tmp to checkpoint, then deletes checkpoint.old. Whatever instant
+    it was stopped at, keep the newest complete one as `checkpoint` and drop the rest."""
+    final, tmp, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".tmp"), output_dir / (CHECKPOINT + ".old")
+    if not final.exists():
+        if (tmp / COMPLETE).exists():
+            os.replace(tmp, final)
+        elif old.exists():
+            os.replace(old, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_range(args, **rules) -> None:
+    """One error line for the first flag outside its range. rules: field=(low, high,
+    low_inclusive, high_inclusive); None means unbounded on that side."""
+    for field, (low, high, low_inclusive, high_inclusive) in rules.items():
+        value = getattr(args, field)
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
+            interval = f"{'[' if low_inclusive else '('}{'-inf' if low is None else low}, {'inf' if high is None else high}{']' if high_inclusive else ')'}"
+            raise SystemExit(f"error: --{field.replace('_', '-')} must be in {interval}, got {value}")
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
+
+
+def check_common_flags(args) -> None:
+    """Range checks of the flags every training script shares, before any data or model
+    is read; each script adds its own after this."""
+    import torch
+
+    rules = {name: rule for name, rule in {
+        "steps": (1, None, True, False), "prompts_per_step": (1, None, True, False), "group_size": (1, None, True, False),
+        "batch_size": (1, None, True, False), "micro_batch_size": (1, None, True, False),
+        "eval_every": (1, None, True, False), "save_every": (1, None, True, False), "eval_prompts": (1, None, True, False),
+        "max_new_tokens": (1, None, True, False), "num_iterations": (1, None, True, False),
+        "stop_at_step": (0, getattr(args, "steps", None), True, True),
+        "temperature": POSITIVE, "expert_temperature": NON_NEGATIVE, "learning_rate": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "max_grad_norm": POSITIVE, "beta": NON_NEGATIVE,
+        "eps_low": FRACTION, "eps_high": NON_NEGATIVE, "max_prompt_tokens": (0, None, True, False),
+        "logp_chunk_tokens": (0, None, True, False)}.items() if hasattr(args, name)}
+    check_range(args, **rules)
+    if hasattr(args, "dtype") and args.dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+        raise SystemExit(f"error: --device must be cpu or cuda[:N], got {device!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -39,20 +141,23 @@ class RunLogger:
         self.metrics_path = output_dir / "metrics.jsonl"
         self._drop_lines_after(resume_step)
         config = dataclasses.asdict(args)
+        if not (output_dir / RUN_RECORD).exists() or getattr(args, "allow_flag_changes", False):
+            write_json(output_dir / RUN_RECORD, {"args": {k: _jsonable(v) for k, v in config.items()}})
         if track:
             import wandb
 
             wandb.init(project=wandb_project, name=output_dir.name, config=config, sync_tensorboard=True)
-        self.writer = SummaryWriter(str(output_dir / "tb"))
+        self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         self.start_time = time.time()
 
     def _drop_lines_after(self, step: int) -> None:
-        """On resume, forget what the killed run logged after its last checkpoint."""
+        """On resume, forget what the killed run logged after its last checkpoint (all
+        of it when there was none: the run starts again at step 0, initial evaluation included)."""
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and _parse(line) is not None and _parse(line)["step"] <= step]
+                if step > 0 and line.strip() and _parse(line) is not None and _parse(line)["step"] <= step]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
@@ -64,6 +169,11 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _jsonable(value):
+    """Flags as JSON stores them (tuples become lists), for comparing with run.json."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _parse(line: str):
@@ -81,7 +191,29 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_text(Path(path), json.dumps(obj, indent=2))
+    """Strict JSON: a NaN or infinity is written as null (JSON has no such numbers)."""
+    atomic_write_text(Path(path), json.dumps(_finite(obj), indent=2, allow_nan=False))
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def stop_if_not_finite(loss: float, step: int, output_dir: Path) -> None:
+    """A NaN/inf loss ends the run before the optimizer step touches the weights; the
+    checkpoint on disk (if any) is the last good state."""
+    if math.isfinite(loss):
+        return
+    state = output_dir / CHECKPOINT / TRAINER_STATE
+    kept = (f"the last checkpoint (step {torch.load(state, weights_only=False)['step']}) is kept in "
+            f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
+    raise SystemExit(f"error: non-finite loss {loss} at step {step}; {kept}")
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args, extra: dict | None = None,
@@ -93,14 +225,14 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
     torch.save({
         "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "extra": extra or {},
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, tmp / TRAINER_STATE)
     for name, obj in (extra_files or {}).items():
         torch.save(obj, tmp / name)
+    (tmp / COMPLETE).touch()
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -114,10 +246,7 @@ def load_trainer_state(output_dir: Path) -> dict | None:
     path = output_dir / CHECKPOINT / TRAINER_STATE
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+    try:
+        return torch.load(path, weights_only=False)  # our own file: it holds optimizer state and the flags
+    except Exception as error:
+        raise SystemExit(f"error: {path} cannot be read ({type(error).__name__}); the checkpoint is damaged") from None

@@ -17,9 +17,7 @@ negatives (--disc-prompts); the features (--disc-layers, --disc-encoder) and hea
 expert rows at the sampling temperature (--expert-temperature). docs/algorithms.md#aapa.
 """
 
-import importlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
@@ -288,26 +287,6 @@ def anchor_coefficient(step: int, steps: int, coef: float, schedule: str) -> flo
     return coef
 
 
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
-
-
 def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
     """Left-padded prompt + right-padded response (+ eos): every response starts at
     column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
@@ -353,8 +332,8 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
-    if args.group_size < 2 and args.scale_rewards == "group":
-        raise SystemExit("error: --group-size must be >= 2 with --scale-rewards group (a group of one has no std)")
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
     if args.num_iterations < 1:
         raise SystemExit("error: --num-iterations must be >= 1")
     if not 0 < args.expert_data_ratio < 1:
@@ -427,10 +406,12 @@ if __name__ == "__main__":
     if state:
         disc_record = state["extra"]["discriminator"]
     elif args.disc_path:
-        try:
-            disc_record = torch.load(args.disc_path, weights_only=False)
-        except (OSError, RuntimeError) as error:
-            raise SystemExit(f"error: --disc-path {args.disc_path!r} is not a saved discriminator ({error})")
+        try:  # weights_only: a user-given file is never unpickled as code
+            disc_record = torch.load(args.disc_path, weights_only=True)
+            make_discriminator(disc_record["width"], disc_record["hidden"]).load_state_dict(disc_record["state_dict"])
+        except Exception as error:
+            raise SystemExit(f"error: --disc-path {args.disc_path!r} is not a discriminator saved by algos/aapa.py "
+                             f"({type(error).__name__})") from None
         print(f"discriminator from {args.disc_path} (held-out accuracy {disc_record['heldout_accuracy']:.3f})")
     else:
         torch.manual_seed(args.seed)
@@ -517,7 +498,7 @@ if __name__ == "__main__":
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
         t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = score(reward_fn, group_rows, rollouts["texts"])
+        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
         rollout_logits = discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"])
         scores = anchor_scores(rollout_logits).cpu()
         advantages = advantage_fn(rewards, scores, args.group_size, coef, args.scale_rewards,

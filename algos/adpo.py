@@ -16,7 +16,6 @@ Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 
 one no-grad pass of the sampling policy. docs/algorithms.md#adpo.
 """
 
-import importlib
 import json
 import math
 import os
@@ -29,9 +28,10 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import keep_short_prompts, load_rows
+from shared.data import keep_short_prompts, load_pairs, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 
@@ -213,35 +213,6 @@ def adpo_pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
     return loss, metrics
 
 
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
-
-
-def response_text(value, field: str, index: int) -> str:
-    """A response given as a string or as chat messages (the last one's content)."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        value = value[-1].get("content")
-    if not isinstance(value, str):
-        raise SystemExit(f"error: pairs row {index}: field {field!r} must be a string or a list of chat messages")
-    return value
-
-
 def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
     """Left-padded prompt + right-padded response (+ eos): every response starts at
     column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
@@ -282,7 +253,7 @@ if __name__ == "__main__":
         if listwise:
             train_rows = load_rows(args.train_data, required=("prompt",))
         else:
-            pairs = load_rows(args.pairs_data, required=("prompt", "chosen", "rejected"))
+            pairs = load_pairs(args.pairs_data, args.hard_labels)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     if listwise:
@@ -301,13 +272,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     if not listwise:
-        chosen = [response_text(p["chosen"], "chosen", i) for i, p in enumerate(pairs)]
-        rejected = [response_text(p["rejected"], "rejected", i) for i, p in enumerate(pairs)]
-        labels = [1.0 if args.hard_labels else float(p.get("label", 1.0) if p.get("label") is not None else 1.0)
-                  for p in pairs]
-        bad = next((i for i, q in enumerate(labels) if not 0.0 <= q <= 1.0), None)
-        if bad is not None:
-            raise SystemExit(f"error: pairs row {bad}: field 'label' must be a probability in [0, 1], got {labels[bad]}")
+        chosen, rejected, labels = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs], [p["label"] for p in pairs]
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL): num_iterations per listwise batch, one per pairwise batch
@@ -350,7 +315,7 @@ if __name__ == "__main__":
             # ---- score, advantages, optionally drop all-failed groups
             t = time.time()
             group_rows = [row for row in rows for _ in range(args.group_size)]
-            rewards = score(reward_fn, group_rows, rollouts["texts"])
+            rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
             advantages = group_advantages(rewards, args.group_size)
             keep_groups = rewards.view(-1, args.group_size).max(dim=1).values > 0 if args.drop_all_failed else \
                 torch.ones(args.prompts_per_step, dtype=torch.bool)

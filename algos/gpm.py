@@ -26,7 +26,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import keep_short_prompts, load_rows
+from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import encode_prompts
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
@@ -158,15 +158,6 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
     return v, gate
 
 
-def response_text(value, field: str, index: int) -> str:
-    """A response given as a string or as chat messages (the last one's content)."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        value = value[-1].get("content")
-    if not isinstance(value, str):
-        raise SystemExit(f"error: pairs row {index}: field {field!r} must be a string or a list of chat messages")
-    return value
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
@@ -182,17 +173,13 @@ if __name__ == "__main__":
     # ---- pairs: text, soft labels, per-axis labels; a held-out split
     model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
-        pairs = load_rows(args.pairs_data, required=("prompt", "chosen", "rejected"))
+        pairs = load_pairs(args.pairs_data, args.hard_labels)
         tokenizer = load_tokenizer(model_path)
         pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    chosen = [response_text(p["chosen"], "chosen", i) for i, p in enumerate(pairs)]
-    rejected = [response_text(p["rejected"], "rejected", i) for i, p in enumerate(pairs)]
-    labels = torch.tensor([1.0 if args.hard_labels or p.get("label") is None else float(p["label"]) for p in pairs])
-    if not ((labels >= 0) & (labels <= 1)).all():
-        bad = int(((labels < 0) | (labels > 1)).nonzero()[0])
-        raise SystemExit(f"error: pairs row {bad}: field 'label' must be a probability in [0, 1], got {labels[bad].item()}")
+    chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+    labels = torch.tensor([p["label"] for p in pairs])
     axis_names = list(pairs[0]["axes"]) if isinstance(pairs[0].get("axes"), dict) else []
     use_axes = args.axis_weight > 0 and len(axis_names) == args.dims
     if args.axis_weight > 0 and not use_axes:
@@ -213,7 +200,7 @@ if __name__ == "__main__":
     for head in (value_head, gate_head):
         torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))  # the reference's initialisation
     if state:
-        heads = torch.load(output_dir / CHECKPOINT / GPM_HEADS, weights_only=False)
+        heads = torch.load(output_dir / CHECKPOINT / GPM_HEADS, weights_only=True)
         value_head.load_state_dict(heads["value_head"])
         gate_head.load_state_dict(heads["gate_head"])
     parameters = [*backbone.parameters(), *value_head.parameters(), *gate_head.parameters()]

@@ -15,7 +15,6 @@ S_l, A_l, w_l, the margins and the alarm rule above; every threshold is a flag.
 The GPM is read as algos/gpm.py saved it. docs/algorithms.md#gpm-and-gprl.
 """
 
-import importlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
@@ -261,26 +261,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
     return loss, metrics
 
 
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
-
-
 def pair_batch(tokenizer, prompts: list[str], responses: list[str], device):
     """Left-padded prompt + right-padded response + eos. Returns ids, mask [N, P+L],
     the response lengths (with eos) [N] and P."""
@@ -321,34 +301,18 @@ def load_gpm(path: str, dtype: str, device: str):
         tokenizer, backbone = load_tokenizer(path), load_model(path, dtype, device).eval().requires_grad_(False)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    heads = torch.load(heads_path, weights_only=False)
     hidden_size = backbone.config.hidden_size
-    value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"], bias=False).to(device)
-    gate_head = torch.nn.Linear(hidden_size, heads["dims"], bias=False).to(device)
-    value_head.load_state_dict(heads["value_head"])
-    gate_head.load_state_dict(heads["gate_head"])
+    try:  # weights_only: a user-given file is never unpickled as code
+        heads = torch.load(heads_path, weights_only=True)
+        value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"], bias=False).to(device)
+        gate_head = torch.nn.Linear(hidden_size, heads["dims"], bias=False).to(device)
+        value_head.load_state_dict(heads["value_head"])
+        gate_head.load_state_dict(heads["gate_head"])
+    except Exception as error:
+        raise SystemExit(f"error: --gpm {path!r}: {GPM_HEADS} is not GPM heads saved by algos/gpm.py for this backbone "
+                         f"({type(error).__name__})") from None
     names = heads["axes"] or [f"dim{l}" for l in range(heads["dims"])]
     return backbone, value_head.requires_grad_(False), gate_head.requires_grad_(False), tokenizer, names
-
-
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
 
 
 if __name__ == "__main__":
@@ -444,7 +408,7 @@ if __name__ == "__main__":
         # ---- score: one GPM forward per rollout, per-dimension group advantages
         t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = score(reward_fn, group_rows, rollouts["texts"])  # logged only
+        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])  # logged only
         v, gate = embed([r["prompt"] for r in group_rows], rollouts["texts"])
         advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)

@@ -8,9 +8,7 @@ one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
 Formulas, sources and the defaults that differ from TRL: docs/algorithms.md#grpo.
 """
 
-import importlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, evaluate, generate_rollouts
+from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 
@@ -181,31 +180,11 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
     return loss, metrics
 
 
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
-    if args.group_size < 2 and args.scale_rewards == "group":
-        raise SystemExit("error: --group-size must be >= 2 with --scale-rewards group (a group of one has no std)")
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
     if args.num_iterations < 1:
         raise SystemExit("error: --num-iterations must be >= 1")
     output_dir = Path(args.output_dir)
@@ -273,7 +252,7 @@ if __name__ == "__main__":
         # ---- score and compute group-relative advantages
         t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = score(reward_fn, group_rows, rollouts["texts"])
+        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
         advantages = advantage_fn(rewards, args.group_size, args.scale_rewards).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)

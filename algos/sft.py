@@ -7,7 +7,6 @@ docs/algorithms.md#sft.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass

@@ -19,7 +19,6 @@ disc: -E log D of rollouts, nu raises the adversarial weight), the bound and dua
 docs/algorithms.md#uniapl.
 """
 
-import importlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 
@@ -270,26 +270,6 @@ def dual_update(multiplier: float, divergence: float, epsilon: float, lr: float)
     return max(0.0, multiplier + lr * (divergence - epsilon))
 
 
-def load_reward_fn(spec: str):
-    module_name, _, function_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
-
-
-def score(reward_fn, rows, texts) -> torch.Tensor:
-    """Rewards as a float tensor; a NaN/inf or non-number stops the run with the row named."""
-    rewards = []
-    for row, text in zip(rows, texts):
-        value = reward_fn(row, text)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"error: reward function returned {value!r} for prompt {row['prompt']!r}; "
-                             "rewards must be finite numbers")
-        rewards.append(float(value))
-    return torch.tensor(rewards)
-
-
 def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
     """Left-padded prompt + right-padded response (+ eos): every response starts at
     column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
@@ -335,8 +315,8 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
-    if args.group_size < 2 and args.scale_rewards == "group":
-        raise SystemExit("error: --group-size must be >= 2 with --scale-rewards group (a group of one has no std)")
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
     if not 0 < args.expert_data_ratio < 1:
         raise SystemExit(f"error: --expert-data-ratio must be in (0, 1), got {args.expert_data_ratio}")
     if not 0 <= args.label_smoothing < 0.5 or args.disc_steps < 0 or args.dual_lr < 0 or args.initial_multiplier < 0:
@@ -449,7 +429,7 @@ if __name__ == "__main__":
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
         # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
-        rewards = score(reward_fn, group_rows, rollouts["texts"])
+        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
         advantages = advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)

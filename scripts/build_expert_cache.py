@@ -11,6 +11,7 @@ from shared import toyworld
 from shared.data import load_rows, write_expert_cache
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
+from shared.run import NON_NEGATIVE, check_output_file, check_range
 
 
 @dataclass
@@ -35,13 +36,19 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    rows = load_rows(args.data, args.split,
-                     required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))
-    prompts = [r["prompt"] for r in rows]
-    if args.teacher == "oracle":
-        responses, generation = [toyworld.oracle(r) for r in rows], {"method": "toy world oracle"}
-    else:
-        tokenizer, model = load_tokenizer(args.teacher), load_model(args.teacher, args.dtype, default_device())
+    check_range(args, max_new_tokens=(1, None, True, False), temperature=NON_NEGATIVE, batch_size=(1, None, True, False))
+    check_output_file(args.out, "--out")
+    try:
+        rows = load_rows(args.data, args.split,
+                         required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))
+        prompts = [r["prompt"] for r in rows]
+        if args.teacher == "oracle":
+            responses, generation = [toyworld.oracle(r) for r in rows], {"method": "toy world oracle"}
+        else:
+            tokenizer, model = load_tokenizer(args.teacher), load_model(args.teacher, args.dtype, default_device())
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.teacher != "oracle":
         responses = []
         for i in tqdm(range(0, len(prompts), args.batch_size), desc="teacher generate"):
             out = generate_rollouts(model, tokenizer, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,

@@ -18,6 +18,7 @@ from shared import toyworld
 from shared.data import load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
+from shared.run import POSITIVE, check_output_file, check_range
 from shared.toyworld import PREFERENCE_AXES, write_jsonl
 
 
@@ -43,9 +44,15 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_range(args, num_prompts=(1, None, True, False), temperature=POSITIVE, max_new_tokens=(1, None, True, False),
+                batch_size=(1, None, True, False))
+    check_output_file(args.out, "--out")
     torch.manual_seed(args.seed)
-    rows = load_rows(args.data)[: args.num_prompts]
-    tokenizer, model = load_tokenizer(args.model), load_model(args.model, "float32", default_device())
+    try:
+        rows = load_rows(args.data)[: args.num_prompts]
+        tokenizer, model = load_tokenizer(args.model), load_model(args.model, "float32", default_device())
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     pairs = []
     for i in tqdm(range(0, len(rows), args.batch_size), desc="sample pairs"):
         batch = rows[i:i + args.batch_size]

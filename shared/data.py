@@ -8,20 +8,25 @@ from datasets import load_dataset
 
 from shared.ifeval import from_rlvr
 from shared.modeling import chat_prompt
-from shared.toyworld import write_jsonl
+from shared.toyworld import instruction_problem, write_jsonl
+
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list")) -> list[dict]:
-    """Rows from a .json/.jsonl file or a hub dataset id, validated field by field.
-    IFEval-style rows (prompt, instruction_id_list, kwargs) are read as they are;
-    RLVR-IFeval rows (messages, ground_truth) are converted to that schema."""
-    if source.endswith((".json", ".jsonl")) and not Path(source).exists():
+    """Rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, validated
+    field by field. IFEval-style rows (prompt, instruction_id_list, kwargs) are read as
+    they are; RLVR-IFeval rows (messages, ground_truth) are converted to that schema.
+    Instruction ids and kwargs, where present, are checked row by row."""
+    local_format = LOCAL_FORMATS.get(Path(source).suffix.lower())
+    if local_format and not Path(source).is_file():
         raise ValueError(f"dataset file {source!r} does not exist")
-    if source.endswith((".json", ".jsonl")) and not Path(source).read_text().strip():
+    if local_format and Path(source).stat().st_size == 0:
         raise ValueError(f"dataset {source!r} has no rows")
     try:
-        if source.endswith((".json", ".jsonl")):
-            dataset = load_dataset("json", data_files=source, split="train")
+        if local_format:
+            dataset = load_dataset(local_format, data_files=source, split="train")
         else:
             dataset = load_dataset(source, split=split)
     except Exception as error:  # broken JSON, mixed column types, unknown hub id: datasets wraps them all
@@ -41,6 +46,33 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
                 raise ValueError(f"dataset {source!r} row {index}: missing field {field!r}")
         if not isinstance(row["prompt"], str) or not row["prompt"]:
             raise ValueError(f"dataset {source!r} row {index}: field 'prompt' must be a non-empty string")
+        if "instruction_id_list" in row:
+            problem = instruction_problem(row)
+            if problem:
+                raise ValueError(f"dataset {source!r} row {index}: {problem}")
+    return rows
+
+
+def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:
+    """Preference pairs (prompt, chosen, rejected, optional soft `label`), each response
+    a string or chat messages (the last message's content), as rows with plain-text
+    chosen/rejected and a float label in [0, 1] (1 with hard_labels or no label).
+    A pair with chosen == rejected would train on nothing and is refused."""
+    rows = load_rows(source, required=("prompt", "chosen", "rejected"))
+    for index, row in enumerate(rows):
+        for field in ("chosen", "rejected"):
+            value = row[field]
+            if isinstance(value, list) and value and isinstance(value[-1], dict):
+                value = value[-1].get("content")
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"pairs {source!r} row {index}: field {field!r} must be a non-empty string or a list of chat messages")
+            row[field] = value
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"pairs {source!r} row {index}: 'chosen' and 'rejected' are the same response")
+        label = 1.0 if hard_labels or row.get("label") is None else row["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
+            raise ValueError(f"pairs {source!r} row {index}: field 'label' must be a probability in [0, 1], got {label!r}")
+        row["label"] = float(label)
     return rows
 
 
@@ -86,10 +118,17 @@ def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tup
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"expert cache {str(path)!r} line {line_number}: not valid JSON") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"expert cache {str(path)!r} line {line_number}: not a JSON object")
             if "__header__" in record:
                 header = record["__header__"]
             elif not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
                 raise ValueError(f"expert cache {str(path)!r} line {line_number}: needs string fields 'prompt' and 'response'")
+            elif not record["response"].strip():
+                raise ValueError(f"expert cache {str(path)!r} line {line_number}: empty response (nothing to imitate)")
+            elif cache.get(record["prompt"], record["response"]) != record["response"]:
+                raise ValueError(f"expert cache {str(path)!r} line {line_number}: prompt {record['prompt'][:60]!r} "
+                                 "appears earlier with a different response")
             else:
                 cache[record["prompt"]] = record["response"]
     missing = [p for p in (prompts or []) if p not in cache]

@@ -69,11 +69,13 @@ def recover_checkpoint(output_dir: Path) -> None:
     renames checkpoint.tmp to checkpoint, then deletes checkpoint.old. Whatever instant
     it was stopped at, keep the newest complete one as `checkpoint` and drop the rest."""
     final, tmp, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".tmp"), output_dir / (CHECKPOINT + ".old")
-    if not final.exists():
-        if (tmp / COMPLETE).exists():
-            os.replace(tmp, final)
-        elif old.exists():
-            os.replace(old, final)
+    if (tmp / COMPLETE).exists():  # the save being made was complete: it is the newest
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    elif not final.exists() and old.exists():
+        os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -91,6 +93,19 @@ def check_range(args, **rules) -> None:
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """An output file path must not be a folder and its folder must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {str(path)!r} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: {flag} {str(path)!r}: its folder cannot be created ({error.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise SystemExit(f"error: {flag} {str(path)!r}: its folder is not writable")
 
 
 def check_common_flags(args) -> None:

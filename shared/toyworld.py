@@ -87,9 +87,29 @@ def check_instruction(response: str, instruction_id: str, kwargs: dict | None, l
     return ifeval.check(response, instruction_id, kwargs, loose=loose)
 
 
+def instruction_problem(row: dict) -> str | None:
+    """What is wrong with a row's instructions, in a few words, or None: ids must be a
+    list of known ids (toy:* here, the rest in shared/ifeval.py), kwargs a list of one
+    dict (or null) per id. Checked when data is loaded, before any model is."""
+    ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return f"'instruction_id_list' must be a list of strings, got {ids!r}"[:200]
+    if kwargs is not None:
+        if not isinstance(kwargs, list) or len(kwargs) != len(ids):
+            return f"'kwargs' must be a list with one entry per instruction ({len(ids)}), got {kwargs!r}"[:200]
+        if not all(k is None or isinstance(k, dict) for k in kwargs):
+            return "every entry of 'kwargs' must be an object (or null)"
+    for instruction_id in ids:
+        known = (instruction_id in TOY_CHECKERS or instruction_id in ifeval.CHECKERS
+                 or (instruction_id.startswith("toy:task:") and instruction_id.split(":")[2] in CONTENT_TASKS))
+        if not known:
+            return f"unknown instruction id {instruction_id!r}"
+    return None
+
+
 def instructions_followed(row: dict, response: str, loose: bool = False) -> list[bool]:
     kwargs_list = row.get("kwargs") or [{}] * len(row["instruction_id_list"])
-    return [check_instruction(response, i, k, loose) for i, k in zip(row["instruction_id_list"], kwargs_list)]
+    return [check_instruction(response, i, k, loose) for i, k in zip(row["instruction_id_list"], kwargs_list, strict=True)]
 
 
 def reward(row: dict, response: str) -> float:

@@ -1,0 +1,208 @@
+"""One run per output folder, whatever instant a process dies at: the folder guard
+(refuse, overwrite, lock, flag changes), checkpoint recovery after a save cut at every
+step of its sequence, the metrics history on resume, and end-to-end kills."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import shared.run as run
+from conftest import ROOT, run_script
+from shared.run import CHECKPOINT, COMPLETE, TRAINER_STATE, RunLogger, claim_output_dir, recover_checkpoint, save_checkpoint
+
+
+@dataclasses.dataclass
+class Flags:
+    output_dir: str
+    seed: int = 1
+    learning_rate: float = 1e-4
+    group_size: int = 8
+    resume: bool = False
+    overwrite: bool = False
+    allow_flag_changes: bool = False
+    stop_at_step: int = 0
+    micro_batch_size: int = 64
+
+
+class SavesAFile:
+    """Stands in for a model or tokenizer: save_pretrained writes one file."""
+
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "weights.txt").write_text("w")
+
+
+def save(folder: Path, step: int) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    save_checkpoint(folder, SavesAFile(), SavesAFile(), optimizer, scheduler, step, Flags(str(folder)))
+
+
+def saved_step(folder: Path) -> int:
+    return torch.load(folder / CHECKPOINT / TRAINER_STATE, weights_only=False)["step"]
+
+
+def release_locks():
+    for lock in run._held_locks:
+        lock.close()
+    run._held_locks.clear()
+
+
+def claim(folder: Path, **flags):
+    """claim_output_dir as a process that ends right after it would (its lock released)."""
+    try:
+        return claim_output_dir(Flags(str(folder), **flags))
+    finally:
+        release_locks()
+
+
+def start(folder: Path, **flags):
+    state = claim(folder, **flags)
+    RunLogger(folder, Flags(str(folder), **flags), resume_step=state["step"] if state else 0).close()
+    return state
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume_and_cleared_with_overwrite(tmp_path):
+    start(tmp_path / "a")
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        claim(tmp_path / "a")
+    (tmp_path / "a" / "other.txt").write_text("x")
+    assert claim(tmp_path / "a", overwrite=True) is None
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [".lock"]
+
+
+def test_resume_refuses_changed_flags_naming_them_unless_allowed(tmp_path):
+    start(tmp_path / "a")
+    with pytest.raises(SystemExit) as stop:
+        claim(tmp_path / "a", resume=True, seed=2, group_size=4, micro_batch_size=8)
+    message = str(stop.value)
+    assert "--seed 1 -> 2" in message and "--group-size 8 -> 4" in message and "micro-batch" not in message
+    assert claim(tmp_path / "a", resume=True, micro_batch_size=8) is None  # run-neutral
+    assert claim(tmp_path / "a", resume=True, seed=2, allow_flag_changes=True) is None
+
+
+def test_a_second_process_is_kept_out_while_the_first_holds_the_folder(tmp_path):
+    claim_output_dir(Flags(str(tmp_path / "a")))  # held by this process until release_locks
+    code = ("import sys; from shared.run import claim_output_dir; from test_run_folder import Flags; "
+            f"claim_output_dir(Flags({str(tmp_path / 'a')!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    release_locks()
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"error: --output-dir {str(tmp_path / 'a')!r} is in use by another running process"]
+    assert claim(tmp_path / "a") is None  # free again once the holder is gone
+
+
+def test_bad_output_folders_give_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        claim(tmp_path / "file")
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match="cannot be written"):
+            claim(tmp_path / "ro" / "run")
+
+
+class Cut(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cut_at", range(9))
+def test_a_save_cut_at_any_instant_leaves_the_newest_complete_checkpoint(tmp_path, monkeypatch, cut_at):
+    # The save sequence's file-system steps, in order: write model, tokenizer, trainer state,
+    # the complete marker, delete a stale .old, rename checkpoint -> .old, rename .tmp ->
+    # checkpoint, delete .old; cut_at 8 lets the whole save finish.
+    save(tmp_path, step=2)
+    calls = {"n": 0}
+
+    def step(real):
+        def wrapped(*args, **kwargs):
+            if calls["n"] == cut_at:
+                raise Cut()
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(SavesAFile, "save_pretrained", step(SavesAFile.save_pretrained))
+    monkeypatch.setattr(run.torch, "save", step(torch.save))
+    monkeypatch.setattr(run.Path, "touch", step(Path.touch))
+    monkeypatch.setattr(run.os, "replace", step(os.replace))
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(run.shutil, "rmtree", lambda path, ignore_errors=False: real_rmtree(path, ignore_errors=True)
+                        if not Path(path).name.endswith(".old") else step(real_rmtree)(path, ignore_errors=True))
+    with pytest.raises(Cut):
+        save(tmp_path, step=4)
+        raise Cut()  # the last cut point is after the whole save
+    monkeypatch.undo()
+    recover_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+    assert (tmp_path / CHECKPOINT / COMPLETE).exists() and (tmp_path / CHECKPOINT / "weights.txt").exists()
+    # once the new checkpoint is complete (marker written) it is the one kept
+    assert saved_step(tmp_path) == (4 if cut_at >= 4 else 2)
+
+
+def test_resume_keeps_exactly_the_history_up_to_the_checkpoint(tmp_path):
+    logger = RunLogger(tmp_path, Flags(str(tmp_path)))
+    for step in range(0, 6):
+        logger.log(step, {"x": step})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "x": ')  # a line cut by the kill
+    RunLogger(tmp_path, Flags(str(tmp_path)), resume_step=4).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+    RunLogger(tmp_path, Flags(str(tmp_path)), resume_step=0).close()  # no checkpoint: the run starts again at 0
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_write_json_never_writes_nan():
+    assert json.loads(json.dumps(run._finite({"a": float("nan"), "b": [1.0, float("inf")]}))) == {"a": None, "b": [1.0, None]}
+
+
+# ---- end to end: GRPO on the tiny world, killed at the worst instants
+
+
+def grpo(world, model, out, *extra):
+    return run_script("algos/grpo.py", "--model", model, "--train-data", world["train"], "--eval-data", world["eval"],
+                      "--output-dir", str(out), "--steps", "4", "--prompts-per-step", "2", "--group-size", "2",
+                      "--max-new-tokens", "6", "--eval-every", "2", "--save-every", "2", "--eval-prompts", "4", *extra,
+                      expect_ok=False)
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in json.loads(line)]
+
+
+def test_kill_between_the_renames_then_resume_and_a_missing_final_eval(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    assert grpo(tiny_world, tiny_world["model"], out, "--stop-at-step", "2").returncode == 0
+    # the state a kill between the two renames of the step-4 save leaves: .old (step 2) and .tmp (step 4)
+    assert grpo(tiny_world, tiny_world["model"], tmp_path / "full").returncode == 0
+    os.replace(out / CHECKPOINT, out / (CHECKPOINT + ".old"))
+    shutil.copytree(tmp_path / "full" / CHECKPOINT, out / (CHECKPOINT + ".tmp"))
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copy(tmp_path / "full" / "run.json", out / "run.json")
+
+    rerun = grpo(tiny_world, tiny_world["model"], out)
+    assert rerun.returncode != 0 and "already holds a run" in rerun.stderr and "Traceback" not in rerun.stderr
+    changed = grpo(tiny_world, tiny_world["model"], out, "--resume", "--seed", "3")
+    assert changed.returncode != 0 and "--seed 1 -> 3" in changed.stderr
+    resumed = grpo(tiny_world, tiny_world["model"], out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 4" in resumed.stdout and saved_step(out) == 4
+    assert metric_steps(out) == [1, 2, 3, 4]  # nothing lost, nothing twice
+    assert json.loads((out / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+
+    # stopped after the last checkpoint but before eval.json: --resume writes it, logging nothing new
+    (out / "eval.json").unlink()
+    lines = (out / "metrics.jsonl").read_text()
+    assert grpo(tiny_world, tiny_world["model"], out, "--resume").returncode == 0
+    assert json.loads((out / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+    assert (out / "metrics.jsonl").read_text() == lines

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
@@ -287,22 +287,6 @@ def anchor_coefficient(step: int, steps: int, coef: float, schedule: str) -> flo
     return coef
 
 
-def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
-    """Left-padded prompt + right-padded response (+ eos): every response starts at
-    column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    length = max(len(e) for e in encoded)
-    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        response_ids[i, :len(ids)] = torch.tensor(ids)
-        response_mask[i, :len(ids)] = 1
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-            response_mask, prompt_ids.size(1))
-
-
 @torch.no_grad()
 def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[str], device, layers=(0, -1),
                         batch_size: int = 64):
@@ -311,7 +295,7 @@ def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[
     response tokens separately, so D sees x and y apart."""
     features = []
     for s in range(0, len(prompts), batch_size):
-        ids, mask, response_mask, prompt_len = sft_batch(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
+        ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                            output_hidden_states=True).hidden_states
@@ -513,7 +497,7 @@ if __name__ == "__main__":
             expert_batches = []
             for part in torch.tensor_split(expert_indices, len(micro_batches())):
                 prompts = [train_rows[i]["prompt"] for i in part.tolist()]
-                expert_batches.append(sft_batch(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
+                expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count
         num_expert_tokens = sum((b[2].sum() for b in expert_batches if b is not None), torch.zeros((), device=args.device))
         timer["score"] = time.time() - t

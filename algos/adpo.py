@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from shared.data import keep_short_prompts, load_pairs, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompts, evaluate, generate_rollouts
+from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
@@ -133,11 +133,20 @@ class Args:
     """wandb project name"""
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_i = (r_i - mean_group r) / (std_group r + 1e-4), std unbiased; all-equal groups give 0."""
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased.
+
+    rewards: [B*G], the G samples of each prompt contiguous. scale: "group" (std per
+    group), "batch" (std over all rewards, mean still per group) or "none" (no
+    division). A group whose rewards are all equal gets A = 0. Returns [B*G].
+    """
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / (grouped.std(dim=1, keepdim=True) + 1e-4)).reshape(-1)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    return centred.reshape(-1)
 
 
 def sequence_logps(logps, mask, length_normalize=False):
@@ -211,22 +220,6 @@ def adpo_pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
     with torch.no_grad():
         metrics = {"margin": margin.mean(), "accuracy": (margin > 0).to(margin.dtype).mean()}
     return loss, metrics
-
-
-def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
-    """Left-padded prompt + right-padded response (+ eos): every response starts at
-    column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    length = max(len(e) for e in encoded)
-    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        response_ids[i, :len(ids)] = torch.tensor(ids)
-        response_mask[i, :len(ids)] = 1
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-            response_mask, prompt_ids.size(1))
 
 
 if __name__ == "__main__":
@@ -388,7 +381,7 @@ if __name__ == "__main__":
             for s in range(0, pairs_per_step, micro_pairs):
                 part = indices[s:s + micro_pairs]
                 prompts = [pairs[i]["prompt"] for i in part]
-                micro_batches.append((sft_batch(tokenizer, prompts + prompts, [chosen[i] for i in part] + [rejected[i] for i in part],
+                micro_batches.append((encode_prompt_response(tokenizer, prompts + prompts, [chosen[i] for i in part] + [rejected[i] for i in part],
                                                 args.device), torch.tensor([labels[i] for i in part], device=args.device)))
             timer["score"] = time.time() - t
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import encode_prompts
+from shared.rollout import encode_prompt_response
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
@@ -127,26 +127,11 @@ def gpm_loss(v_chosen, v_rejected, gate, label, tau=0.1, axis_labels=None, axis_
     return loss, metrics
 
 
-def pair_batch(tokenizer, prompts: list[str], responses: list[str], device):
-    """Left-padded prompt + right-padded response + eos. Returns ids, mask [N, P+L],
-    the response lengths (with eos) [N] and P."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    length = max(len(e) for e in encoded)
-    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        response_ids[i, :len(ids)] = torch.tensor(ids)
-        response_mask[i, :len(ids)] = 1
-    ids = torch.cat([prompt_ids, response_ids.to(device)], 1)
-    mask = torch.cat([prompt_mask, response_mask.to(device)], 1)
-    return ids, mask, response_mask.sum(1).to(device), prompt_ids.size(1)
-
-
 def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
     """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
     and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
-    ids, mask, response_lengths, prompt_len = pair_batch(tokenizer, prompts, responses, device)
+    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
+    response_lengths = response_mask.sum(1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
     rows = torch.arange(ids.size(0), device=ids.device)

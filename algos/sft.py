@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompts, evaluate
+from shared.rollout import completion_logps, encode_prompt_response, evaluate
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
 
 
@@ -101,22 +101,6 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor |
     return -(logps * mask).sum() / torch.clamp(torch.as_tensor(num_tokens, dtype=logps.dtype), min=1.0)
 
 
-def sft_batch(tokenizer, prompts: list[str], responses: list[str], device):
-    """Left-padded prompt + right-padded response (+ eos): every response starts at
-    column P. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    length = max(len(e) for e in encoded)
-    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        response_ids[i, :len(ids)] = torch.tensor(ids)
-        response_mask[i, :len(ids)] = 1
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-            response_mask, prompt_ids.size(1))
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
@@ -176,7 +160,7 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
         batch_prompts = [train_rows[i]["prompt"] for i in indices]
         batch_responses = [responses[i] for i in indices]
-        micro_batches = [sft_batch(tokenizer, batch_prompts[s:s + args.micro_batch_size],
+        micro_batches = [encode_prompt_response(tokenizer, batch_prompts[s:s + args.micro_batch_size],
                                    batch_responses[s:s + args.micro_batch_size], args.device)
                          for s in range(0, args.batch_size, args.micro_batch_size)]
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count

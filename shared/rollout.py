@@ -16,6 +16,23 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor,
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def encode_prompt_response(tokenizer, prompts: list[str], responses: list[str], device):
+    """Left-padded chat prompt + right-padded response + eos, so every response starts
+    at column P (the layout generate_rollouts returns). Used for expert demonstrations
+    and preference pairs. Returns input_ids, attention_mask [B, P+L], response_mask [B, L], P."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    length = max(len(e) for e in encoded)
+    response_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        response_ids[i, :len(ids)] = torch.tensor(ids)
+        response_mask[i, :len(ids)] = 1
+    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
+    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+            response_mask, prompt_ids.size(1))
+
+
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask [B, L] that is 1 up to and including the first eos, and a truncation flag
     [B] that is True where no eos was produced."""

@@ -157,4 +157,4 @@ def test_preference_model_functions_stay_finite_on_edge_values(seed):
     assert_finite("drift_update", *gprl.drift_update(margins, torch.zeros(3), torch.ones(3), 0.2, 0.0)[:3])
     head = aapa.make_discriminator(6, 4)
     assert_finite("aapa discriminator", aapa.discriminator_loss(head(v), torch.randint(2, (8,), generator=g)))
-    assert_finite("uniapl discriminator", uniapl.discriminator_loss(head, v[:4], v[4:], 0.1, 0.5))
+    assert_finite("uniapl discriminator", uniapl.online_discriminator_loss(head, v[:4], v[4:], 0.1, 0.5))

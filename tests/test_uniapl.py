@@ -4,7 +4,7 @@ smoothing, gradient penalty) and the dual update of the Lagrange multiplier."""
 import pytest
 import torch
 
-from algos.uniapl import discriminator_loss, dual_update, group_advantages, uniapl_advantages, uniapl_policy_loss
+from algos.uniapl import online_discriminator_loss, dual_update, group_advantages, uniapl_advantages, uniapl_policy_loss
 from test_losses import grad_of_logp, toy_policy
 
 
@@ -52,7 +52,7 @@ def test_discriminator_loss_and_gradient_of_a_linear_head(smoothing):
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0)).double()
     expert, policy = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-    loss, metrics = discriminator_loss(head, expert, policy, label_smoothing=smoothing)
+    loss, metrics = online_discriminator_loss(head, expert, policy, label_smoothing=smoothing)
     w, b = head[0].weight[0].detach(), head[0].bias.detach()
     ze, zp = expert @ w + b, policy @ w + b
     ye, yp = 1 - smoothing, smoothing
@@ -68,11 +68,11 @@ def test_gradient_penalty_of_a_linear_head_is_its_squared_weight_norm():
     torch.manual_seed(1)
     head = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0)).double()
     expert, policy = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    plain, _ = discriminator_loss(head, expert, policy)
+    plain, _ = online_discriminator_loss(head, expert, policy)
     plain.backward()
     plain_grad = head[0].weight.grad.clone()
     head.zero_grad()
-    loss, metrics = discriminator_loss(head, expert, policy, gradient_penalty=0.5)
+    loss, metrics = online_discriminator_loss(head, expert, policy, gradient_penalty=0.5)
     w = head[0].weight.detach()
     assert metrics["penalty"].item() == pytest.approx(w.pow(2).sum().item())  # d logit / d f = w
     assert loss.item() == pytest.approx(plain.item() + 0.5 * w.pow(2).sum().item())
@@ -85,7 +85,7 @@ def test_discriminator_head_gradcheck_with_penalty():
     head = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1), torch.nn.Flatten(0)).double()
     policy = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     expert = torch.randn(3, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda f: discriminator_loss(head, expert, f, 0.1, 0.3)[0], (policy,))
+    assert torch.autograd.gradcheck(lambda f: online_discriminator_loss(head, expert, f, 0.1, 0.3)[0], (policy,))
 
 
 def test_multiplier_rises_when_violated_and_falls_to_zero_when_slack():
@@ -105,7 +105,7 @@ def test_extreme_logits_and_empty_masks_stay_finite():
     head = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Flatten(0))
     with torch.no_grad():
         head[0].weight.fill_(1e3)
-    loss, metrics = discriminator_loss(head, torch.full((2, 2), 10.0), torch.full((2, 2), -10.0), 0.1, 0.1)
+    loss, metrics = online_discriminator_loss(head, torch.full((2, 2), 10.0), torch.full((2, 2), -10.0), 0.1, 0.1)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     assert torch.isfinite(uniapl_advantages(torch.zeros(2), torch.tensor([-1e4, 1e4]), 2, 1.0)).all()
     logps = torch.tensor([[-1e4, 0.0]])

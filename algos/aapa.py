@@ -32,7 +32,7 @@ from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 
@@ -474,7 +474,7 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
         rows = [train_rows[i] for i in indices]
-        torch.manual_seed(args.seed * 1_000_003 + step)
+        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
                                      args.max_new_tokens, args.temperature)
         timer["generate"] = time.time() - t

@@ -1,19 +1,19 @@
-"""ADPO: Anchored Direct Preference Optimization (arXiv 2510.18913, "From Probability
-to Advantage: Unifying Alignment via Anchored Ranking"; author code: wk222/TRL-ADPO).
+"""ADPO listwise: Anchored Direct Preference Optimization on on-policy groups (arXiv
+2510.18913, "From Probability to Advantage: Unifying Alignment via Anchored Ranking";
+author code: wk222/TRL-ADPO). The offline pairwise mode is algos/adpo_pairwise.py.
 
-Candidates y_1..y_P of one prompt get anchored logits u_i = (l_i - l_i^anchor) / tau,
-l = sequence log-prob; the loss is the cross-entropy of softmax(u) against a target
-distribution q. Gradient: (1/tau) * sum_i (softmax(u)_i - q_i) * grad l_i.
-- listwise (default, on-policy): P = G samples per prompt, anchor = the sampling
-  policy, q = softmax(group z-scored reward / beta_r), tau adaptive per prompt.
-- pairwise (offline): chosen/rejected pairs, anchor = the reference (initial) model,
-  q = the pair's soft label; hard labels with tau = 1/beta give exactly DPO.
+Per step, as in GRPO: sample G completions for each prompt and score them. Then each
+group's candidates get anchored logits u_i = (l_i - l_i^anchor) / tau, l = sequence
+log-prob and the anchor = the sampling policy (one no-grad pass); the loss is the
+cross-entropy of softmax(u) against q = softmax(group z-scored reward / beta_r).
+Gradient: (1/tau) * sum_i (softmax(u)_i - q_i) * grad l_i. tau is adaptive per prompt,
+softer for uncertain policies (high entropy) and hard prompts (low reward).
 From the paper: the anchored softmax, the adaptive-tau form and tau0 0.8, beta_r 0.5,
 alpha 1.0 (--tau-alpha), tau_min 0.1. From the author's code: the on-policy anchor, no
 extra KL by default (--kl-coef 0), the entropy averaged per sequence.
 Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 5
-(--tau-max), --num-iterations 2, pairwise --tau 10; entropies and the anchor come from
-one no-grad pass of the sampling policy. docs/algorithms.md#adpo.
+(--tau-max), --num-iterations 2 (on the first pass u = 0, so the anchor only acts
+from the second). docs/algorithms.md#adpo.
 """
 
 import json
@@ -28,23 +28,19 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared.data import keep_short_prompts, load_pairs, load_rows
+from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
+from shared.rollout import completion_logps, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 
 
 @dataclass
 class Args:
-    mode: Literal["listwise", "pairwise"] = "listwise"
-    """listwise: on-policy groups anchored on the sampling policy; pairwise: offline pairs anchored on the reference"""
     model: str = "runs/sft/checkpoint"
-    """initial policy (and pairwise reference): hub id or local folder, e.g. the SFT checkpoint"""
+    """initial policy: hub id or local folder, e.g. the SFT checkpoint"""
     train_data: str = "data/toy/train.jsonl"
-    """listwise training prompts: .jsonl path or hub dataset id"""
-    pairs_data: str = "data/toy/pairs.jsonl"
-    """pairwise data with prompt, chosen, rejected and optional soft `label` (scripts/build_preference_pairs.py, or a hub id)"""
+    """training prompts: .jsonl path or hub dataset id"""
     max_prompt_tokens: int = 512
     """prompts longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
     long_prompts: Literal["drop", "error"] = "drop"
@@ -52,23 +48,23 @@ class Args:
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     reward_fn: str = "shared.toyworld:reward"
-    """listwise: 'module:function' taking (row, completion_text) and returning a float"""
+    """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/adpo"
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
     """seed for prompt order and sampling"""
     steps: int = 60
-    """listwise: generation batches (each gives num_iterations optimizer steps); pairwise: optimizer steps"""
+    """generation batches; each gives num_iterations optimizer steps"""
     prompts_per_step: int = 16
-    """listwise: prompts per generation batch; pairwise: prompts_per_step * group_size / 2 pairs per step"""
+    """prompts per generation batch"""
     group_size: int = 8
-    """listwise: completions per prompt (G)"""
+    """completions per prompt (G)"""
     micro_batch_size: int = 64
-    """sequences per forward/backward (listwise: a multiple of group_size, so groups stay whole)"""
+    """sequences per forward/backward, a multiple of group_size (a group's softmax needs all of its samples)"""
     max_new_tokens: int = 16
     """maximum completion length"""
     temperature: float = 0.7
-    """sampling temperature, log-probs use the same (listwise)"""
+    """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -76,11 +72,11 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     num_iterations: int = 2
-    """listwise: optimizer steps per generation batch; the anchor only acts from the second one"""
+    """optimizer steps per generation batch; the anchor only acts from the second one"""
     beta_r: float = 0.5
-    """listwise target temperature: q = softmax(A / beta_r)"""
+    """target temperature: q = softmax(A / beta_r)"""
     adaptive_tau: bool = True
-    """listwise: per-prompt tau from policy entropy and group reward (paper); --no-adaptive-tau uses tau0"""
+    """per-prompt tau from policy entropy and group reward (paper); --no-adaptive-tau uses tau0"""
     tau0: float = 0.8
     """base anchor temperature (paper: 0.8)"""
     tau_alpha: float = 1.0
@@ -94,13 +90,7 @@ class Args:
     length_normalize: bool = False
     """sequence log-prob as the token mean instead of the sum"""
     kl_coef: float = 0.0
-    """listwise: k3 KL to the anchor (sampling policy), token mean"""
-    drop_all_failed: bool = False
-    """listwise: leave out groups in which every response scored 0"""
-    tau: float = 10.0
-    """pairwise: fixed tau (1/beta of DPO: 10 = DPO's beta 0.1)"""
-    hard_labels: bool = False
-    """pairwise: use q = 1 for chosen instead of the soft `label` column (then the loss is DPO's)"""
+    """k3 KL to the anchor (sampling policy), token mean"""
     eval_every: int = 20
     """evaluate on the held-out split every this many steps (and at start and end)"""
     eval_prompts: int = 256
@@ -124,7 +114,7 @@ class Args:
     device: str = default_device()
     """cuda or cpu"""
     compile: bool = torch.cuda.is_available()
-    """torch.compile the loss functions (default on with CUDA)"""
+    """torch.compile the advantage and loss functions (default on with CUDA)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
     track: bool = False
@@ -206,80 +196,51 @@ def adpo_listwise_loss(logps, anchor_logps, mask, advantages, tau, group_size, *
     return loss, metrics
 
 
-def adpo_pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, label, tau, num_pairs=None):
-    """-[q log sigmoid(u_c - u_r) + (1 - q) log sigmoid(u_r - u_c)], u = (l - l_ref) / tau, mean over pairs.
-
-    All inputs [N] sequence log-probs except label q [N] (or a float) in [0, 1] and tau.
-    q = 1 and tau = 1/beta is the DPO sigmoid loss. num_pairs: the normaliser (pairs of
-    the whole step, for gradient accumulation; default N). Returns (loss, metrics).
-    """
-    margin = ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)) / tau
-    label = torch.as_tensor(label, dtype=margin.dtype, device=margin.device)
-    loss = -(label * torch.nn.functional.logsigmoid(margin) + (1 - label) * torch.nn.functional.logsigmoid(-margin)).sum()
-    loss = loss / (margin.size(0) if num_pairs is None else num_pairs)
-    with torch.no_grad():
-        metrics = {"margin": margin.mean(), "accuracy": (margin > 0).to(margin.dtype).mean()}
-    return loss, metrics
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
-    listwise = args.mode == "listwise"
-    if listwise and args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 in listwise mode (a group of one has nothing to rank)")
-    if listwise and args.micro_batch_size % args.group_size:
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
+    if args.micro_batch_size % args.group_size:
         raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must be a multiple of --group-size "
                          f"{args.group_size} (a group's softmax needs all of its samples)")
-    if args.num_iterations < 1 or args.tau <= 0 or args.tau0 <= 0 or args.beta_r <= 0 or not 0 < args.tau_min <= args.tau_max:
-        raise SystemExit("error: --num-iterations >= 1, --tau, --tau0, --beta-r > 0 and 0 < --tau-min <= --tau-max required")
+    if args.tau0 <= 0 or args.beta_r <= 0 or not 0 < args.tau_min <= args.tau_max:
+        raise SystemExit("error: --tau0 and --beta-r must be > 0 and 0 < --tau-min <= --tau-max")
     output_dir = Path(args.output_dir)
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
-    batch_size = args.prompts_per_step * args.group_size  # sequences per step, in both modes
-    pairs_per_step = max(1, batch_size // 2)
+    batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
-    # ---- data: prompts and reward (listwise) or preference pairs (pairwise)
+    # ---- data and reward
     try:
+        train_rows = load_rows(args.train_data, required=("prompt",))
         eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
-        if listwise:
-            train_rows = load_rows(args.train_data, required=("prompt",))
-        else:
-            pairs = load_pairs(args.pairs_data, args.hard_labels)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    if listwise:
-        reward_fn = load_reward_fn(args.reward_fn)
+    reward_fn = load_reward_fn(args.reward_fn)
 
-    # ---- policy, reference (pairwise anchor), optimizer, schedule
+    # ---- policy (and anchor: the sampling policy itself), optimizer, schedule
     model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path)
-        if listwise:
-            train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        else:
-            pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
+        train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = None if listwise else load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    if not listwise:
-        chosen, rejected, labels = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs], [p["label"] for p in pairs]
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    # the learning rate decays once per optimizer step (TRL): num_iterations per listwise batch, one per pairwise batch
-    optimizer_steps = args.steps * (args.num_iterations if args.mode == "listwise" else 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / optimizer_steps))
+    # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
-    listwise_loss_fn = torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss
-    pairwise_loss_fn = torch.compile(adpo_pairwise_loss, dynamic=True) if args.compile else adpo_pairwise_loss
+    advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
+    loss_fn = torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
-    log_vocab = math.log(model.get_output_embeddings().weight.size(0))
+    log_vocab = math.log(model.get_output_embeddings().weight.size(0))  # entropies / log(vocab) lie in [0, 1]
 
     def run_eval(step, log=True):
         result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
@@ -288,147 +249,94 @@ if __name__ == "__main__":
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
         return result
 
+    def micro_batches():
+        return range(0, batch_size, args.micro_batch_size)
+
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=f"adpo-{args.mode}",
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="adpo",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
         timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
-        if listwise:
-            # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-            t = time.time()
-            indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-            rows = [train_rows[i] for i in indices]
-            torch.manual_seed(args.seed * 1_000_003 + step)
-            rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                         args.max_new_tokens, args.temperature)
-            timer["generate"] = time.time() - t
+        # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
+        t = time.time()
+        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
+        rows = [train_rows[i] for i in indices]
+        torch.manual_seed(step_seed(args.seed, step))
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
+                                     args.max_new_tokens, args.temperature)
+        timer["generate"] = time.time() - t
 
-            # ---- score, advantages, optionally drop all-failed groups
-            t = time.time()
-            group_rows = [row for row in rows for _ in range(args.group_size)]
-            rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
-            advantages = group_advantages(rewards, args.group_size)
-            keep_groups = rewards.view(-1, args.group_size).max(dim=1).values > 0 if args.drop_all_failed else \
-                torch.ones(args.prompts_per_step, dtype=torch.bool)
-            keep = keep_groups.repeat_interleave(args.group_size).to(args.device)
-            input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)[keep]
-            attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)[keep]
-            completion_mask = rollouts["completion_mask"][keep]
-            advantages = advantages.to(args.device)[keep]
-            prompt_len = rollouts["prompt_ids"].size(1)
-            num_groups, num_tokens = int(keep_groups.sum()), completion_mask.sum()
-            timer["score"] = time.time() - t
+        # ---- score and compute group-relative advantages
+        t = time.time()
+        group_rows = [row for row in rows for _ in range(args.group_size)]
+        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
+        advantages = advantage_fn(rewards, args.group_size).to(args.device)
+        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
+        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        completion_mask = rollouts["completion_mask"]
+        prompt_len = rollouts["prompt_ids"].size(1)
+        num_tokens = completion_mask.sum()
+        timer["score"] = time.time() - t
 
-            # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass
-            t = time.time()
-            micro_starts = range(0, num_groups * args.group_size, args.micro_batch_size)
-            with torch.no_grad(), autocast:
-                anchor = [completion_logps(model, input_ids[s:s + args.micro_batch_size],
-                                           attention_mask[s:s + args.micro_batch_size], prompt_len,
-                                           args.temperature, args.logp_chunk_tokens, with_entropy=True) for s in micro_starts]
-            anchor_logps = torch.cat([a[0] for a in anchor]).float() if anchor else None
-            if num_groups:
-                entropies = torch.cat([a[1] for a in anchor]).float()
-                normalized_entropy = group_entropy(entropies, completion_mask, args.group_size) / log_vocab
-                group_mean_reward = rewards.view(-1, args.group_size)[keep_groups].mean(1).to(args.device)
-                tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,
-                                   args.tau_min, args.tau_max) if args.adaptive_tau else torch.full_like(group_mean_reward, args.tau0)
-            timer["logps"] = time.time() - t
+        # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
+        t = time.time()
+        with torch.no_grad(), autocast:
+            anchor = [completion_logps(model, input_ids[s:s + args.micro_batch_size], attention_mask[s:s + args.micro_batch_size],
+                                       prompt_len, args.temperature, args.logp_chunk_tokens, with_entropy=True)
+                      for s in micro_batches()]
+        anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
+        normalized_entropy = group_entropy(entropies, completion_mask, args.group_size) / log_vocab
+        group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
+        tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,
+                           args.tau_min, args.tau_max) if args.adaptive_tau else torch.full_like(group_mean_reward, args.tau0)
+        timer["logps"] = time.time() - t
 
-            # ---- optimise: num_iterations passes. On the first, the policy is the anchor (u = 0),
-            # so the gradient is (1/P - q_i)/tau * grad l_i and the anchor constrains nothing;
-            # from the second pass on, u != 0 and softmax(u) pulls back towards q.
-            t = time.time()
-            total_loss, metric_sums, grad_norm = 0.0, {}, torch.tensor(0.0)
-            for iteration in range(args.num_iterations if num_groups else 0):
-                total_loss, metric_sums = 0.0, {}
-                for s in micro_starts:
-                    sl, groups = slice(s, s + args.micro_batch_size), slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size)
-                    with autocast:
-                        logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
-                                                 args.temperature, args.logp_chunk_tokens).float()
-                    loss, metrics = listwise_loss_fn(
-                        logps, anchor_logps[sl], completion_mask[sl], advantages[sl], tau[groups], args.group_size,
-                        beta_r=args.beta_r, length_normalize=args.length_normalize, kl_coef=args.kl_coef,
-                        num_groups=num_groups, num_tokens=num_tokens)
-                    loss.backward()
-                    total_loss += loss.detach()
-                    share = input_ids[sl].size(0) / (num_groups * args.group_size)
-                    for key, value in metrics.items():
-                        metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-                total_loss = float(total_loss)
-                stop_if_not_finite(total_loss, step + 1, output_dir)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            lengths = completion_mask.sum(1).float()
-            step_metrics = {
-                "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-                "train/groups_kept": num_groups, "train/completion_length": lengths.mean() if num_groups else 0.0,
-                "train/truncated": rollouts["truncated"].float().mean(),
-                **({"train/tau_mean": tau.mean(), "train/tau_min": tau.min(), "train/tau_max": tau.max(),
-                    "train/normalized_entropy": normalized_entropy.mean()} if num_groups else {})}
-            progress.set_postfix(reward=f"{rewards.mean():.3f}")
-        else:
-            # ---- a batch of offline pairs (depends only on seed and step: resumable)
-            t = time.time()
-            indices = torch.randint(len(pairs), (pairs_per_step,), generator=step_generator(args.seed, step)).tolist()
-            micro_pairs = max(1, args.micro_batch_size // 2)
-            micro_batches = []
-            for s in range(0, pairs_per_step, micro_pairs):
-                part = indices[s:s + micro_pairs]
-                prompts = [pairs[i]["prompt"] for i in part]
-                micro_batches.append((encode_prompt_response(tokenizer, prompts + prompts, [chosen[i] for i in part] + [rejected[i] for i in part],
-                                                args.device), torch.tensor([labels[i] for i in part], device=args.device)))
-            timer["score"] = time.time() - t
-
-            # ---- reference (anchor) sequence log-probs, no grad
-            t = time.time()
-            ref_sequence_logps = []
-            with torch.no_grad(), autocast:
-                for (ids, mask, response_mask, prompt_len), _ in micro_batches:
-                    ref_logps = completion_logps(ref_model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens).float()
-                    ref_sequence_logps.append(sequence_logps(ref_logps, response_mask, args.length_normalize))
-            timer["logps"] = time.time() - t
-
-            # ---- optimise: one step over the pairs, accumulated over micro-batches
-            t = time.time()
+        # ---- optimise: num_iterations passes over the generation batch. On the first the policy
+        # is the anchor (u = 0): the gradient is (1/G - q_i)/tau * grad l_i and the anchor
+        # constrains nothing; from the second on, softmax(u) is pulled back towards q
+        t = time.time()
+        for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
-            for ((ids, mask, response_mask, prompt_len), label), ref_seq in zip(micro_batches, ref_sequence_logps):
+            for s in micro_batches():
+                sl, groups = slice(s, s + args.micro_batch_size), slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size)
                 with autocast:
-                    logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens).float()
-                seq = sequence_logps(logps, response_mask, args.length_normalize)
-                n = label.size(0)
-                loss, metrics = pairwise_loss_fn(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], label, args.tau,
-                                                 num_pairs=pairs_per_step)
+                    logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
+                                             args.temperature, args.logp_chunk_tokens).float()
+                loss, metrics = loss_fn(
+                    logps, anchor_logps[sl], completion_mask[sl], advantages[sl], tau[groups], args.group_size,
+                    beta_r=args.beta_r, length_normalize=args.length_normalize, kl_coef=args.kl_coef,
+                    num_groups=args.prompts_per_step, num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
+                share = input_ids[sl].size(0) / batch_size
                 for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + value * n / pairs_per_step
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = float(total_loss)
             stop_if_not_finite(total_loss, step + 1, output_dir)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            step_metrics = {}
-            progress.set_postfix(loss=f"{total_loss:.3f}")
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint
+        lengths = completion_mask.sum(1).float()
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            **step_metrics, **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/tau_mean": tau.mean(), "train/tau_min": tau.min(), "train/tau_max": tau.max(),
+            "train/normalized_entropy": normalized_entropy.mean(),
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+        progress.set_postfix(reward=f"{rewards.mean():.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             final_eval = run_eval(step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
             save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
         if step + 1 == args.stop_at_step:
-            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 

@@ -187,10 +187,9 @@ if __name__ == "__main__":
         progress.set_postfix(loss=f"{total_loss:.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             final_eval = run_eval(step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
             save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
         if step + 1 == args.stop_at_step:
-            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 

@@ -139,10 +139,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one step. Every random draw of a step (data order, sampling) comes
+    from it, so a resumed run draws exactly what the uninterrupted run would have drawn:
+    checkpoints need no RNG state."""
+    return seed * 1_000_003 + step
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """Data order and sampling depend only on (seed, step), so a resumed run draws
-    exactly what the uninterrupted run would have drawn."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """A generator seeded with step_seed, for the step's data order."""
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 class RunLogger:

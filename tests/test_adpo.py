@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algos.adpo import adaptive_tau, adpo_listwise_loss, adpo_pairwise_loss, group_advantages, group_entropy, sequence_logps
+from algos.adpo import adaptive_tau, adpo_listwise_loss, group_advantages, group_entropy, sequence_logps
+from algos.adpo_pairwise import adpo_pairwise_loss
 from test_losses import grad_of_logp, toy_policy
 
 

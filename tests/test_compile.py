@@ -8,6 +8,7 @@ import torch
 
 import algos.aapa as aapa
 import algos.adpo as adpo
+import algos.adpo_pairwise as adpo_pairwise
 import algos.chord as chord
 import algos.gpm as gpm
 import algos.gprl as gprl
@@ -60,7 +61,7 @@ FUNCTIONS = {
     "sft_loss": sft.sft_loss, "group_advantages": grpo.group_advantages, "grpo_loss": grpo.grpo_loss,
     "chord_loss": chord.chord_loss, "aapa_advantages": aapa.aapa_advantages, "aapa_loss": aapa.aapa_loss,
     "uniapl_policy_loss": uniapl.uniapl_policy_loss, "adpo_listwise_loss": adpo.adpo_listwise_loss,
-    "adpo_pairwise_loss": adpo.adpo_pairwise_loss, "gpm_loss": gpm.gpm_loss, "gprl_advantages": gprl.gprl_advantages,
+    "adpo_pairwise_loss": adpo_pairwise.adpo_pairwise_loss, "gpm_loss": gpm.gpm_loss, "gprl_advantages": gprl.gprl_advantages,
 }
 
 

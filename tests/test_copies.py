@@ -15,6 +15,7 @@ COPIES = {  # function: (the original, the files that carry a copy)
     "gpm_embed": ("gpm", ["gprl"]),
     "sentence_embeddings": ("aapa", ["uniapl"]),
     "make_discriminator": ("aapa", ["uniapl"]),
+    "sequence_logps": ("adpo", ["adpo_pairwise"]),
 }
 
 
@@ -29,7 +30,7 @@ def test_every_copy_is_identical_to_its_original(name):
 
 def test_no_other_function_is_defined_twice_without_being_listed():
     seen = {}
-    for module in ["sft", "grpo", "chord", "aapa", "uniapl", "adpo", "gpm", "gprl"]:
+    for module in ["sft", "grpo", "chord", "aapa", "uniapl", "adpo", "adpo_pairwise", "gpm", "gprl"]:
         for name, function in inspect.getmembers(importlib.import_module(f"algos.{module}"), inspect.isfunction):
             if function.__module__ == f"algos.{module}":
                 seen.setdefault(name, []).append(module)

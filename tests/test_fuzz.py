@@ -11,6 +11,7 @@ import torch
 
 import algos.aapa as aapa
 import algos.adpo as adpo
+import algos.adpo_pairwise as adpo_pairwise
 import algos.chord as chord
 import algos.gpm as gpm
 import algos.gprl as gprl
@@ -126,7 +127,7 @@ def test_every_pure_function_stays_finite_on_edge_values(seed):
         "chord_loss": lambda: chord.chord_loss(logps, other, other, adv, mask, other, mask, 0.5, beta=0.1),
         "adpo_listwise": lambda: adpo.adpo_listwise_loss(logps, other, mask, adv, torch.tensor([0.1, 5.0]), 2, kl_coef=0.1,
                                                          length_normalize=seed % 2 == 0),
-        "adpo_pairwise": lambda: adpo.adpo_pairwise_loss(logps.sum(1)[:2], logps.sum(1)[2:], other.sum(1)[:2], other.sum(1)[2:],
+        "adpo_pairwise": lambda: adpo_pairwise.adpo_pairwise_loss(logps.sum(1)[:2], logps.sum(1)[2:], other.sum(1)[:2], other.sum(1)[2:],
                                                          torch.tensor([1.0, 0.3]), 0.05),
         "adaptive_tau": lambda: adpo.adaptive_tau(torch.rand(2) * 3 - 1, rewards[:2]),
         "aapa_advantages": lambda: aapa.aapa_advantages(rewards, other.sum(1), 2, 0.5),

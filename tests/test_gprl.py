@@ -4,7 +4,7 @@ scalar cannot fit, per-dimension group advantages and the drift monitor."""
 import pytest
 import torch
 
-from algos.gpm import gpm_loss, gpm_scores, skew_scores
+from algos.gpm import gpm_loss, gpm_scores
 from algos.gprl import drift_update, grpo_loss, group_dim_scores, gprl_advantages
 
 

@@ -97,6 +97,7 @@ def script_flags(script: str) -> set[str]:
 
 
 RL_SCRIPTS = ["algos/grpo.py", "algos/chord.py", "algos/aapa.py", "algos/uniapl.py", "algos/adpo.py", "algos/gprl.py"]
+PAIR_SCRIPTS = ["algos/gpm.py", "algos/adpo_pairwise.py"]
 
 
 def case(rng: random.Random, script: str, world, folder) -> list[str]:
@@ -106,12 +107,14 @@ def case(rng: random.Random, script: str, world, folder) -> list[str]:
         rows = rows + [rng.choice(BAD_ROWS)]
     data = write_jsonl(folder / "rows.jsonl", rows)
     argv = ["--model", world["model"], "--output-dir", str(folder / "out")]
-    if script == "algos/gpm.py":
+    if script in PAIR_SCRIPTS:
         pairs = [{"prompt": "copy ab", "chosen": "ab", "rejected": "ba", "label": 0.8}] * 2
         if rng.random() < 0.3:
             pairs = pairs + [rng.choice(BAD_PAIRS)]
         argv += ["--pairs-data", write_jsonl(folder / "pairs.jsonl", pairs)]
-    else:
+    if script == "algos/adpo_pairwise.py":
+        argv += ["--eval-data", data]
+    elif script != "algos/gpm.py":
         argv += ["--train-data", data, "--eval-data", data]
     if script in ("algos/sft.py", "algos/chord.py", "algos/aapa.py", "algos/uniapl.py"):
         cache = [{"prompt": "copy ab", "response": "ab"}]
@@ -127,7 +130,7 @@ def case(rng: random.Random, script: str, world, folder) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("script", ["algos/sft.py", "algos/gpm.py", *RL_SCRIPTS])
+@pytest.mark.parametrize("script", ["algos/sft.py", *PAIR_SCRIPTS, *RL_SCRIPTS])
 def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(shared.modeling, "load_model", refuse_to_load)
     rng = random.Random(hash(script) % 1000)

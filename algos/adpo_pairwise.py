@@ -1,0 +1,230 @@
+"""ADPO pairwise: Anchored Direct Preference Optimization on offline preference pairs
+(arXiv 2510.18913; author code: wk222/TRL-ADPO). The on-policy listwise mode, the
+paper's LLM result, is algos/adpo.py.
+
+Each pair (chosen, rejected) gets anchored logits u = (l - l_ref) / tau, l = sequence
+log-prob, anchor = the frozen initial model; the loss is the cross-entropy of
+softmax(u_chosen, u_rejected) against (q, 1 - q), q the pair's (soft) label:
+    -[q log sigmoid(u_c - u_r) + (1 - q) log sigmoid(u_r - u_c)].
+With hard labels (q = 1) and tau = 1/beta it is exactly DPO's sigmoid loss, and the
+loop below is a DPO loop. Ours: the fixed tau 10 (DPO's beta 0.1) and the soft labels
+of scripts/build_preference_pairs.py. docs/algorithms.md#adpo.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from shared.data import keep_short_prompts, load_pairs, load_rows
+from shared.modeling import default_device, load_model, load_tokenizer
+from shared.rollout import completion_logps, encode_prompt_response, evaluate
+from shared.run import (CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything,
+                        step_generator, stop_if_not_finite, write_json)
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft/checkpoint"
+    """initial policy and frozen anchor: hub id or local folder, e.g. the SFT checkpoint"""
+    pairs_data: str = "data/toy/pairs.jsonl"
+    """prompt, chosen, rejected and optional soft `label` (scripts/build_preference_pairs.py, or a hub id)"""
+    max_prompt_tokens: int = 512
+    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    long_prompts: Literal["drop", "error"] = "drop"
+    """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
+    eval_data: str = "data/toy/eval.jsonl"
+    """held-out prompts with instruction ids, for gold accuracy"""
+    output_dir: str = "runs/adpo-pairwise"
+    """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
+    seed: int = 1
+    """seed for the order of the pairs"""
+    steps: int = 60
+    """optimizer steps"""
+    batch_size: int = 64
+    """pairs per optimizer step (64 pairs = 128 sequences, the rollout budget of 16 prompts x G=8)"""
+    micro_batch_size: int = 32
+    """pairs per forward/backward; gradients are accumulated over the batch"""
+    tau: float = 10.0
+    """fixed anchor temperature (1/beta of DPO: 10 = DPO's beta 0.1)"""
+    hard_labels: bool = False
+    """use q = 1 for chosen instead of the soft `label` column (then the loss is DPO's)"""
+    length_normalize: bool = False
+    """sequence log-prob as the token mean instead of the sum"""
+    max_new_tokens: int = 16
+    """maximum completion length at evaluation"""
+    learning_rate: float = 5e-5
+    """peak AdamW learning rate, linearly decayed to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 20
+    """evaluate on the held-out split every this many steps (and at start and end)"""
+    eval_prompts: int = 256
+    """held-out prompts used per evaluation"""
+    save_every: int = 20
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
+    allow_flag_changes: bool = False
+    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
+    stop_at_step: int = 0
+    """end this invocation after this step, as an interruption would (0: run to the end)"""
+    dtype: str = "float32"
+    """weights dtype: float32, bfloat16 or float16"""
+    autocast_bf16: bool = False
+    """run forward passes under bfloat16 autocast (GPU memory/speed knob)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    device: str = default_device()
+    """cuda or cpu"""
+    compile: bool = torch.cuda.is_available()
+    """torch.compile the loss function (default on with CUDA)"""
+    logp_chunk_tokens: int = 0
+    """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+    track: bool = False
+    """log to Weights & Biases as well as tensorboard"""
+    wandb_project: str = "posttrain"
+    """wandb project name"""
+
+
+def sequence_logps(logps, mask, length_normalize=False):
+    """l = sum of token log-probs over the response (token mean with length_normalize). [B, L] -> [B]."""
+    mask = mask.to(logps.dtype)
+    total = (logps * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1.0) if length_normalize else total
+
+
+def adpo_pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, label, tau, num_pairs=None):
+    """-[q log sigmoid(u_c - u_r) + (1 - q) log sigmoid(u_r - u_c)], u = (l - l_ref) / tau, mean over pairs.
+
+    All inputs [N] sequence log-probs except label q [N] (or a float) in [0, 1] and tau.
+    q = 1 and tau = 1/beta is the DPO sigmoid loss. num_pairs: the normaliser (pairs of
+    the whole step, for gradient accumulation; default N). Returns (loss, metrics).
+    """
+    margin = ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)) / tau
+    label = torch.as_tensor(label, dtype=margin.dtype, device=margin.device)
+    loss = -(label * torch.nn.functional.logsigmoid(margin) + (1 - label) * torch.nn.functional.logsigmoid(-margin)).sum()
+    loss = loss / (margin.size(0) if num_pairs is None else num_pairs)
+    with torch.no_grad():
+        metrics = {"margin": margin.mean(), "accuracy": (margin > 0).to(margin.dtype).mean()}
+    return loss, metrics
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_common_flags(args)
+    if args.tau <= 0:
+        raise SystemExit(f"error: --tau must be > 0, got {args.tau}")
+    output_dir = Path(args.output_dir)
+    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    start_step = state["step"] if state else 0
+    seed_everything(args.seed)
+
+    # ---- data: preference pairs (validated row by row), held-out prompts
+    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    try:
+        pairs = load_pairs(args.pairs_data, args.hard_labels)
+        eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
+        tokenizer = load_tokenizer(model_path)
+        pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+    # ---- policy, frozen anchor (the initial model), optimizer, schedule
+    try:
+        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+    loss_fn = torch.compile(adpo_pairwise_loss, dynamic=True) if args.compile else adpo_pairwise_loss
+    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
+
+    def run_eval(step, log=True):
+        result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
+        if log:
+            logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
+        tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
+        return result
+
+    if start_step == 0:
+        write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+    final_eval = None
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="adpo-pairwise",
+                    disable=os.environ.get("TQDM_DISABLE") == "1")
+    for step in progress:
+        step_start = time.time()
+        # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
+        indices = torch.randint(len(pairs), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
+        micro_batches = []
+        for s in range(0, args.batch_size, args.micro_batch_size):
+            part = [pairs[i] for i in indices[s:s + args.micro_batch_size]]
+            prompts = [p["prompt"] for p in part]
+            micro_batches.append((encode_prompt_response(tokenizer, prompts + prompts, [p["chosen"] for p in part]
+                                                         + [p["rejected"] for p in part], args.device),
+                                  torch.tensor([p["label"] for p in part], device=args.device)))
+
+        # ---- anchor (reference) sequence log-probs, no grad
+        with torch.no_grad(), autocast:
+            ref_sequence_logps = [sequence_logps(completion_logps(ref_model, ids, mask, prompt_len,
+                                                                  chunk_tokens=args.logp_chunk_tokens).float(),
+                                                 response_mask, args.length_normalize)
+                                  for (ids, mask, response_mask, prompt_len), _ in micro_batches]
+
+        # ---- optimise: one step over the pairs, accumulated over micro-batches
+        total_loss, metric_sums = 0.0, {}
+        for ((ids, mask, response_mask, prompt_len), label), ref in zip(micro_batches, ref_sequence_logps):
+            with autocast:
+                logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens).float()
+            sequence = sequence_logps(logps, response_mask, args.length_normalize)
+            n = label.size(0)
+            loss, metrics = loss_fn(sequence[:n], sequence[n:], ref[:n], ref[n:], label, args.tau, num_pairs=args.batch_size)
+            loss.backward()
+            total_loss += loss.detach()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value * n / args.batch_size
+        total_loss = float(total_loss)
+        stop_if_not_finite(total_loss, step + 1, output_dir)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        # ---- log, evaluate, checkpoint
+        logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+                              **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                              "perf/steps_per_sec": 1 / (time.time() - step_start)})
+        progress.set_postfix(loss=f"{total_loss:.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            final_eval = run_eval(step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
+            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+        if step + 1 == args.stop_at_step:
+            print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
+            raise SystemExit(0)
+
+    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
+        final_eval = final_eval or run_eval(args.steps, log=False)
+        write_json(output_dir / "eval.json", {
+            "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
+            "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],
+            "samples": final_eval["texts"][:8]})
+    logger.close()
+    print(f"done: checkpoint in {output_dir / CHECKPOINT}")

@@ -33,6 +33,7 @@ from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.toyworld import instruction_scores
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 
@@ -440,7 +441,7 @@ if __name__ == "__main__":
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
         fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         result.update({

@@ -27,6 +27,7 @@ from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
 from shared.run import (CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything,
                         step_generator, stop_if_not_finite, write_json)
+from shared.toyworld import instruction_scores
 
 
 @dataclass
@@ -158,7 +159,7 @@ if __name__ == "__main__":
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")

@@ -31,6 +31,7 @@ from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
 from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.toyworld import instruction_scores
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
 PRESETS = {
@@ -313,7 +314,7 @@ if __name__ == "__main__":
           f"mu: warmup {mu_warmup}, decay {mu_decay}, peak {mu_peak}, valley {mu_valley}; phi {use_phi}")
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from shared import toyworld
 from shared.modeling import chat_prompt
 
 
@@ -88,6 +87,20 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     if output_scores:
         result["scores"] = torch.stack(out.scores, dim=1)
     return result
+
+
+def naive_completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference for completion_logps: full logits, log_softmax, gather. It
+    holds a [B, L, vocab] tensor (1.2 GB in float32 for 2k tokens at Qwen3's vocabulary),
+    which is why the training path uses ChunkedTokenLogps instead; the tests compare the
+    two. Returns per-token log-probs and entropies, [B, L] each."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, completion_start - 1:-1]
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    entropies = -(logprobs.exp() * logprobs).sum(-1)
+    return logprobs.gather(-1, input_ids[:, completion_start:, None]).squeeze(-1), entropies
 
 
 LOGITS_CHUNK_BYTES = 64 * 2**20  # ~110 tokens at Qwen3's vocabulary, the whole batch for the tiny model
@@ -173,22 +186,22 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, ta
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 32) -> dict:
-    """Greedy decoding on held-out rows: gold (prompt-level strict accuracy), gold_loose
-    (IFEval's loose variant), reward (instruction-level), mean response length in
-    tokens, truncation rate."""
-    gold, gold_loose, reward, length, truncated, texts = [], [], [], [], [], []
+def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, max_new_tokens: int = 32) -> dict:
+    """Greedy decoding on held-out rows, each response scored by the task's
+    `score(row, text) -> {name: value}` (for instruction following
+    shared/toyworld.py:instruction_scores). Returns the mean of every score, the mean
+    response length in tokens, the truncation rate and the texts."""
+    sums, length, truncated, texts = {}, [], [], []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         out = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
                                 do_sample=False)
         for row, text in zip(batch, out["texts"]):
-            gold.append(toyworld.gold(row, text))
-            gold_loose.append(toyworld.gold(row, text, loose=True))
-            reward.append(toyworld.reward(row, text))
+            for name, value in score(row, text).items():
+                sums[name] = sums.get(name, 0.0) + value
         length += out["completion_mask"].sum(1).tolist()
         truncated += out["truncated"].tolist()
         texts += out["texts"]
     n = max(1, len(rows))
-    return {"gold": sum(gold) / n, "gold_loose": sum(gold_loose) / n, "reward": sum(reward) / n, "length": sum(length) / n,
+    return {**{name: total / n for name, total in sums.items()}, "length": sum(length) / n,
             "truncated": sum(truncated) / n, "texts": texts}

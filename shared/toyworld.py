@@ -123,6 +123,13 @@ def gold(row: dict, response: str, loose: bool = False) -> float:
     return float(all(instructions_followed(row, response, loose)))
 
 
+def instruction_scores(row: dict, response: str) -> dict[str, float]:
+    """The evaluation scores of one response: gold (prompt-level strict: every
+    instruction followed), gold_loose (IFEval's loose variant) and reward
+    (instruction-level: the fraction followed, the RL reward)."""
+    return {"gold": gold(row, response), "gold_loose": gold(row, response, loose=True), "reward": reward(row, response)}
+
+
 def oracle(row: dict) -> str:
     """A correct demonstration: the content, then the constraints applied in order."""
     ids, kwargs_list = row["instruction_id_list"], row["kwargs"]

@@ -1,7 +1,7 @@
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from shared.rollout import completion_logps, completion_mask_from_ids
+from shared.rollout import completion_logps, completion_mask_from_ids, naive_completion_logps
 
 
 def small_model(vocab):
@@ -9,14 +9,6 @@ def small_model(vocab):
     config = Qwen3Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
     return Qwen3ForCausalLM(config).double()
-
-
-def naive_logps(model, ids, mask, start, temperature=1.0):
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, start - 1:-1] / temperature
-    logprobs = torch.log_softmax(logits, -1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logprobs.gather(-1, ids[:, start:, None]).squeeze(-1), entropy
 
 
 def test_chunked_logps_match_naive_values_and_gradients_at_qwen_vocab():
@@ -29,7 +21,7 @@ def test_chunked_logps_match_naive_values_and_gradients_at_qwen_vocab():
     fast.sum().backward()
     fast_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    slow, slow_entropy = naive_logps(model, ids, mask, 7, temperature=0.7)
+    slow, slow_entropy = naive_completion_logps(model, ids, mask, 7, temperature=0.7)
     slow.sum().backward()
     assert torch.allclose(fast, slow, atol=1e-10)
     assert torch.allclose(fast_entropy, slow_entropy, atol=1e-10)

@@ -246,7 +246,8 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
     assert all(f"drift/margin/{axis}" in m and f"drift/rho/{axis}" in m for m in drift for axis in ("correctness", "format", "concision"))
     assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
     assert_interrupted_run_resumes_exactly("algos/gprl.py", flags, full, stop_at=3)
-    result = run_script("algos/gprl.py", *flags, "--gpm", str(sft_run / "checkpoint"), expect_ok=False)
+    result = run_script("algos/gprl.py", *flags, "--gpm", str(sft_run / "checkpoint"), "--output-dir", str(tmp_path / "bad"),
+                        expect_ok=False)
     assert result.returncode != 0 and "has no gpm_heads.pt" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -42,51 +42,91 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) ->
     return (positions[None, :] <= first_eos[:, None]).long(), ~has_eos
 
 
-def sampling_config(tokenizer, max_new_tokens: int, temperature: float, do_sample: bool = True) -> GenerationConfig:
-    """The whole generation configuration, from our flags alone: plain softmax(logits / T)
-    sampling (or greedy), no top-k / top-p / min-p / repetition penalty. A checkpoint's
-    own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) would otherwise
-    change what is sampled while every ratio, KL and anchor assumes softmax(logits / T)."""
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
-
-
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
-                      temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False) -> dict:
-    """One batched `generate` (KV cache) for every prompt x group_size sample.
+                      temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False,
+                      share_prompts: bool = True) -> dict:
+    """group_size samples of every prompt, all in one batch with a KV cache.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
+    share_prompts: our decode loop (sample_with_shared_prompts), which runs each prompt
+    once; otherwise Hugging Face `generate` on every row, the plain reference.
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
     (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts;
-    with output_scores, also the logits generate sampled from at each step, [B*G, L, V].
+    with output_scores, also the logits / T each token was drawn from, [B*G, L, V].
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    config = sampling_config(tokenizer, max_new_tokens, temperature, do_sample)
-    # generate() fills every field we leave unset from model.generation_config; an empty
-    # one in its place leaves only the library defaults (no penalties, no truncation)
-    was_training, saved_config = model.training, model.generation_config
+    was_training = model.training
     model.eval()
-    model.generation_config = GenerationConfig()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             output_scores=output_scores, return_dict_in_generate=True)
+        if share_prompts:
+            completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
+                                                                temperature, do_sample, tokenizer.eos_token_id,
+                                                                tokenizer.pad_token_id)
+        else:
+            completion_ids, scores = _generate(model, tokenizer, prompt_ids.repeat_interleave(group_size, dim=0),
+                                               prompt_mask.repeat_interleave(group_size, dim=0), max_new_tokens,
+                                               temperature, do_sample)
     finally:
-        model.generation_config = saved_config
         model.train(was_training)
-    completion_ids = out.sequences[:, prompt_ids.size(1):]
     completion_mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    result = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+    result = {"prompt_ids": prompt_ids.repeat_interleave(group_size, dim=0),
+              "prompt_mask": prompt_mask.repeat_interleave(group_size, dim=0), "completion_ids": completion_ids,
               "completion_mask": completion_mask, "truncated": truncated, "texts": texts}
     if output_scores:
-        result["scores"] = torch.stack(out.scores, dim=1)
+        result["scores"] = scores
     return result
+
+
+def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
+                               eos_token_id, pad_token_id):
+    """The decode loop: run each of the B prompts once (prefill), copy its KV cache to
+    its G rows, then add one token to all B*G rows per step until every row has ended
+    or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when not
+    do_sample), nothing else: the distribution every log-prob, ratio and KL assumes.
+    Returns completion ids [B*G, L] (pad after a row's eos) and the logits / T [B*G, L, V]."""
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as completion_logps
+    # the cache is the 4th positional argument and the 2nd output (see completion_hidden)
+    logits, cache = model(prompt_ids, prompt_mask, position_ids, None, use_cache=True, logits_to_keep=1)[:2]
+    cache.batch_repeat_interleave(group_size)
+    logits = logits[:, -1].repeat_interleave(group_size, dim=0)
+    attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    next_position = attention_mask.sum(1, keepdim=True)
+    finished = torch.zeros(attention_mask.size(0), dtype=torch.bool, device=prompt_ids.device)
+    tokens, scores = [], []
+    for _ in range(max_new_tokens):
+        scaled = logits.float() / temperature if do_sample else logits.float()
+        token = torch.multinomial(scaled.softmax(-1), 1).squeeze(1) if do_sample else scaled.argmax(-1)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        scores.append(scaled)
+        finished |= token == eos_token_id
+        if finished.all():
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits, cache = model(token[:, None], attention_mask, next_position, cache, use_cache=True)[:2]
+        logits, next_position = logits[:, -1], next_position + 1
+    return torch.stack(tokens, dim=1), torch.stack(scores, dim=1)
+
+
+def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample):
+    """Hugging Face `generate` with the configuration built from our flags alone: a
+    checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05)
+    would otherwise change what is sampled. generate() fills every field left unset from
+    model.generation_config, so an empty one stands in for it during the call."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+    saved_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             output_scores=True, return_dict_in_generate=True)
+    finally:
+        model.generation_config = saved_config
+    return out.sequences[:, prompt_ids.size(1):], torch.stack(out.scores, dim=1)
 
 
 def naive_completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
@@ -153,19 +193,60 @@ def _chunk_logits(hidden, weight, bias, temperature):
     return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for the softmax
 
 
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int):
+    """Rows whose prompt (ids and mask of the first completion_start columns) equals the
+    previous row's form a group. Returns the first row of each group [K] and each row's
+    group [B]."""
+    prompt = torch.cat([input_ids[:, :completion_start], attention_mask[:, :completion_start]], dim=1)
+    starts_group = torch.ones(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    starts_group[1:] = (prompt[1:] != prompt[:-1]).any(dim=1)
+    return starts_group.nonzero().squeeze(1), starts_group.cumsum(0) - 1
+
+
+def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                      share_prompts: bool = True) -> torch.Tensor:
+    """The last hidden states that predict each completion token: positions
+    completion_start - 1 .. end - 1 of the sequence, [B, L, H].
+
+    With share_prompts, each group of rows with one prompt runs the prompt once: its
+    keys and values (the KV cache, which keeps its autograd graph) are indexed out to
+    every row of the group, and only the completions run per row. This is exact: a
+    row's attention sees the same keys and values either way, and the prompt's gradient
+    is the sum of its rows' gradients, which the backward of the indexing computes.
+    Gradient checkpointing recomputes layers and would write into the shared cache a
+    second time, so with it on every row runs in full.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
+    first_rows, group_of_row = prompt_groups(input_ids, attention_mask, completion_start)
+    checkpointing = getattr(model.base_model, "gradient_checkpointing", False) and model.training
+    if not share_prompts or checkpointing or len(first_rows) == input_ids.size(0):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        return hidden[:, completion_start - 1:-1]  # position t predicts token t+1
+    # the cache is the 4th positional argument and the 2nd output: transformers 5.x renamed it
+    # (past_key_values -> cache), positions work with both names
+    prompt_hidden, cache = model.base_model(input_ids[first_rows, :completion_start], attention_mask[first_rows, :completion_start],
+                                            position_ids[first_rows, :completion_start], None, use_cache=True)[:2]
+    cache.batch_select_indices(group_of_row)  # [K, ...] -> [B, ...]; its backward sums each group's gradients
+    completion_hidden_states = model.base_model(input_ids[:, completion_start:], attention_mask,
+                                                position_ids[:, completion_start:], cache, use_cache=True)[0]
+    return torch.cat([prompt_hidden[group_of_row, -1:], completion_hidden_states[:, :-1]], dim=1)
+
+
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
-                     temperature: float = 1.0, chunk_tokens: int = 0, with_entropy: bool = False):
+                     temperature: float = 1.0, chunk_tokens: int = 0, with_entropy: bool = False,
+                     share_prompts: bool = True):
     """Per-token log-probs of input_ids[:, completion_start:] under `model`.
+
+    Rows that carry the same prompt (a group's samples) compute it once
+    (completion_hidden); share_prompts=False runs every row in full, for comparison.
 
     Logits are computed only at completion positions and only `chunk_tokens` rows
     at a time (ChunkedTokenLogps), so no [tokens, vocab] tensor ever outlives its
     chunk, forward or backward.
     Returns logps [B, L] (and entropies [B, L], no grad, when with_entropy).
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
-    hidden = hidden[:, completion_start - 1:-1]  # position t predicts token t+1
+    hidden = completion_hidden(model, input_ids, attention_mask, completion_start, share_prompts)
     head = model.get_output_embeddings()
     logps, entropies = token_logps_from_hidden(hidden, head.weight, head.bias, input_ids[:, completion_start:],
                                                temperature, chunk_tokens)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -58,7 +59,8 @@ def test_bfloat16_weights_and_autocast_give_float32_logps_close_to_float32_and_g
         assert grads and all(torch.isfinite(grad.float()).all() for grad in grads)
 
 
-def test_sampling_ignores_the_checkpoints_generation_config(tmp_path):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_sampling_ignores_the_checkpoints_generation_config(tmp_path, share_prompts):
     # A checkpoint whose generation_config asks for a repetition penalty, top-k and min-p:
     # rollouts must still come from softmax(logits / T), the distribution every ratio,
     # KL and anchor is computed under.
@@ -73,7 +75,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tmp_path):
     assert model.generation_config.repetition_penalty == 1.3
     torch.manual_seed(0)
     out = generate_rollouts(model, tokenizer, ["abc", "hello there"], group_size=2, max_new_tokens=6,
-                            temperature=0.7, output_scores=True)
+                            temperature=0.7, output_scores=True, share_prompts=share_prompts)
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     with torch.no_grad():

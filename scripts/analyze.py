@@ -24,7 +24,7 @@ import tyro
 
 from shared.data import load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompts, generate_rollouts
+from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts
 from shared.run import write_json
 
 
@@ -44,19 +44,6 @@ class Args:
     """response length limit"""
 
 
-def response_batch(tokenizer, prompts, responses, device):
-    """Left-padded prompts + right-padded responses with eos; returns ids, mask, response mask, P."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
-    return (torch.cat([prompt_ids, ids.to(device)], 1), torch.cat([prompt_mask, mask.to(device)], 1), mask.to(device),
-            prompt_ids.size(1))
-
-
 @torch.no_grad()
 def analyze_run(checkpoint: Path, reference: Path, prompts: list[str], expert: list[str], max_new_tokens: int) -> dict:
     tokenizer, policy = load_tokenizer(str(checkpoint)), load_model(str(checkpoint)).eval()
@@ -70,9 +57,9 @@ def analyze_run(checkpoint: Path, reference: Path, prompts: list[str], expert: l
     k3 = (torch.exp(ref_minus_policy) - 1 - ref_minus_policy) * completion_mask
     greedy = generate_rollouts(policy, tokenizer, prompts, 1, max_new_tokens, do_sample=False)
     lengths = greedy["completion_mask"].sum(1)
-    own_ids, own_mask, own_response_mask, own_start = response_batch(tokenizer, prompts, greedy["texts"], ids.device)
+    own_ids, own_mask, own_response_mask, own_start = encode_prompt_response(tokenizer, prompts, greedy["texts"], ids.device)
     own = (completion_logps(policy, own_ids, own_mask, own_start) * own_response_mask).sum(1) / own_response_mask.sum(1)
-    exp_ids, exp_mask, exp_response_mask, exp_start = response_batch(tokenizer, prompts, expert, ids.device)
+    exp_ids, exp_mask, exp_response_mask, exp_start = encode_prompt_response(tokenizer, prompts, expert, ids.device)
     exp = (completion_logps(policy, exp_ids, exp_mask, exp_start) * exp_response_mask).sum(1) / exp_response_mask.sum(1)
     return {"kl": float(k3.sum(1).mean()), "kl_estimator": "k3", "lengths": lengths.tolist(), "own_logprob": own.tolist(),
             "expert_logprob": exp.tolist()}

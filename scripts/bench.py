@@ -4,11 +4,15 @@ side in the same run (never by timed tests):
 1. compile: each pure loss/advantage function, eager vs torch.compile (forward +
    backward), at the toy world's shape (128 sequences x 16 tokens) and a long one
    (128 x 512); ratio = compiled / eager time.
-2. grpo_step: one whole GRPO step (batched generate for prompts x G, scoring,
-   reference log-probs in one no-grad pass, update) on the tiny model and on a
-   ~25M-parameter toy-world model, split into generate / score / logps / update.
+2. grpo_step: one whole GRPO step (sampling prompts x G, scoring, reference log-probs
+   in one no-grad pass, update) on the tiny model and on a ~25M-parameter toy-world
+   model, split into generate / score / logps / update; ours with each prompt computed
+   once per group (share_prompts, the default) and ours plain, at three shapes: the
+   default (toy prompts of ~45 tokens, 32 new tokens), prompt-heavy (prompts ~4x the
+   completion) and completion-heavy (128 new tokens).
 3. trl: the same step with TRL's GRPOTrainer when `trl` is installed (it is not a
-   requirement of this project); otherwise a line saying it was skipped.
+   requirement of this project), same model, prompts, G, lengths, beta and loss;
+   otherwise a line saying it was skipped.
 Run: python scripts/bench.py   (add --skip-compile for the step numbers alone)
 """
 
@@ -48,7 +52,11 @@ class Args:
     group_size: int = 8
     """G (reference: 8)"""
     max_new_tokens: int = 32
-    """completion length (reference: 32)"""
+    """completion length of the default shape (reference: 32)"""
+    shapes: tuple[str, ...] = ("default", "prompt-heavy", "completion-heavy")
+    """which step shapes to measure"""
+    skip_trl: bool = False
+    """leave out TRL even when it is installed"""
 
 
 def emit(record: dict) -> None:
@@ -105,11 +113,12 @@ def bench_compile(args) -> None:
                   "first_compile_s": round(compile_seconds, 1)})
 
 
-def grpo_step(model, ref_model, tokenizer, optimizer, rows, args) -> dict:
+def grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens: int, share_prompts: bool) -> dict:
     """One GRPO step as algos/grpo.py runs it (beta > 0, so the reference pass is included)."""
     timer = {}
     t = time.perf_counter()
-    rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens, 1.0)
+    rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, max_new_tokens, 1.0,
+                                 share_prompts=share_prompts)
     timer["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     group_rows = [row for row in rows for _ in range(args.group_size)]
@@ -121,35 +130,58 @@ def grpo_step(model, ref_model, tokenizer, optimizer, rows, args) -> dict:
     timer["score"] = time.perf_counter() - t
     t = time.perf_counter()
     with torch.no_grad():
-        ref_logps = completion_logps(ref_model, ids, mask, start)
+        ref_logps = completion_logps(ref_model, ids, mask, start, share_prompts=share_prompts)
     timer["logps"] = time.perf_counter() - t
     t = time.perf_counter()
-    logps = completion_logps(model, ids, mask, start)
+    logps = completion_logps(model, ids, mask, start, share_prompts=share_prompts)
     loss, _ = grpo.grpo_loss(logps, logps.detach(), ref_logps, advantages, completion_mask, beta=0.04)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     timer["update"] = time.perf_counter() - t
+    timer["tokens"] = int(completion_mask.sum())
     return timer
 
 
-def bench_grpo_steps(args, models: dict[str, Path]) -> None:
+def shape_rows(shape: str, args) -> tuple[list[dict], int]:
+    """The prompts and completion length of a step shape. Prompt-heavy prompts carry a
+    filler paragraph, as instruction-following prompts with short answers do."""
     rows = toyworld.make_split(args.prompts, seed=0)
+    if shape == "prompt-heavy":
+        filler = "Read the task below carefully and answer with the result only, nothing else. " * 2
+        return [{**r, "prompt": filler + r["prompt"]} for r in rows], args.max_new_tokens
+    return rows, args.max_new_tokens * (4 if shape == "completion-heavy" else 1)
+
+
+def bench_grpo_steps(args, models: dict[str, Path]) -> None:
     for label, path in models.items():
-        tokenizer, model, ref_model = load_tokenizer(str(path)), load_model(str(path)), load_model(str(path)).eval()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        params = sum(p.numel() for p in model.parameters())
-        grpo_step(model, ref_model, tokenizer, optimizer, rows, args)  # warm-up
-        timers = [grpo_step(model, ref_model, tokenizer, optimizer, rows, args) for _ in range(args.steps)]
-        split = {k: round(statistics.median(t[k] for t in timers), 4) for k in timers[0]}
-        ours = {"bench": "grpo_step", "model": label, "params_m": round(params / 1e6, 2), "prompts": args.prompts,
-                "group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "step_s": round(sum(split.values()), 4),
-                **{f"{k}_s": v for k, v in split.items()}}
-        emit(ours)
-        bench_trl(args, label, path, rows, ours)
+        tokenizer = load_tokenizer(str(path))
+        params = sum(p.numel() for p in load_model(str(path)).parameters())
+        for shape in args.shapes:
+            rows, max_new_tokens = shape_rows(shape, args)
+            prompt_tokens = statistics.mean(len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                                              add_generation_prompt=True)) for r in rows)
+            results = {}
+            for share_prompts in (True, False):
+                torch.manual_seed(0)  # the same untrained weights and samples for both
+                model, ref_model = load_model(str(path)), load_model(str(path)).eval()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+                grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens, share_prompts)  # warm-up
+                timers = [grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens, share_prompts)
+                          for _ in range(args.steps)]
+                split = {k: round(statistics.median(t[k] for t in timers), 4) for k in ("generate", "score", "logps", "update")}
+                results[share_prompts] = {"step_s": round(sum(split.values()), 4), **{f"{k}_s": v for k, v in split.items()},
+                                          "completion_tokens": timers[-1]["tokens"]}
+            ours = {"bench": "grpo_step", "model": label, "params_m": round(params / 1e6, 2), "shape": shape,
+                    "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens": round(prompt_tokens, 1),
+                    "max_new_tokens": max_new_tokens, "shared": results[True], "plain": results[False],
+                    "shared_over_plain": round(results[True]["step_s"] / results[False]["step_s"], 3)}
+            emit(ours)
+            if not args.skip_trl:
+                bench_trl(args, label, path, rows, ours, max_new_tokens)
 
 
-def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict) -> None:
+def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict, max_new_tokens: int) -> None:
     """TRL's GRPOTrainer on the same model, prompts, G, completion length, beta and
     loss_type; step time from a callback, median over args.steps after one warm-up step."""
     try:
@@ -178,7 +210,7 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict) -> Non
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group_size,
-                            num_generations=args.group_size, max_completion_length=args.max_new_tokens, beta=0.04,
+                            num_generations=args.group_size, max_completion_length=max_new_tokens, beta=0.04,
                             loss_type="dapo", learning_rate=1e-6, max_steps=args.steps + 1, temperature=1.0,
                             logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                             shuffle_dataset=False,
@@ -190,8 +222,10 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict) -> Non
     trl_step = statistics.median(timer.times[1:])
     import trl
 
-    emit({"bench": "trl", "model": label, "trl_version": trl.__version__, "trl_step_s": round(trl_step, 4),
-          "ours_step_s": ours["step_s"], "ours_over_trl": round(ours["step_s"] / trl_step, 3)})
+    emit({"bench": "trl", "model": label, "shape": ours["shape"], "trl_version": trl.__version__,
+          "trl_step_s": round(trl_step, 4), "ours_shared_step_s": ours["shared"]["step_s"],
+          "ours_plain_step_s": ours["plain"]["step_s"], "shared_over_trl": round(ours["shared"]["step_s"] / trl_step, 3),
+          "plain_over_trl": round(ours["plain"]["step_s"] / trl_step, 3)})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ class Args:
     model_dir: str = "data/tiny-qwen3"
     """where the tiny model and tokenizer are saved"""
     data_dir: str = "data/toy"
-    """where train.jsonl and eval.jsonl are written"""
+    """where train.jsonl, val.jsonl and eval.jsonl are written"""
     num_train: int = 4000
     """training prompts"""
     num_eval: int = 256
@@ -40,6 +40,10 @@ if __name__ == "__main__":
         build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                          intermediate_size=args.intermediate_size, seed=args.seed)
         print(f"saved tiny model to {args.model_dir}")
-    if args.force or not (Path(args.data_dir) / "eval.jsonl").exists():
+    if args.force or not (Path(args.data_dir) / "val.jsonl").exists():
         paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
         print(f"wrote {paths}")
+        stale_cache = Path(args.data_dir) / "expert_cache.jsonl"
+        if stale_cache.exists():  # it answers the previous training prompts: scripts/build_expert_cache.py rebuilds it
+            stale_cache.unlink()
+            print(f"removed {stale_cache}, built for the previous training split")

@@ -1,15 +1,22 @@
 """The main job: build the offline toy world, run SFT, then every RL method from the
-same SFT checkpoint with the same rollout budget, over seeds, and write a table.
+same SFT checkpoint with the same rollout budget, over seeds, and write a table with
+paired differences and their 95% confidence intervals.
 
-Each run is a plain command line of an algorithm script (printed before it runs),
-so any row of the table can be reproduced by hand. A run whose eval.json exists is
-not redone; an interrupted run continues with --resume. Runs go side by side
-(--jobs: seeds first; with fewer seeds than jobs, a seed's RL methods) with the CPU
-threads split between them: on the tiny model two one-thread processes get through
-about 1.3x the work of one two-thread process.
+Every run is a plain command line of an algorithm script, listed flat in two phases:
+per seed the prerequisites (SFT, preference pairs, the GPM), then every RL run.
+`--print-commands` prints them without running anything, so any row of the table can
+be reproduced by hand. One pool runs them in list order, each waiting for the runs it
+needs; a run whose eval.json exists is not redone, an interrupted one continues (every
+command carries --resume).
+
+`--sweep` is the fairness step: each RL method's learning rate is chosen from the same
+small grid by held-out gold on the toy world's validation split (disjoint from the
+evaluation split), seed 1; the choice goes to results/hyperparameters.json, which the
+main job reads.
 """
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -17,209 +24,306 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tyro
 
-from analyze import analyze, eval_curve, plot_curves
-from shared.run import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from analyze import analyze, eval_curve, plot_curves  # noqa: E402
+from shared.run import atomic_write_text, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FAILED = threading.Event()  # set when any seed's command fails: the other seeds start nothing new
+FAILED = threading.Event()  # set when a command fails: nothing new starts
+# the defaults of the main job and of --quick; a flag given on the command line always wins
+FULL = {"seeds": 3, "sft_steps": 200, "rl_steps": 100, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 2000}
+QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 500}
+LEARNING_RATES = (2e-5, 5e-5, 1e-4)  # the sweep's grid, the same for every RL method
+# t quantiles for 95% two-sided intervals, by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass
 class Args:
     out_dir: str = "results"
     """where runs/, table.md and the plots go"""
-    seeds: int = 2
-    """seeds per method (the table reports mean +- std)"""
     quick: bool = False
-    """a ~3.5-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts"""
-    sft_steps: int = 200
-    """SFT optimizer steps"""
-    rl_steps: int = 20
-    """generation batches per RL method (same rollout budget for every method)"""
-    gpm_steps: int = 80
-    """optimizer steps of the General Preference Model that GPRL uses"""
+    """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts (flags given win)"""
+    sweep: bool = False
+    """choose each RL method's learning rate on the validation split instead (writes <out-dir>/hyperparameters.json)"""
+    print_commands: bool = False
+    """print every command of the job, in order, and exit"""
+    seeds: int | None = None
+    """seeds per method (main job: 3; --quick: 1)"""
+    sft_steps: int | None = None
+    """SFT optimizer steps (200; --quick: 150)"""
+    rl_steps: int | None = None
+    """generation batches per RL method, the same rollout budget for every method (100; --quick: 10)"""
+    gpm_steps: int | None = None
+    """optimizer steps of the General Preference Model that GPRL uses (80; --quick: 30)"""
+    eval_prompts: int | None = None
+    """held-out prompts per evaluation (256; --quick: 128)"""
+    side_prompts: int | None = None
+    """training prompts sampled for the preference pairs and for AAPA's discriminator (2000; --quick: 500)"""
     prompts_per_step: int = 16
     """prompts per generation batch"""
     group_size: int = 8
     """completions per prompt"""
-    eval_prompts: int = 256
-    """held-out prompts per evaluation"""
-    side_prompts: int = 2000
-    """training prompts sampled for the preference pairs and for AAPA's discriminator"""
     jobs: int = 2
-    """runs side by side, each with cpu_count / jobs threads: seeds first, then a seed's RL methods"""
+    """runs side by side, each with cpu_count / jobs threads"""
     python: str = sys.executable
     """interpreter used for the algorithm scripts"""
 
 
-def run(command: list[str], log_path: Path, threads: int) -> None:
-    """Run one script, its output going to a log file; stop the job on failure."""
-    if FAILED.is_set():
-        raise SystemExit("stopped: a command of another seed failed")
-    print("$ " + " ".join(command[1:]), flush=True)
-    env = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads), **os.environ}
-    with open(log_path, "a") as log:
-        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        FAILED.set()
-        raise SystemExit(f"error: command failed (exit {result.returncode}); see {log_path}")
+@dataclass
+class Run:
+    """One command of the job. A training run writes <out>/eval.json; a data step writes `out`."""
+    name: str
+    command: list[str]
+    out: Path
+    needs: list[str] = field(default_factory=list)
+    method: str = ""  # the table row it belongs to ("" for prerequisites)
+    seed: int = 0
+
+    def done(self) -> bool:
+        return (self.out / "eval.json").exists() if self.out.suffix != ".jsonl" else self.out.exists()
 
 
-def train(args, name: str, script: str, flags: list[str], runs_dir: Path, threads: int) -> dict:
-    """One training run, skipped if finished, resumed if interrupted."""
-    out = runs_dir / name
-    if not (out / "eval.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"]  # continues an interrupted run, starts a new one in an empty folder
-        start = time.time()
-        run([args.python, script, *flags, "--output-dir", str(out), *resume], out / "log.txt", threads)
-        atomic_write_text(out / "wall_time.txt", f"{time.time() - start:.1f}")
-    result = json.loads((out / "eval.json").read_text())
-    result["wall_time"] = float((out / "wall_time.txt").read_text()) if (out / "wall_time.txt").exists() else float("nan")
-    print(f"  {name}: " + (f"gold {result['gold']:.3f} reward {result['reward']:.3f}" if "gold" in result
-                           else f"held-out pairwise accuracy {result['heldout_accuracy']:.3f}"), flush=True)
-    return result
-
-
-def run_seed(args, seed: int, runs_dir: Path) -> dict:
-    """SFT, preference pairs, the GPM, then every RL method from the SFT checkpoint, for one seed.
-    Returns {method: eval result}, {method: run folder} and the GPM's held-out accuracy."""
-    eval_flags = ["--eval-prompts", str(args.eval_prompts)]
-    rl_budget = ["--steps", str(args.rl_steps), "--prompts-per-step", str(args.prompts_per_step),
-                 "--group-size", str(args.group_size), "--eval-every", str(max(1, args.rl_steps // 4)), *eval_flags]
-    sft = train(args, f"sft_seed{seed}", "algos/sft.py",
-                ["--seed", str(seed), "--steps", str(args.sft_steps), "--eval-every", str(max(1, args.sft_steps // 4)),
-                 *eval_flags], runs_dir, args.threads)
-    initial = runs_dir / f"sft_seed{seed}" / "initial_eval.json"  # the model before SFT
-    base = json.loads(initial.read_text()) if initial.exists() else {"gold": sft["initial_gold"]}
-    results = {"base model": {"reward": float("nan"), "length": float("nan"), **base, "wall_time": 0.0}, "SFT": sft}
-    run_dirs = {"SFT": runs_dir / f"sft_seed{seed}"}
-    sft_checkpoint = str(runs_dir / f"sft_seed{seed}" / "checkpoint")
-    # Offline preference pairs for the pairwise methods: two samples of this seed's SFT model per prompt.
-    pairs = runs_dir / f"pairs_seed{seed}.jsonl"
-    if not pairs.exists():
-        run([args.python, "scripts/build_preference_pairs.py", "--model", sft_checkpoint, "--out", str(pairs),
-             "--seed", str(seed), "--num-prompts", str(args.side_prompts)], runs_dir / f"pairs_seed{seed}.log", args.threads)
-    # The General Preference Model GPRL optimises, trained on those pairs from the same SFT backbone.
-    gpm = train(args, f"gpm_seed{seed}", "algos/gpm.py", ["--model", sft_checkpoint, "--pairs-data", str(pairs),
-                                                          "--seed", str(seed), "--steps", str(args.gpm_steps)], runs_dir,
-                args.threads)
+def rl_methods(runs_dir: Path, seed: int, settings: dict) -> list[tuple[str, str, list[str], list[str]]]:
+    """(method, script, flags, runs it needs) for every RL row, all from this seed's SFT checkpoint."""
+    pairs, gpm = runs_dir / f"pairs_seed{seed}.jsonl", runs_dir / f"gpm_seed{seed}" / "checkpoint"
     # AAPA's fixed discriminator depends only on the SFT checkpoint, the expert data and the seed:
-    # the first AAPA run trains it and the other three load it.
+    # AAPA-GRPO trains it, the other AAPA runs load it
     discriminator = ["--disc-path", str(runs_dir / f"aapa-grpo_seed{seed}" / "discriminator.pt")]
-    # Every RL method: same SFT start, same prompts x G x steps.
-    rl_methods = [
-        ("GRPO", "algos/grpo.py", []),
-        ("CHORD-phi", "algos/chord.py", ["--preset", "chord-phi"]),
+    aapa_grpo = [f"aapa-grpo_seed{seed}"]
+    return [
+        ("GRPO", "algos/grpo.py", [], []),
+        ("CHORD-phi", "algos/chord.py", ["--preset", "chord-phi"], []),
         # the paper's CHORD-mu decays over 200 steps; here over the run's own length
-        ("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", str(args.rl_steps)]),
-        ("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(args.side_prompts)]),
-        ("AAPA-SFT", "algos/aapa.py", ["--base", "sft", *discriminator]),
-        ("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator]),
-        ("AAPA staged", "algos/aapa.py", ["--staged", "--stage1-steps", str(args.rl_steps // 2), *discriminator]),
-        ("UniAPL", "algos/uniapl.py", []),
-        ("ADPO listwise", "algos/adpo.py", []),
-        ("ADPO pairwise", "algos/adpo.py", ["--mode", "pairwise", "--pairs-data", str(pairs)]),
-        ("GPRL", "algos/gprl.py", ["--gpm", str(runs_dir / f"gpm_seed{seed}" / "checkpoint")]),
+        ("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", str(settings["rl_steps"])], []),
+        ("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(settings["side_prompts"])], []),
+        ("AAPA-SFT", "algos/aapa.py", ["--base", "sft", *discriminator], aapa_grpo),
+        ("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator], aapa_grpo),
+        ("AAPA staged", "algos/aapa.py", ["--staged", "--stage1-steps", str(settings["rl_steps"] // 2), *discriminator],
+         aapa_grpo),
+        ("UniAPL", "algos/uniapl.py", [], []),
+        ("ADPO listwise", "algos/adpo.py", [], []),
+        # offline pairs: the same number of sequences per step as the rollouts (pairs x 2 = prompts x G)
+        ("ADPO pairwise", "algos/adpo_pairwise.py", ["--pairs-data", str(pairs), "--batch-size",
+                                                     str(settings["prompts_per_step"] * settings["group_size"] // 2)],
+         [f"pairs_seed{seed}"]),
+        ("GPRL", "algos/gprl.py", ["--gpm", str(gpm)], [f"gpm_seed{seed}"]),
     ]
 
-    def train_method(name, script, extra, needs):
-        if needs is not None:
-            needs.result()  # AAPA's shared discriminator must exist before the runs that load it
-        return train(args, name, script, ["--model", sft_checkpoint, "--seed", str(seed), *rl_budget, *extra], runs_dir,
-                     max(1, args.threads // args.methods_at_once))
 
-    # With fewer seeds than jobs the spare jobs run this seed's methods side by side. Futures start in
-    # submission order, so a run that waits on AAPA-GRPO never holds the only worker before it.
-    with ThreadPoolExecutor(max_workers=args.methods_at_once) as pool:
-        futures = {}
-        for method, script, extra in rl_methods:
+def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_data: str, sweep: bool) -> list[Run]:
+    """Phase 1, per seed: SFT, preference pairs, the GPM. Phase 2: every RL run (with --sweep,
+    one per learning rate of the grid, seed 1, evaluated on the validation split)."""
+    py, seeds = settings["python"], range(1, settings["seeds"] + 1)
+    eval_flags = ["--eval-data", eval_data, "--eval-prompts", str(settings["eval_prompts"])]
+    commands = []
+    for seed in seeds:
+        sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
+        commands.append(Run(f"sft_seed{seed}", [py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["sft_steps"]),
+                                                "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
+                            sft_dir, method="SFT", seed=seed))
+        commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model", str(sft_dir / "checkpoint"),
+                                                  "--out", str(pairs), "--seed", str(seed), "--num-prompts",
+                                                  str(settings["side_prompts"])], pairs, [f"sft_seed{seed}"], seed=seed))
+        commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
+                                                str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
+                            runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
+    rl_budget = ["--steps", str(settings["rl_steps"]), "--prompts-per-step", str(settings["prompts_per_step"]),
+                 "--group-size", str(settings["group_size"]), "--eval-every", str(max(1, settings["rl_steps"] // 5))]
+    for seed in seeds:
+        for method, script, flags, needs in rl_methods(runs_dir, seed, settings):
+            if script == "algos/adpo_pairwise.py":  # no rollouts: steps and batch only
+                budget = ["--steps", str(settings["rl_steps"]), "--eval-every", str(max(1, settings["rl_steps"] // 5))]
+            else:
+                budget = rl_budget
             name = f"{method.lower().replace(' ', '_')}_seed{seed}"
-            needs = futures["AAPA-GRPO"] if "--disc-path" in extra else None
-            futures[method] = pool.submit(train_method, name, script, extra, needs)
-            run_dirs[method] = runs_dir / name
-        for method, future in futures.items():
-            results[method] = future.result()
-    return {"results": results, "run_dirs": run_dirs, "gpm_accuracy": gpm["heldout_accuracy"]}
+            learning_rates = LEARNING_RATES if sweep else [hyperparameters.get(method, {}).get("learning_rate")]
+            for lr in learning_rates:
+                lr_flags = ["--learning-rate", str(lr)] if lr is not None else []
+                suffix = f"_lr{lr:g}" if sweep else ""
+                commands.append(Run(name + suffix, [py, script, "--model", str(runs_dir / f"sft_seed{seed}" / "checkpoint"),
+                                                    "--seed", str(seed), *budget, *eval_flags, *lr_flags, *flags],
+                                    runs_dir / (name + suffix), [f"sft_seed{seed}", *[n + suffix for n in needs]],
+                                    method, seed))
+    return commands
 
 
-def mean_std(values: list[float], signed: bool = False) -> str:
+def execute(run: Run, threads: int) -> None:
+    """Run one command (skipped when done), its output going to a log; stop the job on failure."""
+    if run.done():
+        return
+    if FAILED.is_set():
+        raise SystemExit("stopped: another command failed")
+    is_training = run.out.suffix != ".jsonl"
+    command = run.command + (["--output-dir", str(run.out), "--resume"] if is_training else [])
+    log = run.out / "log.txt" if is_training else run.out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(command[1:]), flush=True)
+    start = time.time()
+    env = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads), **os.environ}
+    with open(log, "a") as f:
+        result = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        FAILED.set()
+        raise SystemExit(f"error: command failed (exit {result.returncode}); see {log}")
+    if is_training:
+        atomic_write_text(run.out / "wall_time.txt", f"{time.time() - start:.1f}")
+
+
+def run_all(commands: list[Run], jobs: int) -> None:
+    """One pool, commands started in list order; each first waits for the runs it needs,
+    which were listed (so started) before it: the pool cannot deadlock."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    futures = {}
+
+    def start(run: Run):
+        for need in run.needs:
+            futures[need].result()
+        execute(run, threads)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for run in commands:
+            futures[run.name] = pool.submit(start, run)
+        for future in futures.values():
+            future.result()
+
+
+def paired(values: list[float]) -> tuple[str, str]:
+    """Mean of paired differences with a 95% t-interval over seeds, and whether it excludes 0."""
+    if len(values) < 2:
+        return (f"{values[0]:+.3f}" if values else "–"), "– (1 seed)"
+    mean, half = statistics.mean(values), T_975[min(len(values) - 1, 10)] * statistics.stdev(values) / math.sqrt(len(values))
+    excludes = "yes, above" if mean - half > 0 else "yes, below" if mean + half < 0 else "no"
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]", excludes
+
+
+def mean_std(values: list[float]) -> str:
     values = [v for v in values if v == v]  # drop NaN: a quantity a run did not record
     if not values:
         return "–"
-    number = "{:+.3f}" if signed else "{:.3f}"
-    if len(values) == 1:
-        return number.format(values[0])
-    return f"{number.format(statistics.mean(values))} ± {statistics.stdev(values):.3f}"
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def result_of(run: Run) -> dict:
+    result = json.loads((run.out / "eval.json").read_text())
+    wall = run.out / "wall_time.txt"
+    return {**result, "wall_time": float(wall.read_text()) if wall.exists() else float("nan")}
+
+
+def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Path, job_time: float) -> str:
+    seeds = range(1, settings["seeds"] + 1)
+    by_method: dict[str, dict[int, dict]] = {}
+    for run in commands:
+        if run.method:
+            by_method.setdefault(run.method, {})[run.seed] = result_of(run)
+    sft = by_method["SFT"]
+    base = {seed: json.loads((runs_dir / f"sft_seed{seed}" / "initial_eval.json").read_text()) for seed in seeds}
+    rows = {"base model": base, **by_method}
+    run_dirs = {run.method: [] for run in commands if run.method}
+    for run in commands:
+        if run.method:
+            run_dirs[run.method].append(run.out)
+    print("analysing runs (KL to SFT, response lengths, log-probs vs the expert's)", flush=True)
+    references = {seed: runs_dir / f"sft_seed{seed}" / "checkpoint" for seed in seeds}
+    analyses = analyze(run_dirs, references, str(ROOT / "data/toy/eval.jsonl"), str(ROOT / "data/toy/expert_cache.jsonl"),
+                       out_dir, prompts=min(128, settings["eval_prompts"]))
+    plot_curves({m: [eval_curve(d, settings["prompts_per_step"] * settings["group_size"]) for d in dirs]
+                 for m, dirs in run_dirs.items() if m != "SFT"}, out_dir / "curves.png")
+    n = settings["seeds"]
+    lines = [f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
+             f"toy-world prompts, mean ± std over {n} seed(s). RL methods: {settings['rl_steps']} steps x "
+             f"{settings['prompts_per_step']} prompts x G={settings['group_size']} from the same SFT checkpoint, learning "
+             f"rates from the sweep where results/hyperparameters.json exists.", "",
+             "Paired differences: within each seed (same SFT checkpoint), method minus SFT and method minus GRPO; mean "
+             f"and 95% t-interval over the {n} seeds (t with {n - 1} degrees of freedom). Reward - gold: the RL proxy "
+             "(fraction of instructions followed) minus gold; a rising gap is reward hacking. KL: per-response "
+             "KL(policy || SFT) (k3 estimator) on samples at temperature 1.", "",
+             "| method | gold | gold - SFT [95% CI] | CI excludes 0 | gold - GRPO [95% CI] | CI excludes 0 | reward "
+             "| reward - gold | length (tokens) | KL to SFT | wall time per run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, per_seed in rows.items():
+        gold = [per_seed[s]["gold"] for s in seeds]
+        minus_sft, sft_excludes = paired([per_seed[s]["gold"] - sft[s]["gold"] for s in seeds])
+        if "GRPO" in by_method:
+            minus_grpo, grpo_excludes = paired([per_seed[s]["gold"] - by_method["GRPO"][s]["gold"] for s in seeds])
+        else:
+            minus_grpo, grpo_excludes = "–", "–"
+        reward = [per_seed[s].get("reward", float("nan")) for s in seeds]
+        kl = mean_std([a["kl"] for a in analyses[method]]) if method in analyses else "–"
+        wall = [per_seed[s].get("wall_time", 0.0) for s in seeds]
+        lines.append(f"| {method} | {mean_std(gold)} | {minus_sft} | {sft_excludes} | {minus_grpo} | {grpo_excludes} | "
+                     f"{mean_std(reward)} | {mean_std([r - g for r, g in zip(reward, gold)])} | "
+                     f"{mean_std([per_seed[s].get('length', float('nan')) for s in seeds])} | {kl} | "
+                     f"{statistics.mean(wall):.0f} |")
+    gpm = [json.loads((runs_dir / f"gpm_seed{s}" / "eval.json").read_text())["heldout_accuracy"] for s in seeds]
+    lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm)} on the SFT model's sampled "
+                  "pairs (chance 0.5).", "",
+              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
+              "side by side (per-run wall times include that sharing)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(commands: list[Run], out_dir: Path) -> dict:
+    """Each RL method's learning rate with the best final validation gold (ties: the smaller)."""
+    choice, table = {}, {}
+    for run in commands:
+        if run.method and run.method != "SFT":
+            lr = float(run.command[run.command.index("--learning-rate") + 1])
+            table.setdefault(run.method, {})[lr] = result_of(run)["gold"]
+    for method, scores in table.items():
+        best = max(sorted(scores), key=lambda lr: scores[lr])
+        choice[method] = {"learning_rate": best, "validation_gold": {f"{lr:g}": g for lr, g in sorted(scores.items())}}
+    write_json(out_dir / "hyperparameters.json", choice)
+    return choice
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.quick:
-        args.seeds, args.sft_steps, args.rl_steps, args.gpm_steps, args.eval_prompts, args.side_prompts = 1, 150, 4, 30, 128, 500
-    if args.seeds < 1 or args.jobs < 1:
-        raise SystemExit("error: --seeds and --jobs must be >= 1")
-    args.methods_at_once = max(1, args.jobs // args.seeds)  # the RL runs of one seed side by side
-    args.jobs = min(args.jobs, args.seeds)
-    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # per seed; its RL runs share them
+    given = {k: v for k, v in asdict(args).items() if v is not None}
+    settings = {**(QUICK if args.quick else FULL), **given}
+    if args.sweep:
+        settings["seeds"] = 1
+    if settings["seeds"] < 1 or settings["jobs"] < 1 or settings["rl_steps"] < 2:
+        raise SystemExit("error: --seeds and --jobs must be >= 1, --rl-steps >= 2")
     out_dir = Path(args.out_dir)
-    runs_dir = out_dir / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = out_dir / ("sweep" if args.sweep else "runs")
+    hyperparameters_file = out_dir / "hyperparameters.json"
+    hyperparameters = json.loads(hyperparameters_file.read_text()) if hyperparameters_file.exists() and not args.sweep else {}
+    eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
+    commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
+    if args.print_commands:
+        for run in commands:
+            extra = ["--output-dir", str(run.out), "--resume"] if run.out.suffix != ".jsonl" else []
+            print(" ".join(run.command[1:] + extra))
+        raise SystemExit(0)
     job_start = time.time()
 
-    # ---- the offline world: tiny model, toy data, expert cache (reused when present)
-    run([args.python, "scripts/build_toy_world.py"], out_dir / "build.log", os.cpu_count() or 1)
-    if not Path(ROOT / "data/toy/expert_cache.jsonl").exists():
-        run([args.python, "scripts/build_expert_cache.py"], out_dir / "build.log", os.cpu_count() or 1)
+    # ---- the offline world: tiny model, toy data (train / validation / eval), expert cache (reused when present)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for setup in (["scripts/build_toy_world.py"], ["scripts/build_expert_cache.py"]):
+        if setup[0] == "scripts/build_toy_world.py" or not (ROOT / "data/toy/expert_cache.jsonl").exists():
+            subprocess.run([settings["python"], *setup], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
-    # ---- every seed's pipeline, side by side
-    print(f"{args.seeds} seed(s), {args.jobs} at a time with {args.threads} CPU thread(s) each; a seed's RL runs "
-          f"{args.methods_at_once} at a time", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        per_seed = list(pool.map(lambda seed: run_seed(args, seed, runs_dir), range(1, args.seeds + 1)))
-    results = {method: [s["results"][method] for s in per_seed] for method in per_seed[0]["results"]}
-    run_dirs = {method: [s["run_dirs"][method] for s in per_seed] for method in per_seed[0]["run_dirs"]}
-    gpm_accuracies = [s["gpm_accuracy"] for s in per_seed]
+    # ---- every command, phase 1 then phase 2, jobs at a time
+    print(f"{len(commands)} commands, {settings['jobs']} at a time", flush=True)
+    run_all(commands, settings["jobs"])
 
-    # ---- analyses: accuracy vs rollouts seen, KL to the SFT reference, length and log-prob distributions
-    print("analysing runs (KL to SFT, response lengths, log-probs vs the expert's)", flush=True)
-    references = {seed: runs_dir / f"sft_seed{seed}" / "checkpoint" for seed in range(1, args.seeds + 1)}
-    analyses = analyze(run_dirs, references, str(ROOT / "data/toy/eval.jsonl"), str(ROOT / "data/toy/expert_cache.jsonl"),
-                       out_dir, prompts=min(128, args.eval_prompts))
-    plot_curves({m: [eval_curve(d, args.prompts_per_step * args.group_size) for d in dirs]
-                 for m, dirs in run_dirs.items() if m != "SFT"}, out_dir / "curves.png")
-
-    # ---- the table
-    lines = [f"Held-out gold accuracy (prompt-level strict) on {args.eval_prompts} toy-world prompts, "
-             f"mean ± std over {args.seeds} seed(s). RL methods: {args.rl_steps} steps x {args.prompts_per_step} prompts x "
-             f"G={args.group_size} from the same SFT checkpoint. KL: per-response KL(policy || SFT checkpoint) (k3 estimator), "
-             f"estimated on samples at temperature 1 for {min(128, args.eval_prompts)} held-out prompts.", "",
-             f"Gold - GRPO: the difference to GRPO's gold accuracy within each seed (same SFT checkpoint), "
-             f"which removes the spread that comes from the SFT checkpoints.", "",
-             "| method | gold accuracy | gold - GRPO (paired by seed) | reward (instruction-level) | response length (tokens) "
-             "| KL to SFT | wall time per run (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for method, runs in results.items():
-        kl = mean_std([a["kl"] for a in analyses[method]]) if method in analyses else "–"
-        paired = mean_std([r["gold"] - g["gold"] for r, g in zip(runs, results["GRPO"])], signed=True)
-        lines.append(f"| {method} | {mean_std([r['gold'] for r in runs])} | {paired} | {mean_std([r['reward'] for r in runs])} | "
-                     f"{mean_std([r['length'] for r in runs])} | {kl} | {statistics.mean(r['wall_time'] for r in runs):.0f} |")
-    # the job's time summed over invocations, so a rerun that only redraws does not report itself as the job
-    job_time_file = runs_dir / "job_time.txt"
+    job_time_file = runs_dir / "job_time.txt"  # summed over invocations: a rerun that only redraws is not the job
     job_time = (float(job_time_file.read_text()) if job_time_file.exists() else 0.0) + time.time() - job_start
     atomic_write_text(job_time_file, f"{job_time:.1f}")
-    lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm_accuracies)} "
-                  "on the SFT model's sampled pairs (chance 0.5).", "",
-              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s): {args.jobs} seed(s) side by "
-              f"side with {args.threads} thread(s) each, a seed's RL runs {args.methods_at_once} at a time sharing them "
-              f"(per-run wall times include that sharing)."]
-    table = "\n".join(lines) + "\n"
-    atomic_write_text(out_dir / "table.md", table)
-    print("\n" + table)
-    print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}, plots curves.png, "
-          f"lengths.png, logprobs.png in {out_dir}")
+    if args.sweep:
+        choice = write_sweep(commands, out_dir)
+        for method, record in choice.items():
+            print(f"{method}: learning rate {record['learning_rate']:g} (validation gold {record['validation_gold']})")
+        print(f"sweep: {job_time:.0f} s; choices in {hyperparameters_file}")
+    else:
+        table = write_table(settings, commands, runs_dir, out_dir, job_time)
+        atomic_write_text(out_dir / "table.md", table)
+        print("\n" + table)
+        print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}, plots curves.png, "
+              f"lengths.png, logprobs.png in {out_dir}")

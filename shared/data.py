@@ -64,8 +64,8 @@ def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:
             value = row[field]
             if isinstance(value, list) and value and isinstance(value[-1], dict):
                 value = value[-1].get("content")
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"pairs {source!r} row {index}: field {field!r} must be a non-empty string or a list of chat messages")
+            if not isinstance(value, str):  # an empty response is a response (a model may say nothing)
+                raise ValueError(f"pairs {source!r} row {index}: field {field!r} must be a string or a list of chat messages")
             row[field] = value
         if row["chosen"] == row["rejected"]:
             raise ValueError(f"pairs {source!r} row {index}: 'chosen' and 'rejected' are the same response")

@@ -207,14 +207,18 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256, seed: int = 0,
-                 tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
-    """Train and eval splits as JSONL that `datasets.load_dataset("json", ...)` reads."""
+                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256) -> dict:
+    """Train, validation and eval splits as JSONL that `datasets.load_dataset("json", ...)`
+    reads; no prompt is in two of them. Validation is for choosing hyperparameters, eval
+    for the table."""
     out_dir = Path(out_dir)
     eval_rows = make_split(num_eval, seed=seed + 1, tasks=tasks)
-    train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows}, tasks=tasks)
+    val_rows = make_split(num_val, seed=seed + 2, exclude={r["prompt"] for r in eval_rows}, tasks=tasks)
+    train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows + val_rows}, tasks=tasks)
     write_jsonl(train_rows, out_dir / "train.jsonl")
+    write_jsonl(val_rows, out_dir / "val.jsonl")
     write_jsonl(eval_rows, out_dir / "eval.jsonl")
-    return {"train": str(out_dir / "train.jsonl"), "eval": str(out_dir / "eval.jsonl")}
+    return {"train": str(out_dir / "train.jsonl"), "val": str(out_dir / "val.jsonl"), "eval": str(out_dir / "eval.jsonl")}
 
 
 def axis_scores(row: dict, response: str) -> dict[str, float]:

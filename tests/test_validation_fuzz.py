@@ -182,7 +182,7 @@ def test_each_class_of_bad_row_names_the_file_and_row(row, expected, tiny_world,
 @pytest.mark.parametrize("pair, expected", [
     (BAD_PAIRS[0], "row 1: 'chosen' and 'rejected' are the same response"),
     (BAD_PAIRS[1], "row 1: field 'label' must be a probability in [0, 1], got 1.5"),
-    (BAD_PAIRS[2], "row 1: field 'rejected' must be a non-empty string"),
+    (BAD_PAIRS[2], "row 1: field 'rejected' must be a string or a list of chat messages"),
 ])
 def test_each_class_of_bad_pair_names_the_row(pair, expected, tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(shared.modeling, "load_model", refuse_to_load)

@@ -1,13 +1,18 @@
 """Build the offline default: a tiny Qwen3-architecture model + byte tokenizer saved
 with save_pretrained, and the toy world's train/eval splits as JSONL."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
 
 from shared.modeling import build_tiny_model
-from shared.toyworld import write_splits
+from shared.toyworld import write_jsonl, write_splits
+
+
+def load_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -20,6 +25,8 @@ class Args:
     """training prompts"""
     num_eval: int = 256
     """held-out prompts (disjoint from training prompts)"""
+    num_sft: int = 500
+    """training prompts whose expert demonstrations the SFT stage sees (sft_prompts.jsonl, the first ones of train.jsonl)"""
     hidden_size: int = 128
     """width of the tiny model"""
     num_layers: int = 4
@@ -40,9 +47,11 @@ if __name__ == "__main__":
         build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                          intermediate_size=args.intermediate_size, seed=args.seed)
         print(f"saved tiny model to {args.model_dir}")
-    if args.force or not (Path(args.data_dir) / "val.jsonl").exists():
+    if args.force or not (Path(args.data_dir) / "sft_prompts.jsonl").exists():
         paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
-        print(f"wrote {paths}")
+        # the SFT stage sees a few hundred demonstrations, RL all training prompts (with their rewards)
+        write_jsonl(load_jsonl(paths["train"])[: args.num_sft], Path(args.data_dir) / "sft_prompts.jsonl")
+        print(f"wrote {paths} and sft_prompts.jsonl")
         stale_cache = Path(args.data_dir) / "expert_cache.jsonl"
         if stale_cache.exists():  # it answers the previous training prompts: scripts/build_expert_cache.py rebuilds it
             stale_cache.unlink()

@@ -36,9 +36,9 @@ from shared.run import atomic_write_text, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when a command fails: nothing new starts
 # the defaults of the main job and of --quick; a flag given on the command line always wins
-FULL = {"seeds": 3, "sft_steps": 200, "rl_steps": 100, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 2000}
+FULL = {"seeds": 3, "sft_steps": 200, "rl_steps": 200, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 2000}
 QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 500}
-LEARNING_RATES = (2e-5, 5e-5, 1e-4)  # the sweep's grid, the same for every RL method
+LEARNING_RATES = (5e-5, 1e-4, 2e-4)  # the sweep's grid, the same for every RL method
 # t quantiles for 95% two-sided intervals, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -58,7 +58,7 @@ class Args:
     sft_steps: int | None = None
     """SFT optimizer steps (200; --quick: 150)"""
     rl_steps: int | None = None
-    """generation batches per RL method, the same rollout budget for every method (100; --quick: 10)"""
+    """generation batches per RL method, the same rollout budget for every method (200; --quick: 10)"""
     gpm_steps: int | None = None
     """optimizer steps of the General Preference Model that GPRL uses (80; --quick: 30)"""
     eval_prompts: int | None = None
@@ -124,7 +124,9 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
     commands = []
     for seed in seeds:
         sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
+        # SFT on the demonstrations of sft_prompts.jsonl (500 prompts); RL on all training prompts
         commands.append(Run(f"sft_seed{seed}", [py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["sft_steps"]),
+                                                "--train-data", "data/toy/sft_prompts.jsonl",
                                                 "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
                             sft_dir, method="SFT", seed=seed))
         commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model", str(sft_dir / "checkpoint"),

@@ -17,6 +17,7 @@ negatives (--disc-prompts); the features (--disc-layers, --disc-encoder) and hea
 expert rows at the sampling temperature (--expert-temperature). docs/algorithms.md#aapa.
 """
 
+import functools
 import json
 import os
 import time
@@ -379,7 +380,10 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(aapa_advantages, dynamic=True) if args.compile else aapa_advantages
-    loss_fn = torch.compile(aapa_loss, dynamic=True) if args.compile else aapa_loss
+    # the hyperparameters fixed for the run, bound once
+    loss_fn = functools.partial(torch.compile(aapa_loss, dynamic=True) if args.compile else aapa_loss,
+                                eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
@@ -536,9 +540,7 @@ if __name__ == "__main__":
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
                     expert_logps, expert_mask, rl_weight, expert_weight, use_phi=base == "chord" and args.phi,
-                    num_expert_tokens=num_expert_tokens, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                    loss_type=args.loss_type, max_completion_length=args.max_new_tokens, num_sequences=batch_size,
-                    num_tokens=num_tokens)
+                    num_expert_tokens=num_expert_tokens, num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 rl_loss += metrics.pop("rl_loss")

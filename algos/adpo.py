@@ -16,6 +16,7 @@ Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 
 from the second). docs/algorithms.md#adpo.
 """
 
+import functools
 import json
 import math
 import os
@@ -238,7 +239,10 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    loss_fn = torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss
+    # the hyperparameters fixed for the run, bound once
+    loss_fn = functools.partial(torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss,
+                                group_size=args.group_size, beta_r=args.beta_r, length_normalize=args.length_normalize,
+                                kl_coef=args.kl_coef, num_groups=args.prompts_per_step)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     log_vocab = math.log(model.get_output_embeddings().weight.size(0))  # entropies / log(vocab) lie in [0, 1]
@@ -305,10 +309,8 @@ if __name__ == "__main__":
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
                                              args.temperature, args.logp_chunk_tokens).float()
-                loss, metrics = loss_fn(
-                    logps, anchor_logps[sl], completion_mask[sl], advantages[sl], tau[groups], args.group_size,
-                    beta_r=args.beta_r, length_normalize=args.length_normalize, kl_coef=args.kl_coef,
-                    num_groups=args.prompts_per_step, num_tokens=num_tokens)
+                loss, metrics = loss_fn(logps, anchor_logps[sl], completion_mask[sl], advantages[sl], tau[groups],
+                                        num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 share = input_ids[sl].size(0) / batch_size

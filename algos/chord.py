@@ -14,6 +14,7 @@ at temperature 1 (--expert-temperature 1), expert rows per step = rollouts * r /
 (--expert-data-ratio). Formulas and sources: docs/algorithms.md#chord.
 """
 
+import functools
 import json
 import math
 import os
@@ -307,7 +308,11 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    loss_fn = torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss
+    # the hyperparameters fixed for the run, bound once
+    loss_fn = functools.partial(torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
+                                use_phi=use_phi, detach_phi=args.detach_phi, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                  importance_sampling_level=args.importance_sampling_level,
+                                  max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "
@@ -392,10 +397,7 @@ if __name__ == "__main__":
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
-                    expert_logps, expert_mask, mu, use_phi=use_phi, detach_phi=args.detach_phi,
-                    num_expert_tokens=num_expert_tokens, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                    loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
-                    max_completion_length=args.max_new_tokens, num_sequences=batch_size, num_tokens=num_tokens)
+                    expert_logps, expert_mask, mu, num_expert_tokens=num_expert_tokens, num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 rl_loss += metrics.pop("rl_loss")

@@ -8,6 +8,7 @@ one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
 Formulas, sources and the defaults that differ from TRL: docs/algorithms.md#grpo.
 """
 
+import functools
 import json
 import os
 import time
@@ -220,7 +221,11 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    loss_fn = torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss
+    # the hyperparameters fixed for the run, bound once
+    loss_fn = functools.partial(torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss,
+                                eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                  importance_sampling_level=args.importance_sampling_level,
+                                  max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
@@ -288,9 +293,7 @@ if __name__ == "__main__":
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
-                    eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
-                    importance_sampling_level=args.importance_sampling_level, max_completion_length=args.max_new_tokens,
-                    num_sequences=batch_size, num_tokens=num_tokens)
+                    num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 share = completion_mask[sl].sum() / num_tokens.clamp(min=1)

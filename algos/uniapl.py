@@ -19,6 +19,7 @@ disc: -E log D of rollouts, nu raises the adversarial weight), the bound and dua
 docs/algorithms.md#uniapl.
 """
 
+import functools
 import json
 import math
 import os
@@ -342,7 +343,10 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
-    loss_fn = torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss
+    # the hyperparameters fixed for the run, bound once
+    loss_fn = functools.partial(torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss,
+                                eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                max_completion_length=args.max_new_tokens, num_sequences=batch_size)
 
     # ---- the online discriminator: features standardised with fixed statistics of expert responses
     if state:
@@ -458,8 +462,7 @@ if __name__ == "__main__":
             loss, metrics = loss_fn(
                 logps, logps.detach(), None if ref_logps is None else ref_logps[sl].float(), advantages[sl],
                 completion_mask[sl], expert_logps, expert_mask, expert_coef, num_expert_tokens=num_expert_tokens,
-                eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
-                max_completion_length=args.max_new_tokens, num_sequences=batch_size, num_tokens=num_tokens)
+                num_tokens=num_tokens)
             loss.backward()
             total_loss += loss.detach()
             rl_loss += metrics.pop("rl_loss")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from algos.chord import PRESETS, chord_loss, grpo_loss, mu_schedule, sft_phi_loss
+from algos.chord import chord_loss, grpo_loss, mu_schedule, sft_phi_loss
 from test_losses import grad_of_logp, toy_policy
 
 
@@ -23,12 +23,6 @@ def test_mu_schedule_boundaries_and_midpoints():
     assert mu_schedule(0, 0, 200, 0.9, 0.05) == pytest.approx(0.9)
     assert mu_schedule(0, 0, 0, 0.1, 0.1) == pytest.approx(0.1)
     assert mu_schedule(7, 0, 0, 0.3, 0.1) == pytest.approx(0.1)
-
-
-def test_presets_are_the_papers_configurations():
-    assert PRESETS["chord-mu"] == (0, 200, 0.9, 0.05, False)
-    assert PRESETS["chord-phi"] == (0, 0, 0.1, 0.1, True)
-    assert PRESETS["example"] == (200, 400, 0.5, 0.02, True)
 
 
 def test_sft_phi_loss_value_and_plain_sft():

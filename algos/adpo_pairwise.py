@@ -172,14 +172,15 @@ if __name__ == "__main__":
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
         step_start = time.time()
-        # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
+        # ---- a batch of pairs (depends only on seed and step: resumable); each pair's chosen and rejected
+        # are neighbouring rows of one forward, so their shared prompt is computed once
         indices = torch.randint(len(pairs), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
         micro_batches = []
         for s in range(0, args.batch_size, args.micro_batch_size):
             part = [pairs[i] for i in indices[s:s + args.micro_batch_size]]
-            prompts = [p["prompt"] for p in part]
-            micro_batches.append((encode_prompt_response(tokenizer, prompts + prompts, [p["chosen"] for p in part]
-                                                         + [p["rejected"] for p in part], args.device),
+            micro_batches.append((encode_prompt_response(tokenizer, [p["prompt"] for p in part for _ in range(2)],
+                                                         [p[side] for p in part for side in ("chosen", "rejected")],
+                                                         args.device),
                                   torch.tensor([p["label"] for p in part], device=args.device)))
 
         # ---- anchor (reference) sequence log-probs, no grad
@@ -196,7 +197,8 @@ if __name__ == "__main__":
                 logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens).float()
             sequence = sequence_logps(logps, response_mask, args.length_normalize)
             n = label.size(0)
-            loss, metrics = loss_fn(sequence[:n], sequence[n:], ref[:n], ref[n:], label, args.tau, num_pairs=args.batch_size)
+            loss, metrics = loss_fn(sequence[0::2], sequence[1::2], ref[0::2], ref[1::2], label, args.tau,
+                                    num_pairs=args.batch_size)
             loss.backward()
             total_loss += loss.detach()
             for key, value in metrics.items():

@@ -35,7 +35,7 @@ import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
 from shared import toyworld
-from shared.modeling import build_tiny_model, load_model, load_tokenizer
+from shared.modeling import build_tiny_model, chat_prompt, load_model, load_tokenizer
 from shared.rollout import completion_logps, generate_rollouts
 
 
@@ -159,8 +159,8 @@ def bench_grpo_steps(args, models: dict[str, Path]) -> None:
         params = sum(p.numel() for p in load_model(str(path)).parameters())
         for shape in args.shapes:
             rows, max_new_tokens = shape_rows(shape, args)
-            prompt_tokens = statistics.mean(len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                                              add_generation_prompt=True)) for r in rows)
+            prompt_tokens = statistics.mean(len(tokenizer(chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"])
+                                            for r in rows)
             results = {}
             for share_prompts in (True, False):
                 torch.manual_seed(0)  # the same untrained weights and samples for both

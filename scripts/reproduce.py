@@ -45,8 +45,10 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class Args:
-    out_dir: str = "results"
-    """where runs/, table.md and the plots go"""
+    out_dir: str | None = None
+    """where runs/, table.md and the plots go (results; --quick: results/quick, so a smoke run never mixes with the main job's runs)"""
+    hyperparameters: str = "results/hyperparameters.json"
+    """the learning rates chosen by --sweep (methods it does not list keep their script's default)"""
     quick: bool = False
     """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts (flags given win)"""
     sweep: bool = False
@@ -270,7 +272,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     return "\n".join(lines) + "\n"
 
 
-def write_sweep(commands: list[Run], out_dir: Path) -> dict:
+def write_sweep(commands: list[Run], path: Path) -> dict:
     """Each RL method's learning rate with the best final validation gold (ties: the smaller)."""
     choice, table = {}, {}
     for run in commands:
@@ -280,7 +282,7 @@ def write_sweep(commands: list[Run], out_dir: Path) -> dict:
     for method, scores in table.items():
         best = max(sorted(scores), key=lambda lr: scores[lr])
         choice[method] = {"learning_rate": best, "validation_gold": {f"{lr:g}": g for lr, g in sorted(scores.items())}}
-    write_json(out_dir / "hyperparameters.json", choice)
+    write_json(path, choice)
     return choice
 
 
@@ -292,9 +294,9 @@ if __name__ == "__main__":
         settings["seeds"] = 1
     if settings["seeds"] < 1 or settings["jobs"] < 1 or settings["rl_steps"] < 2:
         raise SystemExit("error: --seeds and --jobs must be >= 1, --rl-steps >= 2")
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or ("results/quick" if args.quick else "results"))
     runs_dir = out_dir / ("sweep" if args.sweep else "runs")
-    hyperparameters_file = out_dir / "hyperparameters.json"
+    hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep else Path(args.hyperparameters)
     hyperparameters = json.loads(hyperparameters_file.read_text()) if hyperparameters_file.exists() and not args.sweep else {}
     eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
@@ -319,7 +321,7 @@ if __name__ == "__main__":
     job_time = (float(job_time_file.read_text()) if job_time_file.exists() else 0.0) + time.time() - job_start
     atomic_write_text(job_time_file, f"{job_time:.1f}")
     if args.sweep:
-        choice = write_sweep(commands, out_dir)
+        choice = write_sweep(commands, hyperparameters_file)
         for method, record in choice.items():
             print(f"{method}: learning rate {record['learning_rate']:g} (validation gold {record['validation_gold']})")
         print(f"sweep: {job_time:.0f} s; choices in {hyperparameters_file}")

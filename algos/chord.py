@@ -311,8 +311,8 @@ if __name__ == "__main__":
     # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
                                 use_phi=use_phi, detach_phi=args.detach_phi, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
-                                  importance_sampling_level=args.importance_sampling_level,
-                                  max_completion_length=args.max_new_tokens, num_sequences=batch_size)
+                                importance_sampling_level=args.importance_sampling_level,
+                                max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "

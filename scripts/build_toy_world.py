@@ -11,10 +11,6 @@ from shared.modeling import build_tiny_model
 from shared.toyworld import write_jsonl, write_splits
 
 
-def load_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 @dataclass
 class Args:
     model_dir: str = "data/tiny-qwen3"
@@ -50,7 +46,8 @@ if __name__ == "__main__":
     if args.force or not (Path(args.data_dir) / "sft_prompts.jsonl").exists():
         paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
         # the SFT stage sees a few hundred demonstrations, RL all training prompts (with their rewards)
-        write_jsonl(load_jsonl(paths["train"])[: args.num_sft], Path(args.data_dir) / "sft_prompts.jsonl")
+        train_rows = [json.loads(line) for line in Path(paths["train"]).read_text().splitlines()]
+        write_jsonl(train_rows[: args.num_sft], Path(args.data_dir) / "sft_prompts.jsonl")
         print(f"wrote {paths} and sft_prompts.jsonl")
         stale_cache = Path(args.data_dir) / "expert_cache.jsonl"
         if stale_cache.exists():  # it answers the previous training prompts: scripts/build_expert_cache.py rebuilds it

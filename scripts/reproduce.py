@@ -29,9 +29,8 @@ from pathlib import Path
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from analyze import analyze, eval_curve, plot_curves  # noqa: E402
-from shared.run import atomic_write_text, write_json  # noqa: E402
+from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
+from shared.run import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when a command fails: nothing new starts

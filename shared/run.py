@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.modeling import DTYPES
+
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
 TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "complete"  # written last into a checkpoint folder: its absence means the save was cut short
@@ -111,8 +113,6 @@ def check_output_file(path: str, flag: str) -> None:
 def check_common_flags(args) -> None:
     """Range checks of the flags every training script shares, before any data or model
     is read; each script adds its own after this."""
-    import torch
-
     rules = {name: rule for name, rule in {
         "steps": (1, None, True, False), "prompts_per_step": (1, None, True, False), "group_size": (1, None, True, False),
         "batch_size": (1, None, True, False), "micro_batch_size": (1, None, True, False),
@@ -124,8 +124,8 @@ def check_common_flags(args) -> None:
         "eps_low": FRACTION, "eps_high": NON_NEGATIVE, "max_prompt_tokens": (0, None, True, False),
         "logp_chunk_tokens": (0, None, True, False)}.items() if hasattr(args, name)}
     check_range(args, **rules)
-    if hasattr(args, "dtype") and args.dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if hasattr(args, "dtype") and args.dtype not in DTYPES:
+        raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")

@@ -1,208 +1,106 @@
-"""Verifiers for a subset of IFEval's instruction types (google/IFEval ids and
-kwargs), written for this project, plus the conversion of allenai/RLVR-IFeval rows
-(chat `messages` + a `ground_truth` JSON naming one verifier) into IFEval's schema.
+"""Real instruction-following data: IFEval's (google/IFEval) and IFBench's
+(allenai/IFBench_test) official verifiers, and the conversion of allenai/RLVR-IFeval
+training rows into IFEval's schema.
 
-Everything here runs offline with the standard library. Where IFEval uses NLTK
-(sentence splitting, word tokens for capital words), we use simple regular
-expressions instead: `number_sentences` and `capital_word_frequency` may differ
-from the official scorer on unusual text.
+Scoring is theirs, not ours: every non-toy instruction id is checked by the
+reference checker classes as packaged in `if-verifiable` (Google's IFEval code and
+AllenAI's IFBench code), through that package's strict/loose rule
+(`if_verifiable.common.evaluate_instructions`: strict checks the response, loose
+accepts any of 8 variants without the first and/or last line and/or '*'; a
+`<think>` block is dropped first; an empty response follows nothing).
+
+Seven checkers load NLTK data (NLTK_DATA below), which NLTK downloads from the
+internet. We never download it implicitly (IFBench's module would try at import):
+where the data is missing, a row that needs it is refused with one line that says
+how to install it, before any model loads. The package is imported on the first
+non-toy id, so toy-world runs never pay for NLTK's import (about 1.5 s).
 """
 
+import functools
 import json
-import re
+import random
+from unittest import mock
 
-RELATIONS = ("less than", "at least")
-
-
-def _compare(count: int, relation: str, value) -> bool:
-    if relation == "less than":
-        return count < int(value)
-    if relation == "at least":
-        return count >= int(value)
-    raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text)
-
-
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if re.search(r"\w", s)]
-
-
-def _paragraphs_by_divider(text: str) -> list[str]:
-    return re.split(r"\s?\*\*\*\s?", text)
-
-
-def no_comma(response, **_):
-    return "," not in response
-
-
-def english_lowercase(response, **_):
-    return response.islower()
-
-
-def english_capital(response, **_):
-    return response.isupper()
-
-
-def capital_word_frequency(response, capital_frequency=None, capital_relation=None, **_):
-    capitals = [w for w in re.findall(r"[A-Za-z]+", response) if w.isupper()]
-    return _compare(len(capitals), capital_relation, capital_frequency)
-
-
-def number_words(response, num_words=None, relation=None, **_):
-    return _compare(len(_words(response)), relation, num_words)
-
-
-def number_sentences(response, num_sentences=None, relation=None, **_):
-    return _compare(len(_sentences(response)), relation, num_sentences)
-
-
-def number_paragraphs(response, num_paragraphs=None, **_):
-    parts = _paragraphs_by_divider(response)
-    if any(not p.strip() for p in parts[1:-1]):  # an empty paragraph between two dividers
-        return False
-    return len([p for p in parts if p.strip()]) == int(num_paragraphs)
-
-
-def nth_paragraph_first_word(response, num_paragraphs=None, nth_paragraph=None, first_word=None, **_):
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", response) if p.strip()]
-    n = int(nth_paragraph)
-    if len(paragraphs) != int(num_paragraphs) or not 1 <= n <= len(paragraphs):
-        return False
-    words = re.findall(r"[A-Za-z']+", paragraphs[n - 1])
-    return bool(words) and words[0].lower() == str(first_word).lower()
-
-
-def number_placeholders(response, num_placeholders=None, **_):
-    return len(re.findall(r"\[.*?\]", response)) >= int(num_placeholders)
-
-
-def postscript(response, postscript_marker=None, **_):
-    marker = str(postscript_marker).strip().lower()
-    if marker == "p.p.s":
-        pattern = r"\s*p\.\s?p\.\s?s.*$"
-    elif marker == "p.s.":
-        pattern = r"\s*p\.\s?s\..*$"
-    else:
-        pattern = r"\s*" + re.escape(marker) + r".*$"
-    return bool(re.findall(pattern, response.lower(), flags=re.MULTILINE))
-
-
-def number_bullet_lists(response, num_bullets=None, **_):
-    stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
-    dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
-    return len(stars) + len(dashes) == int(num_bullets)
-
-
-def title(response, **_):
-    return any(t.strip("<> \t") for t in re.findall(r"<<[^\n]+>>", response))
-
-
-def number_highlighted_sections(response, num_highlights=None, **_):
-    single = [h for h in re.findall(r"\*[^\n\*]*\*", response) if h.strip("* ")]
-    double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", response) if h.strip("* ")]
-    return len(single) + len(double) >= int(num_highlights)
-
-
-def multiple_sections(response, section_spliter=None, num_sections=None, **_):
-    sections = re.split(r"\s?" + re.escape(str(section_spliter)) + r"\s?\d+\s?", response)
-    return len(sections) - 1 >= int(num_sections)
-
-
-def json_format(response, **_):
-    text = response.strip()
-    text = re.sub(r"^```(?:json|Json|JSON)?\s*", "", text)
-    text = re.sub(r"\s*```$", "", text)
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def constrained_response(response, **_):
-    return any(option in response for option in ("My answer is yes.", "My answer is no.", "My answer is maybe."))
-
-
-def two_responses(response, **_):
-    parts = [p.strip() for p in response.split("******")]
-    return len(parts) == 2 and all(parts) and parts[0] != parts[1]
-
-
-def repeat_prompt(response, prompt_to_repeat=None, **_):
-    return response.strip().lower().startswith(str(prompt_to_repeat).strip().lower())
-
-
-def end_checker(response, end_phrase=None, **_):
-    return response.strip().strip('"').lower().endswith(str(end_phrase).strip().lower())
-
-
-def quotation(response, **_):
-    text = response.strip()
-    return len(text) > 1 and text[0] == '"' and text[-1] == '"'
-
-
-def existence(response, keywords=None, **_):
-    return all(re.search(re.escape(k), response, flags=re.IGNORECASE) for k in keywords or [])
-
-
-def forbidden_words(response, forbidden_words=None, **_):
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", response, flags=re.IGNORECASE) for w in forbidden_words or [])
-
-
-def keyword_frequency(response, keyword=None, frequency=None, relation=None, **_):
-    return _compare(len(re.findall(re.escape(str(keyword)), response, flags=re.IGNORECASE)), relation, frequency)
-
-
-def letter_frequency(response, letter=None, let_frequency=None, let_relation=None, **_):
-    return _compare(response.lower().count(str(letter).lower()), let_relation, let_frequency)
-
-
-CHECKERS = {
-    "punctuation:no_comma": no_comma,
-    "change_case:english_lowercase": english_lowercase,
-    "change_case:english_capital": english_capital,
-    "change_case:capital_word_frequency": capital_word_frequency,
-    "length_constraints:number_words": number_words,
-    "length_constraints:number_sentences": number_sentences,
-    "length_constraints:number_paragraphs": number_paragraphs,
-    "length_constraints:nth_paragraph_first_word": nth_paragraph_first_word,
-    "detectable_content:number_placeholders": number_placeholders,
-    "detectable_content:postscript": postscript,
-    "detectable_format:number_bullet_lists": number_bullet_lists,
-    "detectable_format:title": title,
-    "detectable_format:number_highlighted_sections": number_highlighted_sections,
-    "detectable_format:multiple_sections": multiple_sections,
-    "detectable_format:json_format": json_format,
-    "detectable_format:constrained_response": constrained_response,
-    "combination:two_responses": two_responses,
-    "combination:repeat_prompt": repeat_prompt,
-    "startend:end_checker": end_checker,
-    "startend:quotation": quotation,
-    "keywords:existence": existence,
-    "keywords:forbidden_words": forbidden_words,
-    "keywords:frequency": keyword_frequency,
-    "keywords:letter_frequency": letter_frequency,
+# Which checkers load NLTK data, and which data (read off the checkers' code;
+# tests/test_ifeval.py runs every other checker with no NLTK data installed).
+NLTK_DATA = {
+    "length_constraints:number_sentences": ("punkt_tab",),
+    "change_case:capital_word_frequency": ("punkt_tab",),
+    "ratio:stop_words": ("stopwords",),
+    "words:start_verb": ("punkt_tab", "averaged_perceptron_tagger_eng"),
+    "words:keywords_specific_position": ("punkt_tab",),
+    "words:words_position": ("punkt_tab",),
+    "format:title_case": ("punkt_tab",),
 }
+NLTK_DATA_PATHS = {"punkt_tab": "tokenizers/punkt_tab/english/", "stopwords": "corpora/stopwords",
+                   "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng/"}
+INSTALL_HINT = "install it once on a machine with internet: python -m nltk.downloader {names} (then copy ~/nltk_data, or set NLTK_DATA)"
 
 
-def loose_variants(response: str) -> list[str]:
-    """IFEval's loose scoring: the response, without its first line, without its last
-    line, without both, and each of those without markdown asterisks."""
-    lines = response.split("\n")
-    variants = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
-    return variants + [v.replace("*", "") for v in variants]
+@functools.cache
+def checkers() -> dict:
+    """Every official instruction id -> its checker class (IFEval's 25, IFBench's 58)."""
+    import langdetect
+    import nltk
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT as ifeval_checkers
+    langdetect.DetectorFactory.seed = 0  # langdetect samples; fixed, a response always gets the same verdict
+    with mock.patch.object(nltk, "download", lambda *args, **kwargs: False):  # IFBench downloads at import
+        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT as ifbench_checkers
+    return {**ifeval_checkers, **ifbench_checkers}
 
 
-def check(response: str, instruction_id: str, kwargs: dict, loose: bool = False) -> bool:
-    """One IFEval instruction, strict (default) or loose."""
-    if instruction_id not in CHECKERS:
-        raise ValueError(f"instruction id {instruction_id!r} has no verifier here; supported: {', '.join(sorted(CHECKERS))}")
-    checker = CHECKERS[instruction_id]
-    candidates = loose_variants(response) if loose else [response]
-    return any(candidate.strip() and checker(candidate, **kwargs) for candidate in candidates)
+def missing_nltk_data(instruction_id: str) -> list[str]:
+    """The NLTK data packages this instruction's checker needs and cannot find."""
+    import nltk
+    missing = []
+    for name in NLTK_DATA.get(instruction_id, ()):
+        try:
+            nltk.data.find(NLTK_DATA_PATHS[name])
+        except LookupError:
+            missing.append(name)
+    return missing
+
+
+def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
+    """What stops this instruction from being scored, in one line, or None: an unknown
+    id, kwargs its checker does not take or rejects, NLTK data not installed."""
+    if instruction_id not in checkers():
+        return f"unknown instruction id {instruction_id!r} (neither IFEval's nor IFBench's, nor toy:*)"
+    missing = missing_nltk_data(instruction_id)
+    if missing:
+        return (f"instruction {instruction_id!r} is checked with NLTK data {', '.join(missing)}, which is not installed; "
+                + INSTALL_HINT.format(names=" ".join(missing)))
+    checker = checkers()[instruction_id](instruction_id)
+    state = random.getstate()
+    try:
+        checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+        # A checker given no usable value for an argument draws one at random: the row
+        # would be scored against a constraint nobody asked for.
+        drew_at_random = random.getstate() != state
+    except Exception as error:  # TypeError for an unknown argument, ValueError for a bad value
+        return f"instruction {instruction_id!r} rejects its kwargs {kwargs!r}: {error}"[:300]
+    finally:
+        random.setstate(state)
+    if drew_at_random:
+        return f"instruction {instruction_id!r} lacks an argument (or has one out of range) in its kwargs {kwargs!r}"[:300]
+    return None
+
+
+def verdicts(response: str, instruction_ids: list[str], kwargs_list: list[dict | None], prompt: str) -> list[tuple[bool, bool]]:
+    """(strict, loose) for each instruction, by the official checkers."""
+    from if_verifiable.common import evaluate_instructions
+    kwargs_list = [{k: v for k, v in (kwargs or {}).items() if v is not None} for kwargs in kwargs_list]
+    state = random.getstate()
+    try:
+        results, _ = evaluate_instructions(response, instruction_ids, kwargs_list, prompt, checkers())
+    except LookupError:  # NLTK data removed after the rows were checked
+        missing = sorted({name for i in instruction_ids for name in missing_nltk_data(i)}) or ["punkt_tab"]
+        raise ValueError(f"scoring needs NLTK data {', '.join(missing)}; " + INSTALL_HINT.format(names=" ".join(missing))) from None
+    finally:
+        random.setstate(state)
+    if not results:  # an empty response (after its <think> block) follows nothing
+        return [(False, False)] * len(instruction_ids)
+    return [(result.strict_pass, result.loose_pass) for result in results]
 
 
 # allenai/RLVR-IFeval names its verifier in ground_truth["func_name"]; these are the

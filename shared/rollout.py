@@ -268,21 +268,18 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, ta
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, max_new_tokens: int = 32) -> dict:
-    """Greedy decoding on held-out rows, each response scored by the task's
-    `score(row, text) -> {name: value}` (for instruction following
-    shared/toyworld.py:instruction_scores). Returns the mean of every score, the mean
-    response length in tokens, the truncation rate and the texts."""
-    sums, length, truncated, texts = {}, [], [], []
+    """Greedy decoding on held-out rows, the responses scored together by the task's
+    `score(rows, texts) -> {name: value}` (together, because IFEval's instruction-level
+    accuracy pools instructions over prompts; for instruction following
+    shared/toyworld.py:instruction_scores). Returns the scores, the mean response
+    length in tokens, the truncation rate and the texts."""
+    length, truncated, texts = [], [], []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         out = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
                                 do_sample=False)
-        for row, text in zip(batch, out["texts"]):
-            for name, value in score(row, text).items():
-                sums[name] = sums.get(name, 0.0) + value
         length += out["completion_mask"].sum(1).tolist()
         truncated += out["truncated"].tolist()
         texts += out["texts"]
     n = max(1, len(rows))
-    return {**{name: total / n for name, total in sums.items()}, "length": sum(length) / n,
-            "truncated": sum(truncated) / n, "texts": texts}
+    return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "texts": texts}

@@ -75,22 +75,25 @@ TOY_CHECKERS = {
 }
 
 
-def check_instruction(response: str, instruction_id: str, kwargs: dict | None, loose: bool = False) -> bool:
-    """True when `response` follows one instruction: a toy:* id here, any other id by
-    shared/ifeval.py's IFEval verifiers (strict, or loose with loose=True). None-valued
-    kwargs are ignored (datasets fills absent struct fields with None)."""
+def check_toy_instruction(response: str, instruction_id: str, kwargs: dict | None) -> bool:
+    """True when `response` follows one toy:* instruction. None-valued kwargs are
+    ignored (datasets fills absent struct fields with None)."""
     kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
     if instruction_id.startswith("toy:task:"):
         return _check_content(response, instruction_id.split(":")[2], **kwargs)
-    if instruction_id in TOY_CHECKERS:
-        return TOY_CHECKERS[instruction_id](response, **kwargs)
-    return ifeval.check(response, instruction_id, kwargs, loose=loose)
+    return TOY_CHECKERS[instruction_id](response, **kwargs)
+
+
+def is_toy_instruction(instruction_id: str) -> bool:
+    return instruction_id in TOY_CHECKERS or (instruction_id.startswith("toy:task:")
+                                              and instruction_id.split(":")[2] in CONTENT_TASKS)
 
 
 def instruction_problem(row: dict) -> str | None:
-    """What is wrong with a row's instructions, in a few words, or None: ids must be a
-    list of known ids (toy:* here, the rest in shared/ifeval.py), kwargs a list of one
-    dict (or null) per id. Checked when data is loaded, before any model is."""
+    """What is wrong with a row's instructions, in one line, or None: ids must be a
+    list of known ids (toy:* here, IFEval's and IFBench's in shared/ifeval.py), kwargs
+    a list of one dict (or null) per id, each accepted by its checker. Checked when
+    data is loaded, before any model is."""
     ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         return f"'instruction_id_list' must be a list of strings, got {ids!r}"[:200]
@@ -99,35 +102,63 @@ def instruction_problem(row: dict) -> str | None:
             return f"'kwargs' must be a list with one entry per instruction ({len(ids)}), got {kwargs!r}"[:200]
         if not all(k is None or isinstance(k, dict) for k in kwargs):
             return "every entry of 'kwargs' must be an object (or null)"
-    for instruction_id in ids:
-        known = (instruction_id in TOY_CHECKERS or instruction_id in ifeval.CHECKERS
-                 or (instruction_id.startswith("toy:task:") and instruction_id.split(":")[2] in CONTENT_TASKS))
-        if not known:
-            return f"unknown instruction id {instruction_id!r}"
+    for index, instruction_id in enumerate(ids):
+        if instruction_id.startswith("toy:"):
+            if not is_toy_instruction(instruction_id):
+                return f"unknown instruction id {instruction_id!r}"
+            continue
+        problem = ifeval.instruction_problem(instruction_id, kwargs[index] if kwargs else None)
+        if problem:
+            return problem
     return None
 
 
-def instructions_followed(row: dict, response: str, loose: bool = False) -> list[bool]:
-    kwargs_list = row.get("kwargs") or [{}] * len(row["instruction_id_list"])
-    return [check_instruction(response, i, k, loose) for i, k in zip(row["instruction_id_list"], kwargs_list, strict=True)]
+def instruction_verdicts(row: dict, response: str) -> list[tuple[bool, bool]]:
+    """(strict, loose) for each of the row's instructions. The one dispatcher: toy:* ids
+    go to the toy checkers (which have no loose variant), every other id to IFEval's
+    or IFBench's official checker (shared/ifeval.py)."""
+    ids = row["instruction_id_list"]
+    kwargs_list = row.get("kwargs") or [None] * len(ids)
+    verdicts = {}
+    for index, (instruction_id, kwargs) in enumerate(zip(ids, kwargs_list, strict=True)):
+        if instruction_id.startswith("toy:"):
+            followed = check_toy_instruction(response, instruction_id, kwargs)
+            verdicts[index] = (followed, followed)
+    official = [index for index in range(len(ids)) if index not in verdicts]
+    if official:
+        found = ifeval.verdicts(response, [ids[i] for i in official], [kwargs_list[i] for i in official], row.get("prompt") or "")
+        verdicts.update(zip(official, found))
+    return [verdicts[index] for index in range(len(ids))]
 
 
 def reward(row: dict, response: str) -> float:
-    """Instruction-level reward in [0, 1]: the fraction of instructions followed."""
-    followed = instructions_followed(row, response)
+    """Instruction-level reward in [0, 1]: the fraction of instructions followed (strict)."""
+    followed = [strict for strict, _ in instruction_verdicts(row, response)]
     return sum(followed) / max(1, len(followed))
 
 
 def gold(row: dict, response: str, loose: bool = False) -> float:
     """Prompt-level accuracy (strict, or IFEval's loose): 1.0 only when every instruction is followed."""
-    return float(all(instructions_followed(row, response, loose)))
+    return float(all(verdict[loose] for verdict in instruction_verdicts(row, response)))
 
 
-def instruction_scores(row: dict, response: str) -> dict[str, float]:
-    """The evaluation scores of one response: gold (prompt-level strict: every
-    instruction followed), gold_loose (IFEval's loose variant) and reward
-    (instruction-level: the fraction followed, the RL reward)."""
-    return {"gold": gold(row, response), "gold_loose": gold(row, response, loose=True), "reward": reward(row, response)}
+def instruction_scores(rows: list[dict], responses: list[str]) -> dict[str, float]:
+    """The evaluation scores of a set of responses: IFEval's four numbers (gold =
+    prompt-level strict, gold_loose = prompt-level loose, instruction_strict and
+    instruction_loose = the fraction of all instructions followed, pooled over
+    prompts) and reward (the RL reward, averaged over prompts)."""
+    prompt_strict, prompt_loose, followed_strict, followed_loose, rewards, total = 0, 0, 0, 0, 0.0, 0
+    for row, response in zip(rows, responses, strict=True):
+        verdicts = instruction_verdicts(row, response)
+        strict = sum(s for s, _ in verdicts)
+        loose = sum(l for _, l in verdicts)
+        prompt_strict += strict == len(verdicts)
+        prompt_loose += loose == len(verdicts)
+        followed_strict, followed_loose, total = followed_strict + strict, followed_loose + loose, total + len(verdicts)
+        rewards += strict / max(1, len(verdicts))
+    n, total = max(1, len(rows)), max(1, total)
+    return {"gold": prompt_strict / n, "gold_loose": prompt_loose / n, "instruction_strict": followed_strict / total,
+            "instruction_loose": followed_loose / total, "reward": rewards / n}
 
 
 def oracle(row: dict) -> str:
@@ -223,7 +254,7 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
 
 def axis_scores(row: dict, response: str) -> dict[str, float]:
     """Scores along the named quality axes; higher is better on each."""
-    followed = instructions_followed(row, response)
+    followed = [strict for strict, _ in instruction_verdicts(row, response)]
     content = [f for i, f in zip(row["instruction_id_list"], followed) if i.startswith("toy:task:")]
     fmt = [f for i, f in zip(row["instruction_id_list"], followed) if not i.startswith("toy:task:")]
     return {

@@ -259,7 +259,7 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
 
 
 def test_grpo_on_ifeval_style_data(tiny_world, tmp_path):
-    """The real-data path: IFEval-schema rows with IFEval instruction ids, scored by shared/ifeval.py."""
+    """The real-data path: IFEval-schema rows with IFEval instruction ids, scored by the official checkers."""
     rows = [{"key": i, "prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs} for i, (prompt, ids, kwargs) in enumerate([
         ("Say hi in lowercase.", ["change_case:english_lowercase"], [{}]),
         ("Answer without commas.", ["punctuation:no_comma"], [{}]),
@@ -276,7 +276,7 @@ def test_grpo_on_ifeval_style_data(tiny_world, tmp_path):
     # the gold in eval.json is the verifiers' verdict on the saved greedy responses
     from shared.toyworld import gold
     assert result["gold"] == pytest.approx(sum(gold(r, text) for r, text in zip(rows, result["samples"])) / len(rows))
-    assert any("eval/gold_loose" in m for m in metrics)
+    assert all(f"eval/{name}" in metrics[-1] for name in ("gold", "gold_loose", "instruction_strict", "instruction_loose"))
 
 
 def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):

@@ -42,8 +42,10 @@ def test_none_kwargs_from_datasets_are_ignored():
 
 
 def test_unknown_instruction_is_a_clear_error():
-    with pytest.raises(ValueError, match="instruction id 'toy:nope' has no verifier"):
-        toyworld.check_instruction("x", "toy:nope", {})
+    row = {"prompt": "p", "instruction_id_list": ["toy:caps", "toy:nope"], "kwargs": [{}, {}]}
+    assert toyworld.instruction_problem(row) == "unknown instruction id 'toy:nope'"
+    row = {"prompt": "p", "instruction_id_list": ["toy:caps", "no_such:id"], "kwargs": [{}, {}]}
+    assert "unknown instruction id 'no_such:id'" in toyworld.instruction_problem(row)
 
 
 def test_preferences_along_axes():

@@ -20,11 +20,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -189,6 +190,8 @@ if __name__ == "__main__":
         raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
     if args.num_iterations < 1:
         raise SystemExit("error: --num-iterations must be >= 1")
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
+    distributed.check_divisible(prompts_per_step=args.prompts_per_step)
     output_dir = Path(args.output_dir)
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
@@ -208,8 +211,9 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False) if args.beta > 0 else None
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) \
+            if args.beta > 0 else None
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -217,7 +221,7 @@ if __name__ == "__main__":
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
@@ -237,7 +241,7 @@ if __name__ == "__main__":
         return result
 
     def micro_batches():
-        return range(0, batch_size, args.micro_batch_size)
+        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -249,22 +253,22 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-        rows = [train_rows[i] for i in indices]
+        rows = distributed.local_share([train_rows[i] for i in indices])
         torch.manual_seed(step_seed(args.seed, step))
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                     args.max_new_tokens, args.temperature)
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages
         t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
-        advantages = advantage_fn(rewards, args.group_size, args.scale_rewards).to(args.device)
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # the whole batch's
+        advantages = distributed.local_share(advantage_fn(rewards, args.group_size, args.scale_rewards)).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
         prompt_len = rollouts["prompt_ids"].size(1)
-        num_tokens = completion_mask.sum()
+        num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         timer["score"] = time.time() - t
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
@@ -299,20 +303,21 @@ if __name__ == "__main__":
                 share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-            total_loss = float(total_loss)
+            total_loss = distributed.all_sum(float(total_loss))
             stop_if_not_finite(total_loss, step + 1, output_dir)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint
-        lengths = completion_mask.sum(1).float()
+        lengths = distributed.gather(completion_mask.sum(1).float())
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")

@@ -17,6 +17,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
@@ -107,6 +108,8 @@ if __name__ == "__main__":
     check_common_flags(args)
     if args.batch_size % args.micro_batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
+    distributed.check_divisible(batch_size=args.batch_size)
     output_dir = Path(args.output_dir)
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
@@ -125,7 +128,7 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     responses = [cache[r["prompt"]] for r in train_rows]
@@ -134,7 +137,7 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps))))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(sft_loss, dynamic=True) if args.compile else sft_loss
@@ -159,13 +162,15 @@ if __name__ == "__main__":
         step_start = time.time()
         # ---- sample a batch (depends only on seed and step: resumable)
         indices = torch.randint(len(train_rows), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
+        indices = distributed.local_share(indices)
         batch_prompts = [train_rows[i]["prompt"] for i in indices]
         batch_responses = [responses[i] for i in indices]
         micro_batches = [encode_prompt_response(tokenizer, batch_prompts[s:s + args.micro_batch_size],
                                    batch_responses[s:s + args.micro_batch_size], args.device)
-                         for s in range(0, args.batch_size, args.micro_batch_size)]
+                         for s in range(0, len(indices), args.micro_batch_size)]
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_tokens = sum((response_mask.sum() for _, _, response_mask, _ in micro_batches), torch.zeros((), device=args.device))
+        num_tokens = distributed.all_sum(sum((response_mask.sum() for _, _, response_mask, _ in micro_batches),
+                                            torch.zeros((), device=args.device)))
 
         # ---- forward/backward over micro-batches, token-mean over the whole batch
         total_loss = 0.0
@@ -175,9 +180,9 @@ if __name__ == "__main__":
             loss = loss_fn(logps.float(), response_mask, num_tokens)
             loss.backward()
             total_loss += loss.detach()
-        total_loss = float(total_loss)
+        total_loss = distributed.all_sum(float(total_loss))
         stop_if_not_finite(total_loss, step + 1, output_dir)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from shared.distributed import any_rank, gather_objects, local_share, world_size
 from shared.modeling import chat_prompt
 
 
@@ -45,12 +46,15 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) ->
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
                       temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False,
-                      share_prompts: bool = True) -> dict:
+                      share_prompts: bool = True, seeds: list[int] | None = None) -> dict:
     """group_size samples of every prompt, all in one batch with a KV cache.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
     share_prompts: our decode loop (sample_with_shared_prompts), which runs each prompt
     once; otherwise Hugging Face `generate` on every row, the plain reference.
+    seeds: one per prompt; each prompt's samples are drawn from its own generator, so
+    they do not depend on which other prompts share the batch (or the process, under
+    torchrun). Without seeds, the global RNG.
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
     (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts;
     with output_scores, also the logits / T each token was drawn from, [B*G, L, V].
@@ -61,10 +65,13 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     model.eval()
     try:
         if share_prompts:
+            generators = None if seeds is None else [torch.Generator(device).manual_seed(seed) for seed in seeds]
             completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
                                                                 temperature, do_sample, tokenizer.eos_token_id,
-                                                                tokenizer.pad_token_id)
+                                                                tokenizer.pad_token_id, generators)
         else:
+            if seeds is not None:
+                torch.manual_seed(seeds[0])
             completion_ids, scores = _generate(model, tokenizer, prompt_ids.repeat_interleave(group_size, dim=0),
                                                prompt_mask.repeat_interleave(group_size, dim=0), max_new_tokens,
                                                temperature, do_sample)
@@ -82,11 +89,13 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
 
 
 def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
-                               eos_token_id, pad_token_id):
+                               eos_token_id, pad_token_id, generators=None):
     """The decode loop: run each of the B prompts once (prefill), copy its KV cache to
     its G rows, then add one token to all B*G rows per step until every row has ended
-    or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when not
-    do_sample), nothing else: the distribution every log-prob, ratio and KL assumes.
+    (on every process, under torchrun: sharded layers need every process in each
+    forward) or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when
+    not do_sample), nothing else: the distribution every log-prob, ratio and KL assumes;
+    with `generators` (one per prompt) each group draws from its own.
     Returns completion ids [B*G, L] (pad after a row's eos) and the logits / T [B*G, L, V]."""
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as completion_logps
     # the cache is the 4th positional argument and the 2nd output (see completion_hidden)
@@ -99,12 +108,18 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     tokens, scores = [], []
     for _ in range(max_new_tokens):
         scaled = logits.float() / temperature if do_sample else logits.float()
-        token = torch.multinomial(scaled.softmax(-1), 1).squeeze(1) if do_sample else scaled.argmax(-1)
+        if not do_sample:
+            token = scaled.argmax(-1)
+        elif generators is None:
+            token = torch.multinomial(scaled.softmax(-1), 1).squeeze(1)
+        else:
+            probs = scaled.softmax(-1).split(group_size)
+            token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).squeeze(1)
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
         scores.append(scaled)
         finished |= token == eos_token_id
-        if finished.all():
+        if not any_rank(not finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         logits, cache = model(token[:, None], attention_mask, next_position, cache, use_cache=True)[:2]
@@ -219,7 +234,8 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
     first_rows, group_of_row = prompt_groups(input_ids, attention_mask, completion_start)
     checkpointing = getattr(model.base_model, "gradient_checkpointing", False) and model.training
-    if not share_prompts or checkpointing or len(first_rows) == input_ids.size(0):
+    # (under torchrun every rank takes the same path: sharded layers need every rank in each forward)
+    if not share_prompts or checkpointing or (len(first_rows) == input_ids.size(0) and world_size() == 1):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state
         return hidden[:, completion_start - 1:-1]  # position t predicts token t+1
@@ -271,15 +287,19 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
     """Greedy decoding on held-out rows, the responses scored together by the task's
     `score(rows, texts) -> {name: value}` (together, because IFEval's instruction-level
     accuracy pools instructions over prompts; for instruction following
-    shared/toyworld.py:instruction_scores). Returns the scores, the mean response
-    length in tokens, the truncation rate and the texts."""
+    shared/toyworld.py:instruction_scores). Under torchrun each rank decodes its share
+    and every rank gets every text. Returns the scores, the mean response length in
+    tokens, the truncation rate and the texts."""
     length, truncated, texts = [], [], []
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
+    padded = rows + rows[-1:] * ((-len(rows)) % world_size())  # equal shares; the copies are dropped below
+    mine = local_share(padded)
+    for i in range(0, len(mine), batch_size):
+        batch = mine[i:i + batch_size]
         out = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
                                 do_sample=False)
         length += out["completion_mask"].sum(1).tolist()
         truncated += out["truncated"].tolist()
         texts += out["texts"]
+    length, truncated, texts = (gather_objects(values)[:len(rows)] for values in (length, truncated, texts))
     n = max(1, len(rows))
     return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "texts": texts}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared import distributed
 from shared.modeling import DTYPES
 
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
@@ -28,6 +29,24 @@ _held_locks = []  # open lock files: the lock lasts as long as the process
 
 
 def claim_output_dir(args) -> dict | None:
+    """Under torchrun rank 0 claims the folder (as below) and the other ranks follow its
+    outcome: they stop when it stops, and read the same trainer state."""
+    if distributed.world_size() == 1:
+        return _claim_output_dir(args)
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = "state" if _claim_output_dir(args) is not None else "fresh"
+        except SystemExit as stop:
+            distributed.broadcast_object("stop")
+            raise stop
+    outcome = distributed.broadcast_object(outcome)
+    if outcome == "stop":
+        raise SystemExit(1)
+    return load_trainer_state(Path(args.output_dir)) if outcome == "state" else None
+
+
+def _claim_output_dir(args) -> dict | None:
     """Make args.output_dir this process's run folder and return the trainer state to
     resume from (None: start at step 0). Stops with one error line when the folder is
     a file or not writable, when another process holds it, when it holds a run and
@@ -146,6 +165,12 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def prompt_seeds(seed: int, step: int, count: int) -> list[int]:
+    """One seed per prompt of a step, for sampling its completions: what a prompt's
+    completions are does not depend on how the batch is split (micro-batches, ranks)."""
+    return [step_seed(seed, step) * 1_000_003 + index for index in range(count)]
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator seeded with step_seed, for the step's data order."""
     return torch.Generator().manual_seed(step_seed(seed, step))
@@ -159,6 +184,9 @@ class RunLogger:
                  resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.enabled = distributed.is_main()  # under torchrun, rank 0 logs
+        if not self.enabled:
+            return
         self.metrics_path = output_dir / "metrics.jsonl"
         self._drop_lines_after(resume_step)
         config = dataclasses.asdict(args)
@@ -182,6 +210,8 @@ class RunLogger:
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         clean = {k: float(v) for k, v in metrics.items()}
         for key, value in clean.items():
             self.writer.add_scalar(key, value, step)
@@ -189,7 +219,8 @@ class RunLogger:
             f.write(json.dumps({"step": step, "time": time.time() - self.start_time, **clean}) + "\n")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.enabled:
+            self.writer.close()
 
 
 def _jsonable(value):
@@ -212,7 +243,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    """Strict JSON: a NaN or infinity is written as null (JSON has no such numbers)."""
+    """Strict JSON: a NaN or infinity is written as null (JSON has no such numbers).
+    Under torchrun, rank 0 writes."""
+    if not distributed.is_main():
+        return
     atomic_write_text(Path(path), json.dumps(_finite(obj), indent=2, allow_nan=False))
 
 
@@ -241,14 +275,23 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
                     extra_files: dict | None = None) -> Path:
     """Write <output_dir>/checkpoint atomically: a temporary folder, then a rename,
     so a crash mid-save leaves the previous checkpoint intact. `extra` goes into the
-    trainer state; each `extra_files` entry (name -> object) is torch-saved beside the model."""
+    trainer state; each `extra_files` entry (name -> object) is torch-saved beside the model.
+    Under torchrun every rank calls it (the sharded tensors are gathered) and rank 0
+    writes the same files a single process writes."""
     final, tmp, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".tmp"), output_dir / (CHECKPOINT + ".old")
+    if distributed.world_size() > 1:
+        model_state, optimizer_state = distributed.full_state_dict(model), distributed.whole_optimizer_state(optimizer)
+        if not distributed.is_main():
+            torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
+            return final
+    else:
+        model_state, optimizer_state = None, optimizer.state_dict()
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
     torch.save({
-        "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer.state_dict(),
+        "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(), "extra": extra or {},
     }, tmp / TRAINER_STATE)
     for name, obj in (extra_files or {}).items():
@@ -259,6 +302,8 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    if distributed.world_size() > 1:
+        torch.distributed.barrier()
     return final
 
 
@@ -268,6 +313,7 @@ def load_trainer_state(output_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, weights_only=False)  # our own file: it holds optimizer state and the flags
+        # our own file (optimizer state and flags); mapped, so N ranks share one copy in memory
+        return torch.load(path, weights_only=False, mmap=True)
     except Exception as error:
         raise SystemExit(f"error: {path} cannot be read ({type(error).__name__}); the checkpoint is damaged") from None

@@ -1,0 +1,186 @@
+"""Past one GPU: what a script does differently under `torchrun`, with PyTorch's FSDP2.
+
+Run any algorithm as `torchrun --nproc-per-node N algos/NAME.py ...`. Each process
+(rank) holds 1/N of every decoder layer's weights, gradients and AdamW states
+(`fully_shard` per layer; a layer's weights are gathered for its forward and backward
+only), generates and scores its contiguous 1/N of each step's prompts (a group never
+spans two ranks) and computes its share of the loss, normalised by the whole batch's
+counts. Gradients are then summed over ranks, so an update equals the single-process
+update on the same global batch. Embeddings, the final norm and the LM head stay whole
+on every rank (they are used outside the layers' forward: the chunked LM-head
+log-probs, the hidden-state heads of GPM and the discriminators), their gradients
+all-reduced: for Qwen3-4B that is 0.39B of 4B parameters.
+
+Rank 0 alone claims the run folder, logs, evaluates-and-writes and saves; a
+checkpoint is gathered to whole tensors first, so it loads with `from_pretrained`.
+Without torchrun every function here is the identity (or does what the single
+process did), so single-process runs are unchanged.
+"""
+
+import atexit
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(args) -> None:
+    """Join the torchrun job, if this process is part of one (torchrun sets WORLD_SIZE):
+    gloo on CPU, nccl on GPUs, one GPU per process (args.device becomes cuda:LOCAL_RANK).
+    Printing and progress bars are left to rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    atexit.register(dist.destroy_process_group)  # also on an error exit: no abort message after the error line
+    if not is_main():  # one copy of every printed line and progress bar; errors still reach stderr
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")
+
+
+def check_divisible(**counts: int) -> None:
+    """Every per-step count that is split over ranks must split evenly."""
+    for flag, count in counts.items():
+        if count % world_size():
+            raise SystemExit(f"error: --{flag.replace('_', '-')} ({count}) must be a multiple of the number of "
+                             f"processes ({world_size()}) under torchrun")
+
+
+def shard(model):
+    """FSDP2 on each decoder layer (no-op in a single process). Returns the model."""
+    if world_size() > 1:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.base_model.layers:
+            fully_shard(layer)
+    return model
+
+
+def local_share(items):
+    """This rank's contiguous 1/N of a list or tensor (dim 0)."""
+    size = len(items) // world_size()
+    return items[rank() * size:(rank() + 1) * size]
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' equal-sized tensors, concatenated along dim 0 in rank order."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(items: list) -> list:
+    """The ranks' lists, concatenated in rank order (texts, per-row numbers)."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def all_sum(value):
+    """The sum over ranks of a number or tensor (a tensor comes back, a float for a float)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.as_tensor(value, dtype=torch.float64 if isinstance(value, float) else None).clone()
+    dist.all_reduce(tensor)
+    return float(tensor) if isinstance(value, float) else tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is true on some rank (used to keep decode loops in step)."""
+    if world_size() == 1:
+        return flag
+    tensor = torch.tensor([float(flag)])
+    dist.all_reduce(tensor)
+    return bool(tensor.item() > 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's object, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_gradients_and_clip(parameters, max_norm: float) -> torch.Tensor:
+    """Sum gradients over ranks, then clip them to a total norm of max_norm; returns the
+    norm before clipping, as torch.nn.utils.clip_grad_norm_ (which this is, in a single
+    process). FSDP2 has averaged the sharded layers' gradients: times N makes the sum.
+    The whole parameters' gradients are all-reduced."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if world_size() == 1:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    from torch.distributed.tensor import DTensor
+    squares = torch.zeros((), dtype=torch.float64, device=parameters[0].grad.device if parameters else "cpu")
+    sharded_squares = torch.zeros_like(squares)
+    for p in parameters:
+        if isinstance(p.grad, DTensor):
+            p.grad.mul_(world_size())
+            sharded_squares += p.grad.to_local().double().pow(2).sum()
+        else:
+            dist.all_reduce(p.grad)
+            squares += p.grad.double().pow(2).sum()
+    dist.all_reduce(sharded_squares)
+    norm = (squares + sharded_squares).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in parameters:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return norm.float()
+
+
+def full_state_dict(model) -> dict:
+    """The model's whole tensors on CPU, on rank 0 (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def whole_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered whole, on rank 0
+    (a collective): the format a single process saves, so either can resume the other."""
+    from torch.distributed.tensor import DTensor
+    state = optimizer.state_dict()
+    whole = {}
+    for index, param_state in state["state"].items():
+        whole[index] = {}
+        for key, value in param_state.items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor().cpu()
+            whole[index][key] = value
+    return {**state, "state": whole if is_main() else {}}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Restore an optimizer saved by save_checkpoint (by one process or many): each rank
+    keeps its shard of every state tensor of a sharded parameter."""
+    if world_size() > 1:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = {}
+        for index, param_state in state["state"].items():
+            param = params[index]
+            local[index] = {key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                                   src_data_rank=None)
+                            if isinstance(param, DTensor) and value.dim() > 0 else value
+                            for key, value in param_state.items()}
+        state = {**state, "state": local}
+    optimizer.load_state_dict(state)

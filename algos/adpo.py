@@ -29,11 +29,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -209,6 +210,8 @@ if __name__ == "__main__":
     if args.tau0 <= 0 or args.beta_r <= 0 or not 0 < args.tau_min <= args.tau_max:
         raise SystemExit("error: --tau0 and --beta-r must be > 0 and 0 < --tau-min <= --tau-max")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
+    distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
@@ -227,7 +230,7 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -235,7 +238,7 @@ if __name__ == "__main__":
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
@@ -255,7 +258,7 @@ if __name__ == "__main__":
         return result
 
     def micro_batches():
-        return range(0, batch_size, args.micro_batch_size)
+        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -267,22 +270,24 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-        rows = [train_rows[i] for i in indices]
+        all_rows = [train_rows[i] for i in indices]
+        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
         torch.manual_seed(step_seed(args.seed, step))
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                     args.max_new_tokens, args.temperature)
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages
         t = time.time()
-        group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
-        advantages = advantage_fn(rewards, args.group_size).to(args.device)
+        group_rows = [row for row in all_rows for _ in range(args.group_size)]
+        rewards = reward_scores(reward_fn, group_rows, texts)
+        advantages = distributed.local_share(advantage_fn(rewards, args.group_size)).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
         prompt_len = rollouts["prompt_ids"].size(1)
-        num_tokens = completion_mask.sum()
+        num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         timer["score"] = time.time() - t
 
         # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
@@ -292,10 +297,11 @@ if __name__ == "__main__":
                                        prompt_len, args.temperature, args.logp_chunk_tokens, with_entropy=True)
                       for s in micro_batches()]
         anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
-        normalized_entropy = group_entropy(entropies, completion_mask, args.group_size) / log_vocab
+        normalized_entropy = distributed.gather(group_entropy(entropies, completion_mask, args.group_size) / log_vocab)
         group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
         tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,
                            args.tau_min, args.tau_max) if args.adaptive_tau else torch.full_like(group_mean_reward, args.tau0)
+        local_tau = distributed.local_share(tau)  # tau is set over the whole batch (min-max of rewards)
         timer["logps"] = time.time() - t
 
         # ---- optimise: num_iterations passes over the generation batch. On the first the policy
@@ -309,27 +315,28 @@ if __name__ == "__main__":
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
                                              args.temperature, args.logp_chunk_tokens).float()
-                loss, metrics = loss_fn(logps, anchor_logps[sl], completion_mask[sl], advantages[sl], tau[groups],
+                loss, metrics = loss_fn(logps, anchor_logps[sl], completion_mask[sl], advantages[sl], local_tau[groups],
                                         num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 share = input_ids[sl].size(0) / batch_size
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-            total_loss = float(total_loss)
+            total_loss = distributed.all_sum(float(total_loss))
             stop_if_not_finite(total_loss, step + 1, output_dir)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint
-        lengths = completion_mask.sum(1).float()
+        lengths = distributed.gather(completion_mask.sum(1).float())
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             "train/tau_mean": tau.mean(), "train/tau_min": tau.min(), "train/tau_max": tau.max(),
             "train/normalized_entropy": normalized_entropy.mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},

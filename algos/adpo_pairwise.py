@@ -22,6 +22,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_pairs, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
@@ -127,6 +128,8 @@ if __name__ == "__main__":
     if args.tau <= 0:
         raise SystemExit(f"error: --tau must be > 0, got {args.tau}")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
+    distributed.check_divisible(args.batch_size, "--batch-size")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
@@ -143,15 +146,15 @@ if __name__ == "__main__":
 
     # ---- policy, frozen anchor (the initial model), optimizer, schedule
     try:
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(adpo_pairwise_loss, dynamic=True) if args.compile else adpo_pairwise_loss
@@ -175,8 +178,9 @@ if __name__ == "__main__":
         # ---- a batch of pairs (depends only on seed and step: resumable); each pair's chosen and rejected
         # are neighbouring rows of one forward, so their shared prompt is computed once
         indices = torch.randint(len(pairs), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
+        indices = distributed.local_share(indices)
         micro_batches = []
-        for s in range(0, args.batch_size, args.micro_batch_size):
+        for s in range(0, len(indices), args.micro_batch_size):
             part = [pairs[i] for i in indices[s:s + args.micro_batch_size]]
             micro_batches.append((encode_prompt_response(tokenizer, [p["prompt"] for p in part for _ in range(2)],
                                                          [p[side] for p in part for side in ("chosen", "rejected")],
@@ -203,9 +207,10 @@ if __name__ == "__main__":
             total_loss += loss.detach()
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * n / args.batch_size
-        total_loss = float(total_loss)
+        total_loss = distributed.all_sum(float(total_loss))
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         stop_if_not_finite(total_loss, step + 1, output_dir)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

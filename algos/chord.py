@@ -27,11 +27,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
@@ -274,12 +275,15 @@ if __name__ == "__main__":
     if not (0 <= mu_valley <= 1 and 0 <= mu_peak <= 1) or mu_warmup < 0 or mu_decay < 0:
         raise SystemExit("error: --mu-peak and --mu-valley must be in [0, 1], --mu-warmup and --mu-decay >= 0")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
+    distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
     expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
+    distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
     # ---- data, expert demonstrations and reward
     try:
@@ -295,8 +299,8 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False) if args.beta > 0 else None
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) if args.beta > 0 else None
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -304,7 +308,7 @@ if __name__ == "__main__":
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
@@ -326,7 +330,7 @@ if __name__ == "__main__":
         return result
 
     def micro_batches():
-        return range(0, batch_size, args.micro_batch_size)
+        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -341,28 +345,31 @@ if __name__ == "__main__":
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
-        rows = [train_rows[i] for i in indices]
+        all_rows = [train_rows[i] for i in indices]
+        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
         torch.manual_seed(step_seed(args.seed, step))
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                     args.max_new_tokens, args.temperature)
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages; expert rows split over the same micro-steps
         t = time.time()
-        group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
-        advantages = advantage_fn(rewards, args.group_size, args.scale_rewards).to(args.device)
+        group_rows = [row for row in all_rows for _ in range(args.group_size)]
+        rewards = reward_scores(reward_fn, group_rows, texts)
+        advantages = distributed.local_share(advantage_fn(rewards, args.group_size, args.scale_rewards)).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
         prompt_len = rollouts["prompt_ids"].size(1)
-        num_tokens = completion_mask.sum()
+        num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_batches = []
-        for part in torch.tensor_split(expert_indices, len(micro_batches())):
+        for part in torch.tensor_split(distributed.local_share(expert_indices), len(micro_batches())):
             prompts = [train_rows[i]["prompt"] for i in part.tolist()]
             expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_expert_tokens = sum((b[2].sum() for b in expert_batches if b is not None), torch.zeros((), device=args.device))
+        num_expert_tokens = distributed.all_sum(sum((b[2].sum() for b in expert_batches if b is not None),
+                                                    torch.zeros((), device=args.device)))
         timer["score"] = time.time() - t
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
@@ -406,22 +413,24 @@ if __name__ == "__main__":
                 share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-            total_loss = float(total_loss)
+            total_loss = distributed.all_sum(float(total_loss))
+            rl_loss, expert_loss, expert_prob = (distributed.all_sum(v) for v in (rl_loss, expert_loss, expert_prob))
             stop_if_not_finite(total_loss, step + 1, output_dir)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         timer["update"] = time.time() - t
 
         # ---- log, evaluate, checkpoint
-        lengths = completion_mask.sum(1).float()
+        lengths = distributed.gather(completion_mask.sum(1).float())
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/mu": mu, "train/rl_loss": float(rl_loss), "train/expert_loss": float(expert_loss),
             "train/expert_token_prob": float(expert_prob),
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", mu=f"{mu:.3f}")

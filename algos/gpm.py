@@ -26,6 +26,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
@@ -151,6 +152,8 @@ if __name__ == "__main__":
     if args.micro_batch_size < 1 or args.batch_size < 1:
         raise SystemExit("error: --batch-size and --micro-batch-size must be >= 1")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
+    distributed.check_divisible(args.batch_size, "--batch-size")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
@@ -176,7 +179,7 @@ if __name__ == "__main__":
 
     # ---- backbone and heads, optimizer, schedule
     try:
-        backbone = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+        backbone = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
@@ -192,7 +195,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(gpm_loss, dynamic=True) if args.compile else gpm_loss
@@ -241,10 +244,11 @@ if __name__ == "__main__":
         step_start = time.time()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
         part = [train[i] for i in torch.randint(len(train), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()]
+        part = distributed.local_share(part)
         loss, metrics, gate_entropy = 0.0, {}, 0.0
         for start in range(0, len(part), args.micro_batch_size):
             micro = part[start:start + args.micro_batch_size]
-            prompts, share = [pairs[i]["prompt"] for i in micro], len(micro) / len(part)
+            prompts, share = [pairs[i]["prompt"] for i in micro], len(micro) / args.batch_size
             with autocast:
                 v, gate = gpm_embed(backbone, value_head, gate_head, tokenizer, prompts + prompts,
                                     [chosen[i] for i in micro] + [rejected[i] for i in micro], args.device)
@@ -252,15 +256,17 @@ if __name__ == "__main__":
             # num_pairs = the whole batch: the micro-batch losses add up to the full batch's mean
             micro_loss, micro_metrics = loss_fn(v[:n], v[n:], gate[:n], labels[micro].to(args.device), args.tau,
                                                 axis_labels[micro].to(args.device) if use_axes else None, args.axis_weight,
-                                                num_pairs=torch.tensor(float(len(part)), device=args.device))
-            stop_if_not_finite(micro_loss.item(), step + 1, output_dir)
+                                                num_pairs=torch.tensor(float(args.batch_size), device=args.device))
             micro_loss.backward()
             loss += micro_loss.item()
             for key, value in micro_metrics.items():
                 # accuracy is a per-micro-batch mean, axis_loss already a share of the batch sum
                 metrics[key] = metrics.get(key, 0.0) + float(value) * (share if key == "accuracy" else 1.0)
             gate_entropy += share * float(-(gate * gate.clamp(min=1e-12).log()).sum(-1).mean().detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+        loss, gate_entropy = distributed.all_sum(loss), distributed.all_sum(gate_entropy)
+        metrics = {key: distributed.all_sum(value) for key, value in metrics.items()}
+        stop_if_not_finite(loss, step + 1, output_dir)
+        grad_norm = distributed.sum_gradients_and_clip(parameters, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

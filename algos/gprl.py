@@ -27,11 +27,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
@@ -284,7 +285,7 @@ def load_gpm(path: str, dtype: str, device: str):
     if not heads_path.exists():
         raise SystemExit(f"error: --gpm {path!r} has no {GPM_HEADS}; train one with algos/gpm.py")
     try:
-        tokenizer, backbone = load_tokenizer(path), load_model(path, dtype, device).eval().requires_grad_(False)
+        tokenizer, backbone = load_tokenizer(path), distributed.shard(load_model(path, dtype, device).eval().requires_grad_(False))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
@@ -309,6 +310,8 @@ if __name__ == "__main__":
     if args.num_iterations < 1 or args.drift_every < 1 or args.probe_prompts < 1:
         raise SystemExit("error: --num-iterations, --drift-every and --probe-prompts must be >= 1")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
+    distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
@@ -332,8 +335,8 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -341,7 +344,7 @@ if __name__ == "__main__":
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(gprl_advantages, dynamic=True) if args.compile else gprl_advantages
@@ -372,7 +375,7 @@ if __name__ == "__main__":
         return result
 
     def micro_batches():
-        return range(0, batch_size, args.micro_batch_size)
+        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -385,23 +388,26 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-        rows = [train_rows[i] for i in indices]
+        all_rows = [train_rows[i] for i in indices]
+        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
         torch.manual_seed(step_seed(args.seed, step))
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                     args.max_new_tokens, args.temperature)
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages
         t = time.time()
-        group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])  # logged only
-        v, gate = embed([r["prompt"] for r in group_rows], rollouts["texts"])
+        group_rows = [row for row in all_rows for _ in range(args.group_size)]
+        rewards = reward_scores(reward_fn, group_rows, texts)  # logged only
+        v, gate = embed([r["prompt"] for r in group_rows], texts)
         advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size)
+        advantages = distributed.local_share(advantages)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
         prompt_len = rollouts["prompt_ids"].size(1)
-        num_tokens = completion_mask.sum()
+        num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         timer["score"] = time.time() - t
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
@@ -437,9 +443,9 @@ if __name__ == "__main__":
                 share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-            total_loss = float(total_loss)
+            total_loss = distributed.all_sum(float(total_loss))
             stop_if_not_finite(total_loss, step + 1, output_dir)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -467,14 +473,15 @@ if __name__ == "__main__":
                            f"eps -> {eps:.3f}, beta -> {beta:.3f}")
 
         # ---- log, evaluate, checkpoint
-        lengths = completion_mask.sum(1).float()
+        lengths = distributed.gather(completion_mask.sum(1).float())
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/eps": monitor["eps"] if not drift_log else eps, "train/beta": beta,
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             **{f"train/advantage_abs/{n}": float(per_dim[:, l].abs().mean()) for l, n in enumerate(dim_names)},
             **{f"train/gate/{n}": float(gate[:, l].mean()) for l, n in enumerate(dim_names)},
-            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log,
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")

@@ -191,7 +191,7 @@ if __name__ == "__main__":
     if args.num_iterations < 1:
         raise SystemExit("error: --num-iterations must be >= 1")
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
-    distributed.check_divisible(prompts_per_step=args.prompts_per_step)
+    distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     output_dir = Path(args.output_dir)
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0

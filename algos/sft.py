@@ -109,7 +109,7 @@ if __name__ == "__main__":
     if args.batch_size % args.micro_batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
-    distributed.check_divisible(batch_size=args.batch_size)
+    distributed.check_divisible(args.batch_size, "--batch-size")
     output_dir = Path(args.output_dir)
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0

@@ -32,11 +32,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from shared import distributed
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -308,12 +309,15 @@ if __name__ == "__main__":
     if not 0 <= args.label_smoothing < 0.5 or args.disc_steps < 0 or args.dual_lr < 0 or args.initial_multiplier < 0:
         raise SystemExit("error: --label-smoothing must be in [0, 0.5), --disc-steps, --dual-lr, --initial-multiplier >= 0")
     output_dir = Path(args.output_dir)
+    distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
+    distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seed_everything(args.seed)
     expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
+    distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
     # ---- data, expert demonstrations and reward
     try:
@@ -329,12 +333,12 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, args.dtype, args.device).eval().requires_grad_(False) \
+        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) \
             if args.beta > 0 or not args.disc_encoder else None
         if args.disc_encoder:
             encoder_tokenizer = load_tokenizer(args.disc_encoder)
-            encoder = load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False)
+            encoder = distributed.shard(load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False))
         else:
             encoder_tokenizer, encoder = tokenizer, ref_model
     except ValueError as error:
@@ -359,7 +363,7 @@ if __name__ == "__main__":
     disc_optimizer = torch.optim.Adam(head.parameters(), lr=args.disc_learning_rate)
     multiplier = disc_state["multiplier"]
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         head.load_state_dict(disc_state["head"])
         disc_optimizer.load_state_dict(disc_state["optimizer"])
@@ -379,7 +383,7 @@ if __name__ == "__main__":
         return result
 
     def micro_batches():
-        return range(0, batch_size, args.micro_batch_size)
+        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -393,18 +397,20 @@ if __name__ == "__main__":
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
-        rows = [train_rows[i] for i in indices]
+        all_rows = [train_rows[i] for i in indices]
+        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
         torch.manual_seed(step_seed(args.seed, step))
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size,
-                                     args.max_new_tokens, args.temperature)
+        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- discriminator: k BCE steps, expert responses vs these rollouts (co-trained online)
         t = time.time()
-        group_rows = [row for row in rows for _ in range(args.group_size)]
-        expert_prompts = [r["prompt"] for r in rows] + [train_rows[i]["prompt"] for i in expert_indices.tolist()]
+        group_rows = [row for row in all_rows for _ in range(args.group_size)]
+        expert_prompts = [r["prompt"] for r in all_rows] + [train_rows[i]["prompt"] for i in expert_indices.tolist()]
         expert_features = features(expert_prompts, [cache[p] for p in expert_prompts])
-        policy_features = features([r["prompt"] for r in group_rows], rollouts["texts"])
+        policy_features = features([r["prompt"] for r in group_rows], texts)
         disc_metrics = {"accuracy": torch.tensor(float("nan")), "penalty": torch.tensor(0.0)}
         for _ in range(args.disc_steps):
             disc_loss, disc_metrics = online_discriminator_loss(head, expert_features, policy_features, args.label_smoothing,
@@ -418,20 +424,22 @@ if __name__ == "__main__":
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
         # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
-        rewards = reward_scores(reward_fn, group_rows, rollouts["texts"])
+        rewards = reward_scores(reward_fn, group_rows, texts)
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
-        advantages = advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards).to(args.device)
+        advantages = distributed.local_share(
+            advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards)).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
         completion_mask = rollouts["completion_mask"]
         prompt_len = rollouts["prompt_ids"].size(1)
-        num_tokens = completion_mask.sum()
+        num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_batches = []
-        for part in torch.tensor_split(expert_indices, len(micro_batches())):
+        for part in torch.tensor_split(distributed.local_share(expert_indices), len(micro_batches())):
             prompts = [train_rows[i]["prompt"] for i in part.tolist()]
             expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_expert_tokens = sum((b[2].sum() for b in expert_batches if b is not None), torch.zeros((), device=args.device))
+        num_expert_tokens = distributed.all_sum(sum((b[2].sum() for b in expert_batches if b is not None),
+                                                    torch.zeros((), device=args.device)))
         timer["score"] = time.time() - t
 
         # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)
@@ -470,9 +478,10 @@ if __name__ == "__main__":
             share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-        total_loss = float(total_loss)
+        total_loss = distributed.all_sum(float(total_loss))
+        rl_loss, expert_nll = distributed.all_sum(rl_loss), distributed.all_sum(expert_nll)  # the dual step needs the whole batch's
         stop_if_not_finite(total_loss, step + 1, output_dir)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -483,7 +492,8 @@ if __name__ == "__main__":
         multiplier_used, multiplier = multiplier, dual_update(multiplier, divergence, args.epsilon, args.dual_lr)
 
         # ---- log, evaluate, checkpoint
-        lengths = completion_mask.sum(1).float()
+        lengths = distributed.gather(completion_mask.sum(1).float())
+        metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/rl_loss": float(rl_loss), "train/expert_nll": float(expert_nll),
@@ -494,7 +504,7 @@ if __name__ == "__main__":
             "disc/expert_prob": float(torch.sigmoid(expert_logits).mean()), "disc/policy_prob": float(torch.sigmoid(policy_logits).mean()),
             "train/reward": rewards.mean(), "train/log_d": torch.nn.functional.logsigmoid(policy_logits).mean(),
             "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": rollouts["truncated"].float().mean(),
+            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}", d_acc=f"{float(disc_metrics['accuracy']):.2f}")

@@ -18,6 +18,7 @@ process did), so single-process runs are unchanged.
 """
 
 import atexit
+import datetime
 import os
 import sys
 
@@ -48,18 +49,32 @@ def setup(args) -> None:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if on_gpu else "gloo")
-    atexit.register(dist.destroy_process_group)  # also on an error exit: no abort message after the error line
+    atexit.register(_leave)
     if not is_main():  # one copy of every printed line and progress bar; errors still reach stderr
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")
 
 
-def check_divisible(**counts: int) -> None:
-    """Every per-step count that is split over ranks must split evenly."""
-    for flag, count in counts.items():
-        if count % world_size():
-            raise SystemExit(f"error: --{flag.replace('_', '-')} ({count}) must be a multiple of the number of "
-                             f"processes ({world_size()}) under torchrun")
+def _leave() -> None:
+    """At exit, however the script ends: wait (a while) for the other ranks, then close
+    the process group. gloo aborts a process whose peers hang up on it mid-teardown
+    ("terminate called without an active exception"); a rank that stops alone, on an
+    error, does not wait long for the others."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
+
+
+def check_divisible(count: int, what: str) -> None:
+    """A per-step count that is split over ranks must split evenly."""
+    if count % world_size():
+        raise SystemExit(f"error: {what} ({count}) must be a multiple of the number of processes ({world_size()}) "
+                         "under torchrun")
 
 
 def shard(model):

@@ -1,0 +1,123 @@
+"""Every algorithm under torchrun with FSDP2 on 2 CPU processes (gloo), against the
+same command in one process: the same global batch must give the same losses and the
+same weights. Tolerance: losses rel 1e-5, weights abs 1e-5 (float32; the two runs
+pad and reduce in a different order, and Adam's first steps divide by sqrt(v) of
+gradients near zero, which is where the last digits go)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, run_script
+from test_scripts import common_flags, grpo_flags, losses
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def torchrun(script: str, *flags: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / script), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{script} under torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def weights(out):
+    return AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
+
+
+def assert_same_run(single, dist):
+    assert losses(dist) == pytest.approx(losses(single), rel=1e-5, abs=1e-7)
+    a, b = weights(single), weights(dist)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def without(flags, name):
+    at = flags.index(name)
+    return flags[:at] + flags[at + 2:]
+
+
+def sft_flags(world, out):
+    return common_flags(world, out) + ["--expert-cache", world["expert_cache"], "--steps", "3", "--batch-size", "8",
+                                       "--micro-batch-size", "2", "--max-new-tokens", "8", "--learning-rate", "1e-3"]
+
+
+def rl_flags(world, out):
+    flags = grpo_flags(world, out, world["model"])
+    flags[flags.index("--steps") + 1], flags[flags.index("--prompts-per-step") + 1] = "3", "4"
+    return flags
+
+
+def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path):
+    for script, make_flags in (("algos/sft.py", sft_flags), ("algos/grpo.py", rl_flags)):
+        single, dist = tmp_path / f"{script}-single", tmp_path / f"{script}-dist"
+        run_script(script, *make_flags(tiny_world, single))
+        torchrun(script, *make_flags(tiny_world, dist))
+        assert_same_run(single, dist)
+        # one metrics line per step and evaluation: only rank 0 wrote
+        steps = [json.loads(line)["step"] for line in (dist / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    torchrun("algos/grpo.py", *rl_flags(tiny_world, full))
+    torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--stop-at-step", "1")
+    assert (parts / "checkpoint" / "complete").exists() and not (parts / "eval.json").exists()
+    torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--resume")
+    assert_same_run(full, parts)
+    # the optimizer state is saved whole, in the one-process format: one process resumes it too
+    single = tmp_path / "single"
+    torchrun("algos/grpo.py", *rl_flags(tiny_world, single), "--stop-at-step", "1")
+    run_script("algos/grpo.py", *rl_flags(tiny_world, single), "--resume")
+    assert_same_run(full, single)
+
+
+def test_errors_under_torchrun_are_one_line(tiny_world, tmp_path):
+    result = torchrun("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "odd"), "--prompts-per-step", "3", expect_ok=False)
+    assert result.returncode != 0
+    assert "error: --prompts-per-step (3) must be a multiple of the number of processes (2) under torchrun" in result.stderr
+    assert "Traceback" not in result.stderr.split("error:")[0]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    run_script("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
+               "--out", str(path), "--num-prompts", "32", "--max-new-tokens", "8")
+    return path
+
+
+def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pairs, tmp_path):
+    expert = ["--expert-cache", tiny_world["expert_cache"], "--steps", "2"]
+    gpm = tmp_path / "gpm-single"
+    pair_flags = ["--model", tiny_world["model"], "--pairs-data", str(pairs), "--steps", "2", "--batch-size", "4",
+                  "--micro-batch-size", "2", "--eval-every", "2", "--save-every", "2"]
+    runs = {
+        "algos/chord.py": lambda out: rl_flags(tiny_world, out) + expert + ["--preset", "example", "--mu-warmup", "1",
+                                                                              "--expert-data-ratio", "0.2"],
+        "algos/aapa.py": lambda out: rl_flags(tiny_world, out) + expert + ["--disc-prompts", "32", "--base", "chord",
+                                                                             "--expert-data-ratio", "0.2"],
+        "algos/uniapl.py": lambda out: without(rl_flags(tiny_world, out), "--num-iterations") + expert
+        + ["--disc-steps", "2", "--expert-data-ratio", "0.2"],
+        "algos/adpo.py": lambda out: without(rl_flags(tiny_world, out), "--beta") + ["--steps", "2"],
+        "algos/adpo_pairwise.py": lambda out: pair_flags + ["--eval-data", tiny_world["eval"], "--eval-prompts", "8",
+                                                             "--output-dir", str(out)],
+        "algos/gpm.py": lambda out: pair_flags + ["--holdout", "0.25", "--output-dir", str(out)],
+        "algos/gprl.py": lambda out: without(rl_flags(tiny_world, out), "--beta") + [
+            "--gpm", str(gpm / "checkpoint"), "--steps", "2", "--drift-every", "1", "--probe-prompts", "4"],
+    }
+    for script, make_flags in runs.items():
+        single, dist = (gpm, tmp_path / "gpm-dist") if script == "algos/gpm.py" else (tmp_path / f"{script}-single",
+                                                                                       tmp_path / f"{script}-dist")
+        run_script(script, *make_flags(single))
+        torchrun(script, *make_flags(dist))
+        assert_same_run(single, dist)

@@ -287,7 +287,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
     else:
         model_state, optimizer_state = None, optimizer.state_dict()
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)
+    model.save_pretrained(tmp) if model_state is None else model.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
     torch.save({

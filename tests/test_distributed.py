@@ -6,6 +6,7 @@ gradients near zero, which is where the last digits go)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,17 +69,16 @@ def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path):
 
 
 def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
-    full, parts = tmp_path / "full", tmp_path / "parts"
-    torchrun("algos/grpo.py", *rl_flags(tiny_world, full))
+    full, parts, moved = tmp_path / "full", tmp_path / "parts", tmp_path / "moved"
+    run_script("algos/grpo.py", *rl_flags(tiny_world, full))  # equal to the torchrun run (test above)
     torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--stop-at-step", "1")
     assert (parts / "checkpoint" / "complete").exists() and not (parts / "eval.json").exists()
+    shutil.copytree(parts, moved, ignore=shutil.ignore_patterns(".lock"))
     torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--resume")
     assert_same_run(full, parts)
     # the optimizer state is saved whole, in the one-process format: one process resumes it too
-    single = tmp_path / "single"
-    torchrun("algos/grpo.py", *rl_flags(tiny_world, single), "--stop-at-step", "1")
-    run_script("algos/grpo.py", *rl_flags(tiny_world, single), "--resume")
-    assert_same_run(full, single)
+    run_script("algos/grpo.py", *rl_flags(tiny_world, moved), "--resume")
+    assert_same_run(full, moved)
 
 
 def test_errors_under_torchrun_are_one_line(tiny_world, tmp_path):
@@ -96,9 +96,10 @@ def pairs(tiny_world, tmp_path_factory):
     return path
 
 
-def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pairs, tmp_path):
+def other_algorithms(tiny_world, pairs, gpm):
+    """script -> flags(output folder) for the seven other scripts, 2 steps each; GPRL reads
+    the GPM checkpoint in `gpm` (GPM runs first)."""
     expert = ["--expert-cache", tiny_world["expert_cache"], "--steps", "2"]
-    gpm = tmp_path / "gpm-single"
     pair_flags = ["--model", tiny_world["model"], "--pairs-data", str(pairs), "--steps", "2", "--batch-size", "4",
                   "--micro-batch-size", "2", "--eval-every", "2", "--save-every", "2"]
     runs = {
@@ -115,9 +116,22 @@ def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pai
         "algos/gprl.py": lambda out: without(rl_flags(tiny_world, out), "--beta") + [
             "--gpm", str(gpm / "checkpoint"), "--steps", "2", "--drift-every", "1", "--probe-prompts", "4"],
     }
-    for script, make_flags in runs.items():
-        single, dist = (gpm, tmp_path / "gpm-dist") if script == "algos/gpm.py" else (tmp_path / f"{script}-single",
-                                                                                       tmp_path / f"{script}-dist")
+    return {**{k: v for k, v in runs.items() if k != "algos/gprl.py"}, "algos/gprl.py": runs["algos/gprl.py"]}
+
+
+def test_every_other_algorithm_runs_under_torchrun_and_saves_a_loadable_checkpoint(tiny_world, pairs, tmp_path):
+    for script, make_flags in other_algorithms(tiny_world, pairs, tmp_path / "algos/gpm.py").items():
+        out = tmp_path / script
+        torchrun(script, *make_flags(out))
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "train/loss" in line] == [1, 2]
+        assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+@pytest.mark.slow
+def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pairs, tmp_path):
+    for script, make_flags in other_algorithms(tiny_world, pairs, tmp_path / "single" / "algos/gpm.py").items():
+        single, dist = tmp_path / "single" / script, tmp_path / "dist" / script
         run_script(script, *make_flags(single))
         torchrun(script, *make_flags(dist))
         assert_same_run(single, dist)

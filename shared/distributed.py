@@ -80,9 +80,11 @@ def check_divisible(count: int, what: str) -> None:
 def shard(model):
     """FSDP2 on each decoder layer (no-op in a single process). Returns the model."""
     if world_size() > 1:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
         for layer in model.base_model.layers:
-            fully_shard(layer)
+            fully_shard(layer, mesh=mesh)
     return model
 
 
@@ -92,13 +94,20 @@ def local_share(items):
     return items[rank() * size:(rank() + 1) * size]
 
 
+def _communicable(tensor: torch.Tensor) -> torch.Tensor:
+    """nccl moves CUDA tensors only, gloo CPU ones."""
+    on_gpu = dist.get_backend() == "nccl"
+    return tensor.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """The ranks' equal-sized tensors, concatenated along dim 0 in rank order."""
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    local = _communicable(tensor.contiguous())
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
 
 
 def gather_objects(items: list) -> list:
@@ -114,16 +123,16 @@ def all_sum(value):
     """The sum over ranks of a number or tensor (a tensor comes back, a float for a float)."""
     if world_size() == 1:
         return value
-    tensor = torch.as_tensor(value, dtype=torch.float64 if isinstance(value, float) else None).clone()
+    tensor = _communicable(torch.as_tensor(value, dtype=torch.float64 if isinstance(value, float) else None).clone())
     dist.all_reduce(tensor)
-    return float(tensor) if isinstance(value, float) else tensor
+    return float(tensor) if isinstance(value, float) else tensor.to(value.device)
 
 
 def any_rank(flag: bool) -> bool:
     """True when the flag is true on some rank (used to keep decode loops in step)."""
     if world_size() == 1:
         return flag
-    tensor = torch.tensor([float(flag)])
+    tensor = _communicable(torch.tensor([float(flag)]))
     dist.all_reduce(tensor)
     return bool(tensor.item() > 0)
 

@@ -483,19 +483,17 @@ if __name__ == "__main__":
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
-        all_rows = [train_rows[i] for i in indices]
-        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
+        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
-        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
         t = time.time()
-        group_rows = [row for row in all_rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, texts)
-        rollout_logits = discriminator_logits([r["prompt"] for r in group_rows], texts)
+        group_rows = [row for row in rows for _ in range(args.group_size)]
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
+        rollout_logits = distributed.gather(discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"]))
         scores = anchor_scores(rollout_logits).cpu()
         advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, args.scale_rewards,
                                                           use_task_reward=base != "sft")).to(args.device)

@@ -270,18 +270,16 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-        all_rows = [train_rows[i] for i in indices]
-        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
+        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
-        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages
         t = time.time()
-        group_rows = [row for row in all_rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, texts)
+        group_rows = [row for row in rows for _ in range(args.group_size)]
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size)).to(args.device)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)

@@ -388,19 +388,17 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
-        all_rows = [train_rows[i] for i in indices]
-        rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
+        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
-        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages
         t = time.time()
-        group_rows = [row for row in all_rows for _ in range(args.group_size)]
-        rewards = reward_scores(reward_fn, group_rows, texts)  # logged only
-        v, gate = embed([r["prompt"] for r in group_rows], texts)
+        group_rows = [row for row in rows for _ in range(args.group_size)]
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # logged only
+        v, gate = (distributed.gather(t) for t in embed([r["prompt"] for r in group_rows], rollouts["texts"]))
         advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size)
         advantages = distributed.local_share(advantages)
         input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)

@@ -402,15 +402,15 @@ if __name__ == "__main__":
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
-        texts = distributed.gather_objects(rollouts["texts"])  # every rank scores the whole batch
         timer["generate"] = time.time() - t
 
         # ---- discriminator: k BCE steps, expert responses vs these rollouts (co-trained online)
         t = time.time()
-        group_rows = [row for row in all_rows for _ in range(args.group_size)]
+        group_rows = [row for row in rows for _ in range(args.group_size)]
         expert_prompts = [r["prompt"] for r in all_rows] + [train_rows[i]["prompt"] for i in expert_indices.tolist()]
-        expert_features = features(expert_prompts, [cache[p] for p in expert_prompts])
-        policy_features = features([r["prompt"] for r in group_rows], texts)
+        mine = distributed.local_share(expert_prompts)  # each rank embeds its share; every rank fits the same head
+        expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
+        policy_features = distributed.gather(features([r["prompt"] for r in group_rows], rollouts["texts"]))
         disc_metrics = {"accuracy": torch.tensor(float("nan")), "penalty": torch.tensor(0.0)}
         for _ in range(args.disc_steps):
             disc_loss, disc_metrics = online_discriminator_loss(head, expert_features, policy_features, args.label_smoothing,
@@ -424,7 +424,7 @@ if __name__ == "__main__":
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
         # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
-        rewards = reward_scores(reward_fn, group_rows, texts)
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
         advantages = distributed.local_share(
             advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards)).to(args.device)

@@ -34,7 +34,7 @@ from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
@@ -578,8 +578,7 @@ if __name__ == "__main__":
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             final_eval = run_eval(step + 1)
         if args.staged and step + 1 == args.stage1_steps:
-            model.save_pretrained(output_dir / "stage1")
-            tokenizer.save_pretrained(output_dir / "stage1")
+            save_model(output_dir / "stage1", model, tokenizer)
             optimizer, scheduler = make_optimizer(step + 1)
             tqdm.write(f"stage 1 (A-SFT) done at step {step + 1}: weights in {output_dir / 'stage1'}; stage 2: A-GRPO")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:

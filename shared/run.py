@@ -271,24 +271,35 @@ def stop_if_not_finite(loss: float, step: int, output_dir: Path) -> None:
     raise SystemExit(f"error: non-finite loss {loss} at step {step}; {kept}")
 
 
+def save_model(path: Path, model, tokenizer) -> None:
+    """The model and tokenizer as `from_pretrained` reads them. Under torchrun every rank
+    calls it (the sharded weights are gathered whole) and rank 0 writes."""
+    if distributed.world_size() == 1:
+        model.save_pretrained(path)
+    else:
+        state = distributed.full_state_dict(model)
+        if distributed.is_main():
+            model.save_pretrained(path, state_dict=state)
+    if distributed.is_main():
+        tokenizer.save_pretrained(path)
+
+
 def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args, extra: dict | None = None,
                     extra_files: dict | None = None) -> Path:
     """Write <output_dir>/checkpoint atomically: a temporary folder, then a rename,
     so a crash mid-save leaves the previous checkpoint intact. `extra` goes into the
     trainer state; each `extra_files` entry (name -> object) is torch-saved beside the model.
-    Under torchrun every rank calls it (the sharded tensors are gathered) and rank 0
-    writes the same files a single process writes."""
+    Under torchrun every rank calls it (sharded tensors are gathered) and rank 0 writes
+    the same files a single process writes."""
     final, tmp, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".tmp"), output_dir / (CHECKPOINT + ".old")
-    if distributed.world_size() > 1:
-        model_state, optimizer_state = distributed.full_state_dict(model), distributed.whole_optimizer_state(optimizer)
-        if not distributed.is_main():
-            torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
-            return final
-    else:
-        model_state, optimizer_state = None, optimizer.state_dict()
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp) if model_state is None else model.save_pretrained(tmp, state_dict=model_state)
-    tokenizer.save_pretrained(tmp)
+    optimizer_state = (optimizer.state_dict() if distributed.world_size() == 1
+                       else distributed.whole_optimizer_state(optimizer))
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model, tokenizer)
+    if not distributed.is_main():
+        torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
+        return final
     # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
     torch.save({
         "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer_state,

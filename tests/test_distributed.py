@@ -105,8 +105,8 @@ def other_algorithms(tiny_world, pairs, gpm):
     runs = {
         "algos/chord.py": lambda out: rl_flags(tiny_world, out) + expert + ["--preset", "example", "--mu-warmup", "1",
                                                                               "--expert-data-ratio", "0.2"],
-        "algos/aapa.py": lambda out: rl_flags(tiny_world, out) + expert + ["--disc-prompts", "32", "--base", "chord",
-                                                                             "--expert-data-ratio", "0.2"],
+        "algos/aapa.py": lambda out: rl_flags(tiny_world, out) + expert + ["--disc-prompts", "32", "--staged",
+                                                                             "--stage1-steps", "1", "--expert-data-ratio", "0.2"],
         "algos/uniapl.py": lambda out: without(rl_flags(tiny_world, out), "--num-iterations") + expert
         + ["--disc-steps", "2", "--expert-data-ratio", "0.2"],
         "algos/adpo.py": lambda out: without(rl_flags(tiny_world, out), "--beta") + ["--steps", "2"],
@@ -126,6 +126,7 @@ def test_every_other_algorithm_runs_under_torchrun_and_saves_a_loadable_checkpoi
         assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
                 if "train/loss" in line] == [1, 2]
         assert all(torch.isfinite(v).all() for v in weights(out).values())
+    AutoModelForCausalLM.from_pretrained(tmp_path / "algos/aapa.py" / "stage1")  # AAPA's stage-1 weights, gathered too
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization (GRPO), single process, TRL 1.x semantics.
+"""Group Relative Policy Optimization (GRPO), TRL 1.x semantics; one process, or many under torchrun.
 
 Per step: sample G completions for each prompt, score them, normalise rewards
 within each group into advantages, then minimise the clipped surrogate

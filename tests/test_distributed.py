@@ -7,8 +7,10 @@ gradients near zero, which is where the last digits go)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -136,3 +138,28 @@ def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pai
         run_script(script, *make_flags(single))
         torchrun(script, *make_flags(dist))
         assert_same_run(single, dist)
+
+
+@pytest.mark.slow
+def test_killed_torchrun_run_resumes_exactly(tiny_world, tmp_path):
+    """SIGKILL to the whole torchrun job after its first checkpoint, then --resume."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+
+    def flags(out):
+        made = rl_flags(tiny_world, out)
+        made[made.index("--steps") + 1] = "6"
+        return made
+
+    run_script("algos/grpo.py", *flags(full))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "algos/grpo.py"), *flags(killed)]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoint" / "complete").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (killed / "eval.json").exists()  # killed mid-run, not after it
+    torchrun("algos/grpo.py", *flags(killed), "--resume")
+    assert_same_run(full, killed)

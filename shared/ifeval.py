@@ -49,6 +49,11 @@ def checkers() -> dict:
     return {**ifeval_checkers, **ifbench_checkers}
 
 
+def given(kwargs: dict | None) -> dict:
+    """The arguments a row gives: datasets fills a kwargs column's absent fields with None."""
+    return {k: v for k, v in (kwargs or {}).items() if v is not None}
+
+
 def missing_nltk_data(instruction_id: str) -> list[str]:
     """The NLTK data packages this instruction's checker needs and cannot find."""
     import nltk
@@ -73,7 +78,7 @@ def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
     checker = checkers()[instruction_id](instruction_id)
     state = random.getstate()
     try:
-        checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+        checker.build_description(**given(kwargs))
         # A checker given no usable value for an argument draws one at random: the row
         # would be scored against a constraint nobody asked for.
         drew_at_random = random.getstate() != state
@@ -89,7 +94,7 @@ def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
 def verdicts(response: str, instruction_ids: list[str], kwargs_list: list[dict | None], prompt: str) -> list[tuple[bool, bool]]:
     """(strict, loose) for each instruction, by the official checkers."""
     from if_verifiable.common import evaluate_instructions
-    kwargs_list = [{k: v for k, v in (kwargs or {}).items() if v is not None} for kwargs in kwargs_list]
+    kwargs_list = [given(kwargs) for kwargs in kwargs_list]
     state = random.getstate()
     try:
         results, _ = evaluate_instructions(response, instruction_ids, kwargs_list, prompt, checkers())

@@ -37,9 +37,9 @@ def claim_output_dir(args) -> dict | None:
     if distributed.is_main():
         try:
             outcome = "state" if _claim_output_dir(args) is not None else "fresh"
-        except SystemExit as stop:
+        except SystemExit:
             distributed.broadcast_object("stop")
-            raise stop
+            raise
     outcome = distributed.broadcast_object(outcome)
     if outcome == "stop":
         raise SystemExit(1)

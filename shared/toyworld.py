@@ -76,9 +76,8 @@ TOY_CHECKERS = {
 
 
 def check_toy_instruction(response: str, instruction_id: str, kwargs: dict | None) -> bool:
-    """True when `response` follows one toy:* instruction. None-valued kwargs are
-    ignored (datasets fills absent struct fields with None)."""
-    kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    """True when `response` follows one toy:* instruction."""
+    kwargs = ifeval.given(kwargs)
     if instruction_id.startswith("toy:task:"):
         return _check_content(response, instruction_id.split(":")[2], **kwargs)
     return TOY_CHECKERS[instruction_id](response, **kwargs)
@@ -119,16 +118,18 @@ def instruction_verdicts(row: dict, response: str) -> list[tuple[bool, bool]]:
     or IFBench's official checker (shared/ifeval.py)."""
     ids = row["instruction_id_list"]
     kwargs_list = row.get("kwargs") or [None] * len(ids)
-    verdicts = {}
+    verdicts, official = [None] * len(ids), []
     for index, (instruction_id, kwargs) in enumerate(zip(ids, kwargs_list, strict=True)):
         if instruction_id.startswith("toy:"):
             followed = check_toy_instruction(response, instruction_id, kwargs)
             verdicts[index] = (followed, followed)
-    official = [index for index in range(len(ids)) if index not in verdicts]
-    if official:
+        else:
+            official.append(index)
+    if official:  # one call: the official rule strips a <think> block and builds the loose variants once
         found = ifeval.verdicts(response, [ids[i] for i in official], [kwargs_list[i] for i in official], row.get("prompt") or "")
-        verdicts.update(zip(official, found))
-    return [verdicts[index] for index in range(len(ids))]
+        for index, verdict in zip(official, found):
+            verdicts[index] = verdict
+    return verdicts
 
 
 def reward(row: dict, response: str) -> float:
@@ -164,7 +165,7 @@ def instruction_scores(rows: list[dict], responses: list[str]) -> dict[str, floa
 def oracle(row: dict) -> str:
     """A correct demonstration: the content, then the constraints applied in order."""
     ids, kwargs_list = row["instruction_id_list"], row["kwargs"]
-    args = {i: {k: v for k, v in kw.items() if v is not None} for i, kw in zip(ids, kwargs_list)}
+    args = {i: ifeval.given(kw) for i, kw in zip(ids, kwargs_list)}
     (task_id,) = [i for i in ids if i.startswith("toy:task:")]
     answer = content_answer(task_id.split(":")[2], args[task_id]["text"], args[task_id].get("letter"))
     if "toy:caps" in args:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_script
+from shared.toyworld import gold
 
 
 def common_flags(world, out):
@@ -274,7 +275,6 @@ def test_grpo_on_ifeval_style_data(tiny_world, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the gold in eval.json is the verifiers' verdict on the saved greedy responses
-    from shared.toyworld import gold
     assert result["gold"] == pytest.approx(sum(gold(r, text) for r, text in zip(rows, result["samples"])) / len(rows))
     assert all(f"eval/{name}" in metrics[-1] for name in ("gold", "gold_loose", "instruction_strict", "instruction_loose"))
 

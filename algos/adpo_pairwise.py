@@ -27,7 +27,7 @@ from shared.data import keep_short_prompts, load_pairs, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
 from shared.run import (CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything,
-                        step_generator, stop_if_not_finite, write_json)
+                        step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json)
 from shared.toyworld import instruction_scores
 
 
@@ -209,9 +209,10 @@ if __name__ == "__main__":
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * n / args.batch_size
         total_loss = distributed.all_sum(float(total_loss))
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        stop_if_not_finite(total_loss, step + 1, output_dir)
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
+        stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
+        stop_if_weights_not_finite(model, step + 1, output_dir)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 

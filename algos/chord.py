@@ -32,7 +32,7 @@ from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
@@ -413,9 +413,10 @@ if __name__ == "__main__":
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = distributed.all_sum(float(total_loss))
             rl_loss, expert_loss, expert_prob = (distributed.all_sum(v) for v in (rl_loss, expert_loss, expert_prob))
-            stop_if_not_finite(total_loss, step + 1, output_dir)
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
+            stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
             optimizer.step()
+            stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         timer["update"] = time.time() - t

@@ -30,7 +30,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
@@ -265,9 +265,10 @@ if __name__ == "__main__":
             gate_entropy += share * float(-(gate * gate.clamp(min=1e-12).log()).sum(-1).mean().detach())
         loss, gate_entropy = distributed.all_sum(loss), distributed.all_sum(gate_entropy)
         metrics = {key: distributed.all_sum(value) for key, value in metrics.items()}
-        stop_if_not_finite(loss, step + 1, output_dir)
         grad_norm = distributed.sum_gradients_and_clip(parameters, args.max_grad_norm)
+        stop_if_not_finite(loss, step + 1, output_dir, grad_norm)
         optimizer.step()
+        stop_if_weights_not_finite(backbone, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -21,7 +21,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -107,7 +107,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_common_flags(args)
     if args.batch_size % args.micro_batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
     distributed.check_divisible(args.batch_size, "--batch-size")
     output_dir = Path(args.output_dir)
@@ -181,9 +181,10 @@ if __name__ == "__main__":
             loss.backward()
             total_loss += loss.detach()
         total_loss = distributed.all_sum(float(total_loss))
-        stop_if_not_finite(total_loss, step + 1, output_dir)
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
+        stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
+        stop_if_weights_not_finite(model, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -39,5 +39,8 @@ def reward_scores(reward_fn, rows: list[dict], texts: list[str]) -> torch.Tensor
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise SystemExit(f"error: the reward function returned {value!r} for prompt {row['prompt']!r}; "
                              "rewards must be finite numbers")
+        if abs(value) > torch.finfo(torch.float32).max:
+            raise SystemExit(f"error: the reward function returned {value!r} for prompt {row['prompt']!r}, which "
+                             "overflows float32 (|r| > 3.4e38); rewards must be finite float32 numbers")
         rewards.append(float(value))
     return torch.tensor(rewards)

@@ -23,6 +23,11 @@ TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "complete"  # written last into a checkpoint folder: its absence means the save was cut short
 RUN_RECORD = "run.json"  # the flags the run was started with
 # flags that change how a run is computed or reported, never what it computes: free to differ on --resume
+# what a run writes into its folder: --overwrite deletes these and nothing else
+RUN_OUTPUTS = {".lock", RUN_RECORD, "metrics.jsonl", "tb", "eval.json", "initial_eval.json", CHECKPOINT,
+               CHECKPOINT + ".tmp", CHECKPOINT + ".old", "stage1", "discriminator.pt"}
+# flags naming files or folders a run reads (the run folder may not overlap any of them)
+INPUT_FLAGS = ("model", "train_data", "eval_data", "expert_cache", "pairs_data", "disc_path", "disc_encoder", "gpm")
 RUN_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_flag_changes", "stop_at_step", "track", "wandb_project", "device",
                      "compile", "micro_batch_size", "gradient_checkpointing", "logp_chunk_tokens", "output_dir"}
 _held_locks = []  # open lock files: the lock lasts as long as the process
@@ -53,6 +58,7 @@ def _claim_output_dir(args) -> dict | None:
     neither --resume nor --overwrite was given, or when --resume would change flags of
     the run (unless --allow-flag-changes). A checkpoint save cut short at any instant
     is repaired first, so --resume always finds the newest complete checkpoint."""
+    check_output_dir_is_safe(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"error: --output-dir {str(output_dir)!r} is a file, not a folder")
@@ -72,6 +78,12 @@ def _claim_output_dir(args) -> dict | None:
         if not getattr(args, "overwrite", False):
             raise SystemExit(f"error: --output-dir {str(output_dir)!r} already holds a run; pass --resume to continue it, "
                              "--overwrite to delete it and start again, or choose another folder")
+        foreign = sorted(entry.name for entry in output_dir.iterdir()
+                         if entry.name not in RUN_OUTPUTS and not entry.name.endswith(".tmp"))
+        if foreign:
+            raise SystemExit(f"error: --output-dir {str(output_dir)!r} holds files no run writes ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}); --overwrite deletes only a run's own files: "
+                             "move them or choose another folder")
         for entry in output_dir.iterdir():
             if entry.name != ".lock":
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -83,6 +95,39 @@ def _claim_output_dir(args) -> dict | None:
             raise SystemExit(f"error: --resume with flags that differ from the run in {str(output_dir)!r}: "
                              f"{', '.join(changed)}; rerun with the run's flags or pass --allow-flag-changes")
     return load_trainer_state(output_dir) if args.resume else None
+
+
+def check_output_dir_is_safe(args) -> None:
+    """Refuse, before anything is created or deleted, a run folder whose --overwrite or
+    checkpoint saves could destroy something else: an empty path (an unset shell
+    variable), the current folder or one above it, home, root, a git repository or a
+    folder holding this project; a folder equal to, inside or around an input the run
+    reads (--model, data, expert cache, pairs, discriminator, GPM); and a folder inside
+    another run's folder (that run's next save or --overwrite would delete it)."""
+    if not str(args.output_dir).strip():
+        raise SystemExit("error: --output-dir is empty (an unset shell variable?); give the run its own folder")
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    project = Path(__file__).resolve().parents[1]
+    protected = {Path.cwd().resolve(): "the current folder", Path.home().resolve(): "the home folder",
+                 Path(output_dir.anchor): "the root folder", project: "this project's folder"}
+    for path, name in protected.items():
+        if output_dir == path or output_dir in path.parents:
+            raise SystemExit(f"error: --output-dir {args.output_dir!r} is {name}"
+                             f"{'' if output_dir == path else ' or a folder above it'}; give the run its own folder")
+    if (output_dir / ".git").exists():
+        raise SystemExit(f"error: --output-dir {args.output_dir!r} is a git repository; give the run its own folder")
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, "")
+        if not value or not Path(value).expanduser().exists():
+            continue  # unset, or a hub id
+        source = Path(value).expanduser().resolve()
+        if source == output_dir or output_dir in source.parents or source in output_dir.parents:
+            raise SystemExit(f"error: --output-dir {args.output_dir!r} overlaps --{flag.replace('_', '-')} {value!r}, "
+                             "which the run reads (its saves would overwrite it); choose another folder")
+    for parent in output_dir.parents:
+        if (parent / RUN_RECORD).exists() or (parent / CHECKPOINT / TRAINER_STATE).exists():
+            raise SystemExit(f"error: --output-dir {args.output_dir!r} is inside the run folder {str(parent)!r}, whose "
+                             "saves and --overwrite delete what they do not own; choose a folder outside it")
 
 
 def recover_checkpoint(output_dir: Path) -> None:
@@ -145,6 +190,14 @@ def check_common_flags(args) -> None:
     check_range(args, **rules)
     if hasattr(args, "dtype") and args.dtype not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if getattr(args, "dtype", "") == "float16" and hasattr(args, "learning_rate"):
+        raise SystemExit("error: --dtype float16 cannot be trained with AdamW here (its eps 1e-8 and squared "
+                         "gradients underflow in float16, and the weights turn NaN); use --dtype bfloat16, or "
+                         "float32 with --autocast-bf16")
+    if hasattr(args, "temperature") and 0 < args.temperature < 1e-3:
+        raise SystemExit(f"error: --temperature must be >= 0.001 (logits / T overflow below that), got {args.temperature}")
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**63:
+        raise SystemExit(f"error: --seed must be in [0, 2^63), got {args.seed}")
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")
@@ -154,21 +207,21 @@ def check_common_flags(args) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds, torch 64-bit ones
+    torch.manual_seed(seed % 2**64)
 
 
 def step_seed(seed: int, step: int) -> int:
     """The seed of one step. Every random draw of a step (data order, sampling) comes
     from it, so a resumed run draws exactly what the uninterrupted run would have drawn:
     checkpoints need no RNG state."""
-    return seed * 1_000_003 + step
+    return (seed * 1_000_003 + step) % 2**64  # any seed: torch generators take 64 bits
 
 
 def prompt_seeds(seed: int, step: int, count: int) -> list[int]:
     """One seed per prompt of a step, for sampling its completions: what a prompt's
     completions are does not depend on how the batch is split (micro-batches, ranks)."""
-    return [step_seed(seed, step) * 1_000_003 + index for index in range(count)]
+    return [(step_seed(seed, step) * 1_000_003 + index) % 2**64 for index in range(count)]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -260,15 +313,38 @@ def _finite(obj):
     return obj
 
 
-def stop_if_not_finite(loss: float, step: int, output_dir: Path) -> None:
-    """A NaN/inf loss ends the run before the optimizer step touches the weights; the
-    checkpoint on disk (if any) is the last good state."""
-    if math.isfinite(loss):
-        return
+def _kept_checkpoint(output_dir: Path) -> str:
     state = output_dir / CHECKPOINT / TRAINER_STATE
-    kept = (f"the last checkpoint (step {torch.load(state, weights_only=False)['step']}) is kept in "
+    return (f"the last checkpoint (step {torch.load(state, weights_only=False, mmap=True)['step']}) is kept in "
             f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
-    raise SystemExit(f"error: non-finite loss {loss} at step {step}; {kept}")
+
+
+def stop_if_not_finite(loss: float, step: int, output_dir: Path, grad_norm=None) -> None:
+    """Called between the backward passes and the optimizer step: a NaN/inf loss or
+    gradient norm ends the run before the update touches the weights, so the checkpoint
+    on disk (if any) is the last good state. (A finite loss can have a non-finite
+    gradient, e.g. at a huge learning rate once the weights have grown.)"""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: non-finite loss {loss} at step {step}; the weights were not updated; "
+                         f"{_kept_checkpoint(output_dir)}")
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        raise SystemExit(f"error: non-finite gradient norm {float(grad_norm)} at step {step} (loss {loss:.4g}); "
+                         f"the weights were not updated; {_kept_checkpoint(output_dir)}")
+
+
+def weights_are_finite(model) -> bool:
+    """True when every weight of the model is finite, on every rank (a collective under torchrun)."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+    finite = bool(torch.stack([t.isfinite().all() for t in local]).all()) if local else True
+    return not distributed.any_rank(not finite)
+
+
+def stop_if_weights_not_finite(model, step: int, output_dir: Path) -> None:
+    """Called after every optimizer step: an update that made a weight NaN/inf (an
+    overflowing learning rate, float16 moments) ends the run; nothing of it is saved."""
+    if not weights_are_finite(model):
+        raise SystemExit(f"error: the optimizer step of step {step} made weights non-finite (learning rate too "
+                         f"high, or a dtype too narrow for AdamW?); nothing of it was saved; {_kept_checkpoint(output_dir)}")
 
 
 def save_model(path: Path, model, tokenizer) -> None:
@@ -291,6 +367,8 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
     trainer state; each `extra_files` entry (name -> object) is torch-saved beside the model.
     Under torchrun every rank calls it (sharded tensors are gathered) and rank 0 writes
     the same files a single process writes."""
+    if not weights_are_finite(model):  # never written, so never resumed from or called good
+        raise SystemExit(f"error: refusing to save non-finite weights at step {step}; {_kept_checkpoint(output_dir)}")
     final, tmp, old = output_dir / CHECKPOINT, output_dir / (CHECKPOINT + ".tmp"), output_dir / (CHECKPOINT + ".old")
     optimizer_state = (optimizer.state_dict() if distributed.world_size() == 1
                        else distributed.whole_optimizer_state(optimizer))

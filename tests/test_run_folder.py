@@ -34,6 +34,9 @@ class Flags:
 class SavesAFile:
     """Stands in for a model or tokenizer: save_pretrained writes one file."""
 
+    def parameters(self):
+        return iter([torch.nn.Parameter(torch.zeros(1))])
+
     def save_pretrained(self, folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "weights.txt").write_text("w")
@@ -73,9 +76,63 @@ def test_a_folder_holding_a_run_is_refused_without_resume_and_cleared_with_overw
     start(tmp_path / "a")
     with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
         claim(tmp_path / "a")
-    (tmp_path / "a" / "other.txt").write_text("x")
+    (tmp_path / "a" / "eval.json").write_text("{}")
     assert claim(tmp_path / "a", overwrite=True) is None
     assert [p.name for p in (tmp_path / "a").iterdir()] == [".lock"]
+
+
+def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
+    start(tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files no run writes \\(notes.txt\\)"):
+        claim(tmp_path / "a", overwrite=True)
+    assert (tmp_path / "a" / "notes.txt").read_text() == "mine" and (tmp_path / "a" / "run.json").exists()
+
+
+@pytest.mark.parametrize("where", ["empty", "cwd", "parent of cwd", "home", "root", "git repository", "project"])
+def test_output_dirs_whose_overwrite_would_delete_more_than_a_run_are_refused(tmp_path, monkeypatch, where):
+    work = tmp_path / "work"
+    (work / ".git").mkdir(parents=True)
+    (work / "sub").mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work / "sub" if where == "parent of cwd" else work)
+    folder = {"empty": "", "cwd": ".", "parent of cwd": "..", "home": str(Path.home()), "root": "/",
+              "git repository": str(work), "project": str(ROOT)}[where]
+    with pytest.raises(SystemExit, match="^error: --output-dir"):
+        claim_output_dir(Flags(folder, overwrite=True))
+    assert (work / "keep.txt").exists() and (work / ".git").is_dir()
+    assert not (work / ".lock").exists()  # refused before anything was created
+
+
+@dataclasses.dataclass
+class FlagsWithInputs(Flags):
+    model: str = ""
+    expert_cache: str = ""
+
+
+@pytest.mark.parametrize("relation", ["equal", "output inside model", "model inside output"])
+def test_an_output_dir_overlapping_an_input_is_refused_before_anything_is_deleted(tmp_path, relation):
+    model = tmp_path / "run" / "checkpoint"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    output = {"equal": model, "output inside model": model / "out", "model inside output": tmp_path / "run"}[relation]
+    with pytest.raises(SystemExit, match="overlaps --model"):
+        claim_output_dir(FlagsWithInputs(str(output), overwrite=True, model=str(model)))
+    assert (model / "config.json").read_text() == "{}"
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("")
+    with pytest.raises(SystemExit, match="overlaps --expert-cache"):
+        claim_output_dir(FlagsWithInputs(str(cache), expert_cache=str(cache)))
+    assert cache.is_file()
+
+
+def test_a_run_inside_another_runs_folder_is_refused(tmp_path):
+    start(tmp_path / "a")
+    save(tmp_path / "a", 1)
+    for inner in (tmp_path / "a" / "checkpoint", tmp_path / "a" / "b" / "c"):
+        with pytest.raises(SystemExit, match="is inside the run folder"):
+            claim(inner)
+    assert saved_step(tmp_path / "a") == 1
 
 
 def test_resume_refuses_changed_flags_naming_them_unless_allowed(tmp_path):

@@ -296,3 +296,37 @@ def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):
     result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "e", tiny_world["model"]),
                         "--max-prompt-tokens", "3", "--long-prompts", "error", expect_ok=False)
     assert result.returncode != 0 and "row 0: prompt has" in result.stderr and "Traceback" not in result.stderr
+
+
+def final_weights_are_finite(out: Path) -> bool:
+    if not (out / "checkpoint").exists():
+        return True
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("script", ["algos/sft.py", "algos/grpo.py"])
+def test_an_update_that_makes_weights_non_finite_stops_the_run_and_is_never_saved(script, tiny_world, tmp_path):
+    """--learning-rate 1e30: the loss stays finite for a step or two while the weights or
+    the gradient norm blow up. The run must stop with one line naming the step, keep the
+    last good checkpoint and write no eval.json."""
+    out = tmp_path / "out"
+    flags = sft_flags(tiny_world, out) if script == "algos/sft.py" else grpo_flags(tiny_world, out, tiny_world["model"])
+    flags += ["--learning-rate", "1e30", "--save-every", "1"]
+    result = run_script(script, *flags, expect_ok=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("at step" in last or "of step" in last), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (out / "eval.json").exists()
+    assert final_weights_are_finite(out)
+
+
+def test_a_reward_that_overflows_float32_is_named(tiny_world, tmp_path):
+    module = tmp_path / "huge_reward.py"
+    module.write_text("def reward(row, text):\n    return 1e39\n")
+    result = subprocess.run([sys.executable, str(ROOT / "algos/grpo.py"), *grpo_flags(tiny_world, tmp_path / "out", tiny_world["model"]),
+                             "--reward-fn", "huge_reward:reward"], capture_output=True, text=True, cwd=ROOT,
+                            env={**__import__("os").environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "returned 1e+39" in result.stderr and "overflows float32" in result.stderr, result.stderr[-2000:]

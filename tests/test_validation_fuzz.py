@@ -154,6 +154,10 @@ def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_
     ("algos/grpo.py", ["--reward-fn", "json:dumps"], "must take two arguments"),
     ("algos/grpo.py", ["--reward-fn", "nowhere:f"], "not an importable"),
     ("algos/sft.py", ["--steps", "0"], "--steps must be in [1, inf)"),
+    ("algos/sft.py", ["--dtype", "float16"], "--dtype float16 cannot be trained with AdamW"),
+    ("algos/grpo.py", ["--temperature", "1e-40"], "--temperature must be >= 0.001"),
+    ("algos/grpo.py", ["--seed", "-1"], "--seed must be in [0, 2^63)"),
+    ("algos/grpo.py", ["--output-dir", ""], "--output-dir is empty"),
 ])
 def test_each_class_of_bad_flag_names_the_flag(script, argv, expected, tiny_world, tmp_path, monkeypatch):
     monkeypatch.setattr(shared.modeling, "load_model", refuse_to_load)

@@ -251,7 +251,7 @@ if __name__ == "__main__":
     log_vocab = math.log(model.get_output_embeddings().weight.size(0))  # entropies / log(vocab) lie in [0, 1]
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
@@ -273,7 +273,7 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages

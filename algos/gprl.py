@@ -356,19 +356,19 @@ if __name__ == "__main__":
     # ---- drift monitor: probe prompts with frozen reference responses (the initial policy, greedy)
     probe_order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1))
     probe_prompts = [train_rows[i]["prompt"] for i in probe_order[: args.probe_prompts].tolist()]
-    reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False)["texts"]
+    reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False, autocast_bf16=args.autocast_bf16)["texts"]
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.eps, "beta": args.beta, "margins": torch.zeros(len(dim_names)), "alarms": 0}
 
     def probe_margins():
         """D_l: mean over the probe set of s_l(policy's greedy response, reference response)."""
-        texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False)["texts"]
+        texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False, autocast_bf16=args.autocast_bf16)["texts"]
         v, _ = embed(probe_prompts, texts)
         return skew_scores(v, reference_v).mean(0).cpu()
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
@@ -391,7 +391,7 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages

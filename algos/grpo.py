@@ -234,7 +234,7 @@ if __name__ == "__main__":
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens)
+        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
@@ -256,7 +256,7 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))))
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages

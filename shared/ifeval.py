@@ -2,12 +2,13 @@
 (allenai/IFBench_test) official verifiers, and the conversion of allenai/RLVR-IFeval
 training rows into IFEval's schema.
 
-Scoring is theirs, not ours: every non-toy instruction id is checked by the
+Checking is theirs, not ours: every non-toy instruction id is checked by the
 reference checker classes as packaged in `if-verifiable` (Google's IFEval code and
-AllenAI's IFBench code), through that package's strict/loose rule
-(`if_verifiable.common.evaluate_instructions`: strict checks the response, loose
-accepts any of 8 variants without the first and/or last line and/or '*'; a
-`<think>` block is dropped first; an empty response follows nothing).
+AllenAI's IFBench code). The rule around them is Google's evaluation_lib, written
+here (verdicts): strict checks the RAW response, loose accepts any of 8 variants (the
+response without its first and/or last line, each stripped, with or without '*'); a
+response or variant of only whitespace follows nothing. A `<think>` block is dropped
+only when asked (strip_think); the official numbers keep it.
 
 Seven checkers load NLTK data (NLTK_DATA below), which NLTK downloads from the
 internet. We never download it implicitly (IFBench's module would try at import):
@@ -66,6 +67,19 @@ def missing_nltk_data(instruction_id: str) -> list[str]:
     return missing
 
 
+# Arguments the checkers iterate over: a string there would be read letter by letter.
+LIST_ARGUMENTS = ("keywords", "forbidden_words")
+
+
+def official_random_letter(instruction_id: str, kwargs: dict | None) -> bool:
+    """True for IFEval's letter_frequency rows whose letter is not a letter (official rows
+    1122 and 1129 ask for '#' and '!'): the official checker scores them against a random
+    letter instead; so do we, drawn from a fixed seed (build_checker)."""
+    letter = given(kwargs).get("letter")
+    return (instruction_id == "keywords:letter_frequency" and isinstance(letter, str) and len(letter) == 1
+            and not "a" <= letter.lower() <= "z")
+
+
 def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
     """What stops this instruction from being scored, in one line, or None: an unknown
     id, kwargs its checker does not take or rejects, NLTK data not installed."""
@@ -75,6 +89,10 @@ def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
     if missing:
         return (f"instruction {instruction_id!r} is checked with NLTK data {', '.join(missing)}, which is not installed; "
                 + INSTALL_HINT.format(names=" ".join(missing)))
+    for name in LIST_ARGUMENTS:
+        value = given(kwargs).get(name)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            return f"instruction {instruction_id!r}: argument {name!r} must be a list of strings, got {value!r}"[:300]
     checker = checkers()[instruction_id](instruction_id)
     state = random.getstate()
     try:
@@ -86,26 +104,67 @@ def instruction_problem(instruction_id: str, kwargs: dict | None) -> str | None:
         return f"instruction {instruction_id!r} rejects its kwargs {kwargs!r}: {error}"[:300]
     finally:
         random.setstate(state)
-    if drew_at_random:
+    if drew_at_random and not official_random_letter(instruction_id, kwargs):
         return f"instruction {instruction_id!r} lacks an argument (or has one out of range) in its kwargs {kwargs!r}"[:300]
     return None
 
 
-def verdicts(response: str, instruction_ids: list[str], kwargs_list: list[dict | None], prompt: str) -> list[tuple[bool, bool]]:
-    """(strict, loose) for each instruction, by the official checkers."""
-    from if_verifiable.common import evaluate_instructions
-    kwargs_list = [given(kwargs) for kwargs in kwargs_list]
+def without_think(response: str) -> str:
+    """A reasoning model's answer: the text after its last `</think>` (leading whitespace
+    dropped), or nothing when a `<think>` block is never closed. Off by default:
+    IFEval and IFBench score the raw response."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1].lstrip()
+    return "" if response.lstrip().startswith("<think>") else response
+
+
+def loose_variants(response: str) -> list[str]:
+    """IFEval's loose rule: the response, without its first line, without its last line,
+    without both (each then stripped of surrounding whitespace), and those four with
+    every '*' removed. An instruction is followed loosely when any variant follows it."""
+    lines = response.split("\n")
+    trimmed = [response] + ["\n".join(part).strip() for part in (lines[1:], lines[:-1], lines[1:-1])]
+    return trimmed + [variant.replace("*", "") for variant in trimmed]
+
+
+def build_checker(instruction_id: str, kwargs: dict | None, prompt: str):
+    """The official checker of one instruction, built as IFEval's evaluation builds it:
+    from the row's kwargs, then (for checkers that take it) the prompt. A checker that
+    draws an argument at random (the official letter_frequency rows whose letter is not
+    a letter) draws from a fixed seed, so a row always gets the same constraint."""
+    checker = checkers()[instruction_id](instruction_id)
     state = random.getstate()
+    random.seed(0)
     try:
-        results, _ = evaluate_instructions(response, instruction_ids, kwargs_list, prompt, checkers())
-    except LookupError:  # NLTK data removed after the rows were checked
-        missing = sorted({name for i in instruction_ids for name in missing_nltk_data(i)}) or ["punkt_tab"]
-        raise ValueError(f"scoring needs NLTK data {', '.join(missing)}; " + INSTALL_HINT.format(names=" ".join(missing))) from None
+        checker.build_description(**given(kwargs))
+        arguments = checker.get_instruction_args()
+        if arguments and "prompt" in arguments:
+            checker.build_description(prompt=prompt)
     finally:
         random.setstate(state)
-    if not results:  # an empty response (after its <think> block) follows nothing
-        return [(False, False)] * len(instruction_ids)
-    return [(result.strict_pass, result.loose_pass) for result in results]
+    return checker
+
+
+def verdicts(response: str, instruction_ids: list[str], kwargs_list: list[dict | None], prompt: str,
+             strip_think: bool = False) -> list[tuple[bool, bool]]:
+    """(strict, loose) for each instruction by the official checkers, under Google's rule
+    (IFEval's evaluation_lib; IFBench's is the same): strict checks the raw response,
+    loose any of its loose_variants; a variant that is only whitespace follows nothing."""
+    if strip_think:
+        response = without_think(response)
+    variants = loose_variants(response)
+    found = []
+    for instruction_id, kwargs in zip(instruction_ids, kwargs_list, strict=True):
+        checker = build_checker(instruction_id, kwargs, prompt)
+        try:
+            strict = bool(response.strip()) and bool(checker.check_following(response))
+            loose = any(variant.strip() and checker.check_following(variant) for variant in variants)
+        except LookupError:  # NLTK data removed after the rows were checked
+            missing = sorted({name for i in instruction_ids for name in missing_nltk_data(i)}) or ["punkt_tab"]
+            raise ValueError(f"scoring needs NLTK data {', '.join(missing)}; "
+                             + INSTALL_HINT.format(names=" ".join(missing))) from None
+        found.append((strict, bool(loose)))
+    return found
 
 
 # allenai/RLVR-IFeval names its verifier in ground_truth["func_name"]; these are the
@@ -140,8 +199,9 @@ RLVR_FUNCTIONS = {
 
 def from_rlvr(row: dict, index: int = 0) -> dict:
     """An RLVR-IFeval row (messages, ground_truth) as an IFEval row (prompt,
-    instruction_id_list, kwargs). 'at most N' becomes 'less than N + 1'; 'around N'
-    is scored as 'at least N'."""
+    instruction_id_list, kwargs). 'at most N' becomes 'less than N + 1'; an 'around N'
+    row is refused (its own verifier accepts counts within max(round(N / 10), 1) of N,
+    a relation IFEval's checkers do not have)."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user" for m in messages):
         raise ValueError(f"row {index}: field 'messages' must be a list of chat messages with a user turn")
@@ -159,7 +219,8 @@ def from_rlvr(row: dict, index: int = 0) -> dict:
             number_key = {"relation": "num_words" if "num_words" in kwargs else "num_sentences" if "num_sentences" in kwargs
                           else "frequency", "capital_relation": "capital_frequency", "let_relation": "let_frequency"}[key]
             kwargs[key], kwargs[number_key] = "less than", int(kwargs[number_key]) + 1
-        elif kwargs.get(key) == "around":
-            kwargs[key] = "at least"
+        elif kwargs.get(key) == "around":  # no IFEval relation means |count - N| <= max(round(N / 10), 1)
+            raise ValueError(f"row {index}: verifier {truth['func_name']!r} asks for 'around' {truth.get('N')}, which "
+                             "IFEval's checkers cannot score as the dataset defines it; remove such rows")
     prompt = next(m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "user")
     return {"key": index, "prompt": prompt, "instruction_id_list": [instruction_id], "kwargs": [kwargs]}

@@ -19,12 +19,18 @@ TINY_CHAT_TEMPLATE = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges: one token per byte, so any text encodes."""
+def build_tiny_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges: one token per byte, so any text encodes.
+    vocab_size: pad the vocabulary with never-produced filler tokens to this width
+    (151,936 stands in for Qwen3's tokenizer at the real shape, offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    special_count = 5  # eos, pad and the three role tokens below
+    for i in range(len(vocab), (vocab_size or 0) - special_count):
+        vocab[f"<filler_{i}>"] = i
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -34,13 +40,18 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 8,
-                     intermediate_size: int = 384, seed: int = 0) -> Path:
-    """Create and save a randomly initialised Qwen3-architecture model and its tokenizer."""
-    tokenizer = build_tiny_tokenizer()
+                     intermediate_size: int = 384, seed: int = 0, vocab_size: int | None = None,
+                     num_kv_heads: int | None = None, head_dim: int | None = None,
+                     max_position_embeddings: int = 256) -> Path:
+    """Create and save a randomly initialised Qwen3-architecture model and its tokenizer.
+    The defaults make the tiny toy-world model; scripts/real_shape.py passes Qwen3-0.6B's
+    configuration (vocabulary 151,936 included) to run every algorithm at the real shape."""
+    tokenizer = build_tiny_tokenizer(vocab_size)
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-        head_dim=hidden_size // num_heads, max_position_embeddings=256, tie_word_embeddings=True,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or max(1, num_heads // 2), head_dim=head_dim or hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

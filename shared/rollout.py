@@ -3,7 +3,7 @@ algorithm runs but none of them defines."""
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from shared.distributed import any_rank, gather_objects, local_share, world_size
 from shared.modeling import chat_prompt
@@ -46,7 +46,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) ->
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
                       temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False,
-                      share_prompts: bool = True, seeds: list[int] | None = None) -> dict:
+                      share_prompts: bool = True, seeds: list[int] | None = None, autocast_bf16: bool = False) -> dict:
     """group_size samples of every prompt, all in one batch with a KV cache.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
@@ -55,6 +55,9 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     seeds: one per prompt; each prompt's samples are drawn from its own generator, so
     they do not depend on which other prompts share the batch (or the process, under
     torchrun). Without seeds, the global RNG.
+    autocast_bf16: run the model under bfloat16 autocast, as training does with the same
+    flag, so the KV cache is bfloat16 (half the memory of float32); tokens are still
+    drawn from float32 probabilities.
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
     (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts;
     with output_scores, also the logits / T each token was drawn from, [B*G, L, V].
@@ -63,18 +66,21 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     was_training = model.training
     model.eval()
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
     try:
         if share_prompts:
             generators = None if seeds is None else [torch.Generator(device).manual_seed(seed) for seed in seeds]
-            completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
-                                                                temperature, do_sample, tokenizer.eos_token_id,
-                                                                tokenizer.pad_token_id, generators)
+            with autocast:
+                completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
+                                                                    temperature, do_sample, tokenizer.eos_token_id,
+                                                                    tokenizer.pad_token_id, generators, output_scores)
         else:
             if seeds is not None:
                 torch.manual_seed(seeds[0])
-            completion_ids, scores = _generate(model, tokenizer, prompt_ids.repeat_interleave(group_size, dim=0),
-                                               prompt_mask.repeat_interleave(group_size, dim=0), max_new_tokens,
-                                               temperature, do_sample)
+            with autocast:
+                completion_ids, scores = _generate(model, tokenizer, prompt_ids.repeat_interleave(group_size, dim=0),
+                                                   prompt_mask.repeat_interleave(group_size, dim=0), max_new_tokens,
+                                                   temperature, do_sample, output_scores)
     finally:
         model.train(was_training)
     completion_mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
@@ -89,17 +95,22 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
 
 
 def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
-                               eos_token_id, pad_token_id, generators=None):
+                               eos_token_id, pad_token_id, generators=None, output_scores=False):
     """The decode loop: run each of the B prompts once (prefill), copy its KV cache to
     its G rows, then add one token to all B*G rows per step until every row has ended
     (on every process, under torchrun: sharded layers need every process in each
     forward) or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when
     not do_sample), nothing else: the distribution every log-prob, ratio and KL assumes;
     with `generators` (one per prompt) each group draws from its own.
-    Returns completion ids [B*G, L] (pad after a row's eos) and the logits / T [B*G, L, V]."""
+    Returns completion ids [B*G, L] (pad after a row's eos) and, with output_scores, the
+    logits / T [B*G, L, V] (else None: at Qwen3's vocabulary they would be 0.6 MB per
+    row and token, 40 GB for 64 rows x 1,024 tokens)."""
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as completion_logps
+    compute_dtype = torch.get_autocast_dtype(prompt_ids.device.type) \
+        if torch.is_autocast_enabled(prompt_ids.device.type) else next(model.parameters()).dtype
+    cache = CacheInDtype(compute_dtype, config=model.config)
     # the cache is the 4th positional argument and the 2nd output (see completion_hidden)
-    logits, cache = model(prompt_ids, prompt_mask, position_ids, None, use_cache=True, logits_to_keep=1)[:2]
+    logits, cache = model(prompt_ids, prompt_mask, position_ids, cache, use_cache=True, logits_to_keep=1)[:2]
     cache.batch_repeat_interleave(group_size)
     logits = logits[:, -1].repeat_interleave(group_size, dim=0)
     attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)
@@ -117,17 +128,33 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
             token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).squeeze(1)
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
-        scores.append(scaled)
+        if output_scores:
+            scores.append(scaled)
         finished |= token == eos_token_id
         if not any_rank(not finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         logits, cache = model(token[:, None], attention_mask, next_position, cache, use_cache=True)[:2]
         logits, next_position = logits[:, -1], next_position + 1
-    return torch.stack(tokens, dim=1), torch.stack(scores, dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(scores, dim=1) if output_scores else None
 
 
-def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample):
+class CacheInDtype(DynamicCache):
+    """A KV cache stored in the compute dtype. Under autocast the keys leave Qwen3's
+    k_norm in float32 (its float32 weight promotes them) while the values are bfloat16:
+    stored as they come, the cache would be float32 for keys, the largest tensor of
+    sampling long completions at real scale (28 layers x 8 KV heads x 128 x 2 per token
+    for Qwen3-0.6B). Attention under autocast computes in bfloat16 either way."""
+
+    def __init__(self, dtype: torch.dtype, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype = dtype
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
+
+
+def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample, output_scores=False):
     """Hugging Face `generate` with the configuration built from our flags alone: a
     checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05)
     would otherwise change what is sampled. generate() fills every field left unset from
@@ -138,10 +165,10 @@ def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, tempera
     saved_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             output_scores=True, return_dict_in_generate=True)
+                             output_scores=output_scores, return_dict_in_generate=True)
     finally:
         model.generation_config = saved_config
-    return out.sequences[:, prompt_ids.size(1):], torch.stack(out.scores, dim=1)
+    return out.sequences[:, prompt_ids.size(1):], torch.stack(out.scores, dim=1) if output_scores else None
 
 
 def naive_completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
@@ -283,7 +310,8 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, ta
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, max_new_tokens: int = 32) -> dict:
+def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, max_new_tokens: int = 32,
+             autocast_bf16: bool = False) -> dict:
     """Greedy decoding on held-out rows, the responses scored together by the task's
     `score(rows, texts) -> {name: value}` (together, because IFEval's instruction-level
     accuracy pools instructions over prompts; for instruction following
@@ -296,7 +324,7 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size]
         out = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
-                                do_sample=False)
+                                do_sample=False, autocast_bf16=autocast_bf16)
         length += out["completion_mask"].sum(1).tolist()
         truncated += out["truncated"].tolist()
         texts += out["texts"]

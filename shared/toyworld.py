@@ -75,6 +75,29 @@ TOY_CHECKERS = {
 }
 
 
+# The arguments each toy instruction takes: name -> (type, required).
+TOY_ARGUMENTS = {
+    "toy:start_with": {"char": (str, True)}, "toy:end_with": {"char": (str, True)}, "toy:caps": {},
+    "toy:max_chars": {"max_chars": (int, True)},
+    **{f"toy:task:{task}": {"text": (str, True), "letter": (str, task == "count")} for task in CONTENT_TASKS},
+}
+
+
+def toy_arguments_problem(instruction_id: str, kwargs: dict | None) -> str | None:
+    """What is wrong with a toy instruction's kwargs, in one line, or None."""
+    expected, kwargs = TOY_ARGUMENTS[instruction_id], ifeval.given(kwargs)
+    for name, value in kwargs.items():
+        if name not in expected:
+            return f"instruction {instruction_id!r} takes no argument {name!r} (it takes: {', '.join(expected) or 'none'})"
+        kind = expected[name][0]
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is str and not value):
+            return f"instruction {instruction_id!r}: argument {name!r} must be a {'non-empty string' if kind is str else 'whole number'}, got {value!r}"
+    missing = [name for name, (_, required) in expected.items() if required and name not in kwargs]
+    if missing:
+        return f"instruction {instruction_id!r} lacks its argument {missing[0]!r}"
+    return None
+
+
 def check_toy_instruction(response: str, instruction_id: str, kwargs: dict | None) -> bool:
     """True when `response` follows one toy:* instruction."""
     kwargs = ifeval.given(kwargs)
@@ -105,6 +128,9 @@ def instruction_problem(row: dict) -> str | None:
         if instruction_id.startswith("toy:"):
             if not is_toy_instruction(instruction_id):
                 return f"unknown instruction id {instruction_id!r}"
+            problem = toy_arguments_problem(instruction_id, kwargs[index] if kwargs else None)
+            if problem:
+                return problem
             continue
         problem = ifeval.instruction_problem(instruction_id, kwargs[index] if kwargs else None)
         if problem:
@@ -112,10 +138,11 @@ def instruction_problem(row: dict) -> str | None:
     return None
 
 
-def instruction_verdicts(row: dict, response: str) -> list[tuple[bool, bool]]:
+def instruction_verdicts(row: dict, response: str, strip_think: bool = False) -> list[tuple[bool, bool]]:
     """(strict, loose) for each of the row's instructions. The one dispatcher: toy:* ids
     go to the toy checkers (which have no loose variant), every other id to IFEval's
-    or IFBench's official checker (shared/ifeval.py)."""
+    or IFBench's official checker under Google's rule (shared/ifeval.py); strip_think
+    drops a reasoning model's <think> block first (official ids only)."""
     ids = row["instruction_id_list"]
     kwargs_list = row.get("kwargs") or [None] * len(ids)
     verdicts, official = [None] * len(ids), []
@@ -125,8 +152,9 @@ def instruction_verdicts(row: dict, response: str) -> list[tuple[bool, bool]]:
             verdicts[index] = (followed, followed)
         else:
             official.append(index)
-    if official:  # one call: the official rule strips a <think> block and builds the loose variants once
-        found = ifeval.verdicts(response, [ids[i] for i in official], [kwargs_list[i] for i in official], row.get("prompt") or "")
+    if official:  # one call: the loose variants are built once
+        found = ifeval.verdicts(response, [ids[i] for i in official], [kwargs_list[i] for i in official],
+                                row.get("prompt") or "", strip_think)
         for index, verdict in zip(official, found):
             verdicts[index] = verdict
     return verdicts
@@ -143,14 +171,14 @@ def gold(row: dict, response: str, loose: bool = False) -> float:
     return float(all(verdict[loose] for verdict in instruction_verdicts(row, response)))
 
 
-def instruction_scores(rows: list[dict], responses: list[str]) -> dict[str, float]:
+def instruction_scores(rows: list[dict], responses: list[str], strip_think: bool = False) -> dict[str, float]:
     """The evaluation scores of a set of responses: IFEval's four numbers (gold =
     prompt-level strict, gold_loose = prompt-level loose, instruction_strict and
     instruction_loose = the fraction of all instructions followed, pooled over
     prompts) and reward (the RL reward, averaged over prompts)."""
     prompt_strict, prompt_loose, followed_strict, followed_loose, rewards, total = 0, 0, 0, 0, 0.0, 0
     for row, response in zip(rows, responses, strict=True):
-        verdicts = instruction_verdicts(row, response)
+        verdicts = instruction_verdicts(row, response, strip_think)
         strict = sum(s for s, _ in verdicts)
         loose = sum(l for _, l in verdicts)
         prompt_strict += strict == len(verdicts)

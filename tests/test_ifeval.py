@@ -273,8 +273,75 @@ def test_ifevals_four_numbers_pool_instructions_over_prompts():
 def test_empty_response_and_thinking_block():
     row = {"prompt": "p", "instruction_id_list": ["punctuation:no_comma", "toy:caps"], "kwargs": [{}, {}]}
     assert toyworld.instruction_verdicts(row, "") == [(False, False), (False, False)]
-    # the official rule drops a <think> block before checking; the toy checkers see the raw text
-    assert toyworld.instruction_verdicts(row, "<think>a, b</think>NO COMMA") == [(True, True), (False, False)]
+    # the official rule checks the raw text, <think> block included; strip_think drops it for official ids
+    assert toyworld.instruction_verdicts(row, "<think>a, b</think>NO COMMA") == [(False, False), (False, False)]
+    assert toyworld.instruction_verdicts(row, "<think>a, b</think>NO COMMA", strip_think=True) == [(True, True), (False, False)]
+    assert ifeval.without_think("<think>unfinished, still thinking") == ""
+
+
+def google_rule(check, response: str) -> tuple[bool, bool]:
+    """IFEval's rule as its paper and evaluation code describe it, written out case by
+    case for the tests: strict = the raw response (not blank) follows; loose = one of the
+    raw response, it without its first line, without its last, without both (stripped),
+    and each of those with '*' removed, is not blank and follows."""
+    lines = response.split("\n")
+    candidates = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    candidates += [c.replace("*", "") for c in candidates]
+    return (bool(response.strip()) and check(response), any(c.strip() and check(c) for c in candidates))
+
+
+@pytest.mark.parametrize("instruction_id, kwargs, response, expected", [
+    # a leading blank paragraph is the first paragraph for strict; loose drops the first line
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "hello"},
+     "\n\nHello there.\n\nSecond paragraph.", (False, True)),
+    # a trailing "* " is a third bullet in the raw response, gone once the response is stripped
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "* a\n* b\n* ", (True, True)),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* a\n* b\n* ", (False, True)),
+    ("punctuation:no_comma", {}, "   \n  ", (False, False)),
+])
+def test_official_rule_on_raw_responses(instruction_id, kwargs, response, expected):
+    row = {"prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]}
+    checker = ifeval.build_checker(instruction_id, kwargs, "p")
+    assert google_rule(checker.check_following, response) == expected
+    assert toyworld.instruction_verdicts(row, response) == [expected]
+
+
+def test_letter_frequency_rows_with_a_non_letter_are_scored_as_the_official_checker_does(tmp_path):
+    """Official rows 1122 and 1129 ask for '#' and '!': the checker draws a random letter;
+    ours draws it from a fixed seed, so the verdict never changes between calls."""
+    kwargs = {"letter": "#", "let_frequency": 2, "let_relation": "at least"}
+    row = {"key": 1122, "prompt": "p", "instruction_id_list": ["keywords:letter_frequency"], "kwargs": [kwargs]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert len(load_rows(str(path))) == 1
+    letter = ifeval.build_checker("keywords:letter_frequency", kwargs, "p")._letter
+    assert letter.isalpha() and ifeval.build_checker("keywords:letter_frequency", kwargs, "p")._letter == letter
+    verdicts = {toyworld.instruction_verdicts(row, f"{letter * 3} and more")[0] for _ in range(5)}
+    assert verdicts == {(True, True)}
+    # a missing letter is still refused: nobody asked for a random constraint there
+    assert "lacks an argument" in ifeval.instruction_problem("keywords:letter_frequency", {"let_frequency": 2, "let_relation": "at least"})
+
+
+@pytest.mark.parametrize("instruction_id, kwargs, expected", [
+    ("keywords:existence", {"keywords": "sea"}, "argument 'keywords' must be a list of strings"),
+    ("keywords:forbidden_words", {"forbidden_words": ["a", 3]}, "argument 'forbidden_words' must be a list of strings"),
+    ("toy:max_chars", {"max_chars": "ten"}, "argument 'max_chars' must be a whole number"),
+    ("toy:start_with", {}, "lacks its argument 'char'"),
+    ("toy:end_with", {"chr": "!"}, "takes no argument 'chr'"),
+    ("toy:task:count", {"text": "abc"}, "lacks its argument 'letter'"),
+])
+def test_kwargs_of_the_wrong_shape_are_refused_when_rows_load(instruction_id, kwargs, expected, tmp_path):
+    row = {"prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"row 0: .*{expected}"):
+        load_rows(str(path))
+
+
+def test_rlvr_around_rows_are_refused():
+    truth = {"func_name": "validate_word_constraint", "N": 50, "quantifier": "around"}
+    with pytest.raises(ValueError, match="row 3: .*'around' 50"):
+        ifeval.from_rlvr({"messages": [{"role": "user", "content": "x"}], "ground_truth": json.dumps(truth)}, 3)
 
 
 def test_rlvr_rows_convert_and_load(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from shared.ifeval import from_rlvr
+from shared.ifeval import from_rlvr, missing_nltk_data, official_random_letter
 from shared.modeling import chat_prompt
 from shared.toyworld import instruction_problem, write_jsonl
 
@@ -14,11 +14,14 @@ from shared.toyworld import instruction_problem, write_jsonl
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list")) -> list[dict]:
+def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list"),
+              drop_missing_nltk: bool = False) -> list[dict]:
     """Rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, validated
     field by field. IFEval-style rows (prompt, instruction_id_list, kwargs) are read as
     they are; RLVR-IFeval rows (messages, ground_truth) are converted to that schema.
-    Instruction ids and kwargs, where present, are checked row by row."""
+    Instruction ids and kwargs, where present, are checked row by row.
+    drop_missing_nltk: drop (with a printed count and the ids) the rows whose checkers
+    need NLTK data that is not installed, instead of refusing the file: a partial score."""
     local_format = LOCAL_FORMATS.get(Path(source).suffix.lower())
     if local_format and not Path(source).is_file():
         raise ValueError(f"dataset file {source!r} does not exist")
@@ -40,6 +43,8 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
             rows = [from_rlvr(row, index) for index, row in enumerate(rows)]
         except ValueError as error:
             raise ValueError(f"dataset {source!r} {error}") from None
+    if drop_missing_nltk:
+        rows = _without_rows_missing_nltk(rows, source)
     for index, row in enumerate(rows):
         for field in required:
             if field not in row or row[field] is None:
@@ -50,7 +55,33 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
             problem = instruction_problem(row)
             if problem:
                 raise ValueError(f"dataset {source!r} row {index}: {problem}")
+    random_letters = [row.get("key", index) for index, row in enumerate(rows) if "instruction_id_list" in row and any(
+        official_random_letter(i, k) for i, k in zip(row["instruction_id_list"],
+                                                      row.get("kwargs") or [None] * len(row["instruction_id_list"])))]
+    if random_letters:
+        print(f"note: {len(random_letters)} row(s) of {source} (keys {', '.join(map(str, random_letters[:10]))}) ask for "
+              "the frequency of a 'letter' that is not a letter; as IFEval's official checker does, they are scored "
+              "against a random letter, drawn here from a fixed seed")
     return rows
+
+
+def _without_rows_missing_nltk(rows: list[dict], source: str) -> list[dict]:
+    kept, dropped = [], {}
+    for row in rows:
+        ids = row.get("instruction_id_list")
+        needing = [i for i in ids if isinstance(i, str) and missing_nltk_data(i)] if isinstance(ids, list) else []
+        if needing:
+            for instruction_id in needing:
+                dropped[instruction_id] = dropped.get(instruction_id, 0) + 1
+        else:
+            kept.append(row)
+    if dropped:
+        print(f"note: dropped {len(rows) - len(kept)} of {len(rows)} rows of {source} whose checkers need NLTK data "
+              f"that is not installed ({', '.join(f'{i} x{n}' for i, n in sorted(dropped.items()))}); the scores "
+              "cover the other rows only")
+    if not kept:
+        raise ValueError(f"dataset {source!r}: every row needs NLTK data that is not installed")
+    return kept
 
 
 def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:

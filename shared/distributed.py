@@ -18,9 +18,9 @@ process did), so single-process runs are unchanged.
 """
 
 import atexit
-import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -50,24 +50,50 @@ def setup(args) -> None:
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if on_gpu else "gloo")
     atexit.register(_leave)
+    sys.excepthook = _quiet_when_a_peer_is_gone
     if not is_main():  # one copy of every printed line and progress bar; errors still reach stderr
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")
 
 
+_finished = False  # set by finish(), the last call of every script's normal path
+
+
+def finish() -> None:
+    """Mark this rank's run as done: at exit it waits for its peers to close the job."""
+    global _finished
+    _finished = True
+
+
 def _leave() -> None:
-    """At exit, however the script ends: wait (a while) for the other ranks, then close
-    the process group. gloo aborts a process whose peers hang up on it mid-teardown
-    ("terminate called without an active exception"); a rank that stops alone, on an
-    error, does not wait long for the others."""
+    """At exit, however the script ends. Every leaving rank says so in the job's store.
+    A rank that ends normally (finish() was called), or together with all its peers
+    (--stop-at-step, an error every rank meets), waits for the others and closes the
+    process group: gloo aborts a process whose peers hang up on it mid-teardown. A rank
+    that stops alone, on an error only it met, would wait forever: its peers sit inside
+    a collective that gloo cannot cancel. It exits at once instead, with status 1, and
+    torchrun stops the others; its error line is the job's only one."""
     if not dist.is_initialized():
         return
-    if dist.get_backend() == "gloo":
-        try:
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
-        except RuntimeError:
-            pass
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"left/{rank()}", "1")
+    deadline = time.time() + (300 if _finished else 5)
+    while not all(store.check([f"left/{r}"]) for r in range(world_size())):
+        if time.time() > deadline:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        time.sleep(0.05)
     dist.destroy_process_group()
+
+
+def _quiet_when_a_peer_is_gone(kind, error, trace) -> None:
+    """A rank whose collective failed because a peer exited (that peer printed the
+    job's error) leaves without a traceback of its own."""
+    if isinstance(error, dist.DistError) or "Connection closed by peer" in str(error) or "Connection reset" in str(error):
+        sys.stderr.flush()
+        os._exit(1)
+    sys.__excepthook__(kind, error, trace)
 
 
 def check_divisible(count: int, what: str) -> None:

@@ -272,6 +272,8 @@ class RunLogger:
             f.write(json.dumps({"step": step, "time": time.time() - self.start_time, **clean}) + "\n")
 
     def close(self) -> None:
+        """The end of a run's normal path (under torchrun: this rank then waits for its peers at exit)."""
+        distributed.finish()
         if self.enabled:
             self.writer.close()
 

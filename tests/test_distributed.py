@@ -90,6 +90,26 @@ def test_errors_under_torchrun_are_one_line(tiny_world, tmp_path):
     assert "Traceback" not in result.stderr.split("error:")[0]
 
 
+@pytest.mark.parametrize("failing_rank", ["0", "1"])
+def test_an_error_on_one_rank_stops_every_rank_within_seconds_with_one_line(tiny_world, tmp_path, failing_rank):
+    """A reward function that raises on one rank only: its peer sits in a collective that
+    gloo cannot cancel. The job must end promptly (not at the backend's 30-minute timeout),
+    with the error line once and no traceback from either rank (torchrun's own failure
+    summary follows, which we do not control)."""
+    (tmp_path / "rank_reward.py").write_text(
+        "import os\n\ndef reward(row, text):\n"
+        f"    if os.environ['RANK'] == '{failing_rank}':\n        raise ValueError('only on this rank')\n"
+        "    return float(len(text) % 2)\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "algos/grpo.py"), *rl_flags(tiny_world, tmp_path / "out"), "--reward-fn", "rank_reward:reward"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert result.stderr.count("error: the reward function raised ValueError: only on this rank") == 1, result.stderr[-3000:]
+    ours = result.stderr.split("torch.distributed.elastic")[0]  # what the ranks printed before the launcher's summary
+    assert "algos/grpo.py\", line" not in ours and "Connection closed" not in ours, ours[-3000:]
+
+
 @pytest.fixture(scope="module")
 def pairs(tiny_world, tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"

@@ -1,0 +1,136 @@
+"""Every algorithm at Qwen3-0.6B's real shape, on the CPU, offline: a randomly
+initialised model with Qwen3-0.6B's exact configuration (hidden 1024, 28 layers, 16
+heads, 8 KV heads, head dim 128, MLP 3072, vocabulary 151,936, tied embeddings; 0.6B
+parameters) and a byte-level tokenizer padded to that vocabulary, saved and loaded
+through `from_pretrained` like the hub checkpoint. Each algorithm runs 2 steps at a
+tiny batch (2 prompts x G=2, 32 new tokens) with the GPU recipe's memory flags
+(`--autocast-bf16 --gradient-checkpointing`, float32 weights), one at a time, and its
+peak resident memory is measured (the process's own high-water mark, from wait4).
+
+    python scripts/real_shape.py                  # all 12 runs, about 25 minutes on 2 cores
+    python scripts/real_shape.py --only grpo sft  # a subset
+
+Prints a markdown table (also written to --table) of peak memory and wall time.
+Needs about 16 GB of memory and 10 GB of disk (a run's folder is deleted after it).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3_0_6B = {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 8, "head_dim": 128,
+              "intermediate_size": 3072, "vocab_size": 151_936, "max_position_embeddings": 40_960}
+
+
+@dataclass
+class Args:
+    work_dir: str = "/tmp/real_shape"
+    """where the model, the data and each run's folder go (runs are deleted after measuring)"""
+    only: list[str] = field(default_factory=list)
+    """run only these (names as in the table: sft grpo chord aapa-grpo aapa-sft aapa-chord aapa-staged uniapl
+    adpo adpo-pairwise gpm gprl)"""
+    table: str = "results/real_shape.md"
+    """markdown table of the measurements ('' for none)"""
+    new_tokens: int = 32
+    """--max-new-tokens of every run"""
+
+
+def build_inputs(work: Path) -> dict:
+    from shared.data import write_expert_cache
+    from shared.modeling import build_tiny_model
+    from shared.toyworld import make_split, oracle, write_jsonl
+
+    model = work / "qwen3-0.6b-shape"
+    if not (model / "config.json").exists():
+        print("building a random model with Qwen3-0.6B's configuration ...", flush=True)
+        build_tiny_model(model, **QWEN3_0_6B)
+    rows = make_split(10, seed=0)
+    write_jsonl(rows[:8], work / "train.jsonl")
+    write_jsonl(rows[8:], work / "eval.jsonl")
+    write_expert_cache(work / "expert_cache.jsonl", [r["prompt"] for r in rows], [oracle(r) for r in rows],
+                       teacher="oracle", generation={})
+    write_jsonl([{"prompt": r["prompt"], "chosen": oracle(r), "rejected": oracle(r)[::-1] + "x", "label": 1.0}
+                 for r in rows[:8]], work / "pairs.jsonl")
+    return {"model": str(model), "train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"),
+            "cache": str(work / "expert_cache.jsonl"), "pairs": str(work / "pairs.jsonl")}
+
+
+def commands(inputs: dict, work: Path, new_tokens: int) -> dict[str, list[str]]:
+    memory = ["--autocast-bf16", "--gradient-checkpointing", "--device", "cpu"]
+    base = ["--model", inputs["model"], "--steps", "2", "--eval-every", "2", "--save-every", "2"] + memory
+    data = ["--train-data", inputs["train"], "--eval-data", inputs["eval"], "--eval-prompts", "2",
+            "--max-new-tokens", str(new_tokens)]
+    rl = base + data + ["--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4"]
+    expert = ["--expert-cache", inputs["cache"]]
+    discriminator = ["--disc-prompts", "4", "--disc-epochs", "5"]
+    return {
+        "sft": ["algos/sft.py", *base, *data, *expert, "--batch-size", "2", "--micro-batch-size", "2"],
+        "grpo": ["algos/grpo.py", *rl],
+        "chord": ["algos/chord.py", *rl, *expert],
+        "aapa-grpo": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "grpo"],
+        "aapa-sft": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "sft"],
+        "aapa-chord": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "chord"],
+        "aapa-staged": ["algos/aapa.py", *rl, *expert, *discriminator, "--staged", "--stage1-steps", "1"],
+        "uniapl": ["algos/uniapl.py", *rl, *expert],
+        "adpo": ["algos/adpo.py", *rl],
+        "adpo-pairwise": ["algos/adpo_pairwise.py", *base, "--pairs-data", inputs["pairs"], "--eval-data", inputs["eval"],
+                          "--eval-prompts", "2", "--max-new-tokens", str(new_tokens), "--batch-size", "2",
+                          "--micro-batch-size", "2"],
+        "gpm": ["algos/gpm.py", *base, "--pairs-data", inputs["pairs"], "--batch-size", "2", "--micro-batch-size", "2",
+                "--dims", "4", "--axis-weight", "0"],
+        "gprl": ["algos/gprl.py", *rl, "--gpm", str(work / "runs" / "gpm" / "checkpoint"), "--probe-prompts", "2"],
+    }
+
+
+def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
+    """Exit status, peak RSS in GiB (this child's own, from wait4) and wall seconds."""
+    start = time.time()
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TQDM_DISABLE": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_maxrss / 2**20, time.time() - start
+
+
+def main(args: Args) -> None:
+    work = Path(args.work_dir)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    inputs = build_inputs(work)
+    runs = commands(inputs, work, args.new_tokens)
+    unknown = [name for name in args.only if name not in runs]
+    if unknown:
+        raise SystemExit(f"error: --only {unknown[0]!r} is not one of {', '.join(runs)}")
+    wanted = [name for name in runs if not args.only or name in args.only]
+    if "gprl" in wanted and "gpm" not in wanted and not (work / "runs" / "gpm" / "checkpoint").exists():
+        wanted.insert(wanted.index("gprl"), "gpm")  # GPRL reads the GPM's checkpoint
+    lines = ["| algorithm | peak memory (GiB) | wall (s) |", "|---|---:|---:|"]
+    for name in wanted:
+        out = work / "runs" / name
+        shutil.rmtree(out, ignore_errors=True)
+        code, peak, wall = run_measured([*runs[name], "--output-dir", str(out)], work / f"{name}.log")
+        status = "" if code == 0 else f" (failed, exit {code}: see {work / f'{name}.log'})"
+        lines.append(f"| {name}{status} | {peak:.1f} | {wall:.0f} |")
+        print(lines[-1], flush=True)
+        if name != "gpm":
+            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / "runs" / "gpm", ignore_errors=True)
+    header = (f"Qwen3-0.6B shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows), {args.new_tokens} "
+              "new tokens, float32 weights, --autocast-bf16 --gradient-checkpointing, CPU; peak RSS of each process.\n"
+              "Printed by `python scripts/real_shape.py`.\n\n")
+    print("\n" + header + "\n".join(lines))
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(header + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main(tyro.cli(Args))

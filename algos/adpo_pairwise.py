@@ -11,7 +11,6 @@ loop below is a DPO loop. Ours: the fixed tau 10 (DPO's beta 0.1) and the soft l
 of scripts/build_preference_pairs.py. docs/algorithms.md#adpo.
 """
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed
-from shared.data import keep_short_prompts, load_pairs, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_pairs
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
 from shared.run import (CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything,
-                        step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json)
+                        step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json)
 from shared.toyworld import instruction_scores
 
 
@@ -138,7 +137,7 @@ if __name__ == "__main__":
     model_path = str(output_dir / CHECKPOINT) if state else args.model
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
-        eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
+        eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         tokenizer = load_tokenizer(model_path)
         pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
     except ValueError as error:
@@ -229,11 +228,6 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
-        final_eval = final_eval or run_eval(args.steps, log=False)
-        write_json(output_dir / "eval.json", {
-            "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
-            "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],
-            "samples": final_eval["texts"][:8]})
+    write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
     print(f"done: checkpoint in {output_dir / CHECKPOINT}")

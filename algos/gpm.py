@@ -286,7 +286,7 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
+    if not (output_dir / "eval.json").exists() or json.loads((output_dir / "eval.json").read_text()).get("step") != args.steps:
         final_eval = final_eval or run_eval(args.steps, log=False)
         write_json(output_dir / "eval.json", {"step": args.steps, **final_eval,
                                               "initial_heldout_accuracy": json.loads((output_dir / "initial_eval.json").read_text())["heldout_accuracy"]})

@@ -9,7 +9,6 @@ Formulas, sources and the defaults that differ from TRL: docs/algorithms.md#grpo
 """
 
 import functools
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed
-from shared.data import keep_short_prompts, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -201,7 +200,7 @@ if __name__ == "__main__":
     # ---- data and reward
     try:
         train_rows = load_rows(args.train_data, required=("prompt",))
-        eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
+        eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     reward_fn = load_reward_fn(args.reward_fn)
@@ -330,11 +329,6 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
-        final_eval = final_eval or run_eval(args.steps, log=False)
-        write_json(output_dir / "eval.json", {
-            "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
-            "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],
-            "samples": final_eval["texts"][:8]})
+    write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
     print(f"done: checkpoint in {output_dir / CHECKPOINT}")

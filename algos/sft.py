@@ -6,7 +6,6 @@ TRL's SFTTrainer.
 docs/algorithms.md#sft.
 """
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed
-from shared.data import keep_short_prompts, load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
+from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 from shared.toyworld import instruction_scores
 
 
@@ -118,7 +117,7 @@ if __name__ == "__main__":
     # ---- data: prompts and their expert responses
     try:
         train_rows = load_rows(args.train_data, required=("prompt",))
-        eval_rows = load_rows(args.eval_data)[: args.eval_prompts]
+        eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
     except ValueError as error:
         raise SystemExit(f"error: {error}")
@@ -200,11 +199,6 @@ if __name__ == "__main__":
             print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
             raise SystemExit(0)
 
-    if not (output_dir / "eval.json").exists():  # also when the last process stopped between its last checkpoint and here
-        final_eval = final_eval or run_eval(args.steps, log=False)
-        write_json(output_dir / "eval.json", {
-            "step": args.steps, "gold": final_eval["gold"], "reward": final_eval["reward"], "length": final_eval["length"],
-            "initial_gold": json.loads((output_dir / "initial_eval.json").read_text())["gold"],
-            "samples": final_eval["texts"][:8]})
+    write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
     print(f"done: checkpoint in {output_dir / CHECKPOINT}")

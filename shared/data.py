@@ -84,6 +84,15 @@ def _without_rows_missing_nltk(rows: list[dict], source: str) -> list[dict]:
     return kept
 
 
+def load_eval_rows(source: str, count: int) -> list[dict]:
+    """The first `count` rows of the held-out set; when it has fewer, all of them, said
+    in one printed line (and every evaluation records how many prompts it scored)."""
+    rows = load_rows(source)
+    if len(rows) < count:
+        print(f"note: --eval-prompts {count} but {source} has {len(rows)} rows; every evaluation scores those {len(rows)}")
+    return rows[:count]
+
+
 def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:
     """Preference pairs (prompt, chosen, rejected, optional soft `label`), each response
     a string or chat messages (the last message's content), as rows with plain-text
@@ -143,7 +152,7 @@ def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tup
     if not path.exists():
         raise ValueError(f"expert cache {str(path)!r} does not exist; build it with scripts/build_expert_cache.py")
     header, cache = {}, {}
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the JSON
         for line_number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)

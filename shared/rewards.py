@@ -13,10 +13,21 @@ import torch
 def load_reward_fn(spec: str):
     """The function named by --reward-fn; its signature must accept (row, completion_text)."""
     module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise SystemExit(f"error: --reward-fn {spec!r} is not of the form 'module:function'")
     try:
-        reward_fn = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"error: --reward-fn {spec!r} is not an importable 'module:function'") from None
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name or module_name.startswith(f"{error.name}."):  # the module itself is missing
+            raise SystemExit(f"error: --reward-fn {spec!r}: no module named {module_name!r} on the Python path") from None
+        raise SystemExit(f"error: --reward-fn {spec!r}: its module imports {error.name!r}, which is not installed") from None
+    except Exception as error:  # a syntax error or an exception raised while the module is imported
+        where = f" ({error.filename}, line {error.lineno})" if isinstance(error, SyntaxError) else ""
+        raise SystemExit(f"error: --reward-fn {spec!r}: importing {module_name!r} failed with "
+                         f"{type(error).__name__}: {error}{where}".splitlines()[0][:300]) from None
+    reward_fn = getattr(module, function_name, None)
+    if not callable(reward_fn):
+        raise SystemExit(f"error: --reward-fn {spec!r}: module {module_name!r} has no function {function_name!r}")
     try:
         inspect.signature(reward_fn).bind({}, "")
     except TypeError:

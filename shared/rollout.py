@@ -330,4 +330,5 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
         texts += out["texts"]
     length, truncated, texts = (gather_objects(values)[:len(rows)] for values in (length, truncated, texts))
     n = max(1, len(rows))
-    return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "texts": texts}
+    return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "prompts": len(rows),
+            "texts": texts}

@@ -4,6 +4,7 @@ file, optional wandb) and atomic, resumable checkpoints."""
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -88,13 +89,45 @@ def _claim_output_dir(args) -> dict | None:
             if entry.name != ".lock":
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if args.resume and (output_dir / RUN_RECORD).exists():
-        recorded = json.loads((output_dir / RUN_RECORD).read_text())["args"]
+        try:
+            record = json.loads((output_dir / RUN_RECORD).read_text())
+            recorded = record["args"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SystemExit(f"error: {output_dir / RUN_RECORD} is damaged (not the JSON a run writes); "
+                             "restore it, or start again with --overwrite") from None
+        replaced = [f"--{flag.replace('_', '-')} {getattr(args, flag)!r}" for flag, print_ in input_fingerprints(args).items()
+                    if flag in record.get("inputs", {}) and record["inputs"][flag] != print_]
+        if replaced and not getattr(args, "allow_flag_changes", False):
+            raise SystemExit(f"error: --resume with input data that changed since the run started ({', '.join(replaced)}); "
+                             "restore it, or pass --allow-flag-changes to continue on the new data")
         changed = [f"--{key.replace('_', '-')} {recorded[key]!r} -> {value!r}" for key, value in dataclasses.asdict(args).items()
                    if key not in RUN_NEUTRAL_FLAGS and key in recorded and _jsonable(value) != recorded[key]]
         if changed and not getattr(args, "allow_flag_changes", False):
             raise SystemExit(f"error: --resume with flags that differ from the run in {str(output_dir)!r}: "
                              f"{', '.join(changed)}; rerun with the run's flags or pass --allow-flag-changes")
     return load_trainer_state(output_dir) if args.resume else None
+
+
+def input_fingerprints(args) -> dict[str, str]:
+    """A fingerprint of every local input the run reads (--train-data, --expert-cache,
+    ...): a file's SHA-256, a folder's file names and sizes. Recorded in run.json, so
+    that --resume notices data replaced since the run started."""
+    prints = {}
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, "")
+        path = Path(value).expanduser() if value else None
+        if path is None or not path.exists():
+            continue
+        digest = hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(2**20), b""):
+                    digest.update(block)
+        else:
+            for entry in sorted(path.iterdir()):
+                digest.update(f"{entry.name}:{entry.stat().st_size if entry.is_file() else 'dir'};".encode())
+        prints[flag] = digest.hexdigest()[:16]
+    return prints
 
 
 def check_output_dir_is_safe(args) -> None:
@@ -244,7 +277,8 @@ class RunLogger:
         self._drop_lines_after(resume_step)
         config = dataclasses.asdict(args)
         if not (output_dir / RUN_RECORD).exists() or getattr(args, "allow_flag_changes", False):
-            write_json(output_dir / RUN_RECORD, {"args": {k: _jsonable(v) for k, v in config.items()}})
+            write_json(output_dir / RUN_RECORD, {"args": {k: _jsonable(v) for k, v in config.items()},
+                                                 "inputs": input_fingerprints(args)})
         if track:
             import wandb
 
@@ -259,7 +293,7 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if step > 0 and line.strip() and _parse(line) is not None and _parse(line)["step"] <= step]
+                if step > 0 and _step_of(line) is not None and _step_of(line) <= step]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
@@ -283,11 +317,15 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _parse(line: str):
+def _step_of(line: str) -> int | None:
+    """The step a metrics line records; None for a line cut short by a crash or edited
+    into something else (it is dropped on resume)."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except json.JSONDecodeError:
-        return None  # a line cut short by a crash
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -319,6 +357,25 @@ def _kept_checkpoint(output_dir: Path) -> str:
     state = output_dir / CHECKPOINT / TRAINER_STATE
     return (f"the last checkpoint (step {torch.load(state, weights_only=False, mmap=True)['step']}) is kept in "
             f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
+
+
+EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts")
+
+
+def write_final_eval(output_dir: Path, steps: int, final_eval: dict | None, run_eval, keys: tuple = (), **extra) -> None:
+    """<output_dir>/eval.json: the evaluation at the run's last step, the initial gold and
+    8 sample responses. Written when it is missing (also when the last process stopped
+    between its last checkpoint and here) or when it describes another step count (a
+    finished run extended with --resume --allow-flag-changes --steps N): it always
+    describes the checkpoint beside it. final_eval: the loop's evaluation at `steps`, if
+    it made one; run_eval(step, log=False) makes one otherwise."""
+    path = output_dir / "eval.json"
+    if path.exists() and json.loads(path.read_text()).get("step") == steps:
+        return
+    final_eval = final_eval or run_eval(steps, log=False)
+    initial = json.loads((output_dir / "initial_eval.json").read_text())
+    write_json(path, {"step": steps, **{k: final_eval[k] for k in EVAL_KEYS + tuple(keys) if k in final_eval},
+                      "initial_gold": initial["gold"], **extra, "samples": final_eval["texts"][:8]})
 
 
 def stop_if_not_finite(loss: float, step: int, output_dir: Path, grad_norm=None) -> None:
@@ -376,18 +433,26 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
                        else distributed.whole_optimizer_state(optimizer))
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model, tokenizer)
-    if not distributed.is_main():
-        torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
-        return final
-    # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
-    torch.save({
-        "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict(), "extra": extra or {},
-    }, tmp / TRAINER_STATE)
-    for name, obj in (extra_files or {}).items():
-        torch.save(obj, tmp / name)
-    (tmp / COMPLETE).touch()
+    try:
+        save_model(tmp, model, tokenizer)
+        if not distributed.is_main():
+            torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
+            return final
+        # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
+        torch.save({
+            "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(), "extra": extra or {},
+        }, tmp / TRAINER_STATE)
+        for name, obj in (extra_files or {}).items():
+            torch.save(obj, tmp / name)
+        (tmp / COMPLETE).touch()
+    except (OSError, RuntimeError) as error:  # disk full, quota, a folder gone: torch.save wraps some as RuntimeError
+        if not isinstance(error, OSError) and "write" not in str(error).lower() and "file" not in str(error).lower():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0][:120]
+        raise SystemExit(f"error: saving the checkpoint of step {step} failed ({reason}); "
+                         f"{_kept_checkpoint(output_dir)}, untouched") from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -31,6 +31,11 @@ class Flags:
     micro_batch_size: int = 64
 
 
+@dataclasses.dataclass
+class FlagsWithData(Flags):
+    train_data: str = ""
+
+
 class SavesAFile:
     """Stands in for a model or tokenizer: save_pretrained writes one file."""
 
@@ -61,14 +66,15 @@ def release_locks():
 def claim(folder: Path, **flags):
     """claim_output_dir as a process that ends right after it would (its lock released)."""
     try:
-        return claim_output_dir(Flags(str(folder), **flags))
+        return claim_output_dir((FlagsWithData if "train_data" in flags else Flags)(str(folder), **flags))
     finally:
         release_locks()
 
 
 def start(folder: Path, **flags):
     state = claim(folder, **flags)
-    RunLogger(folder, Flags(str(folder), **flags), resume_step=state["step"] if state else 0).close()
+    flag_class = FlagsWithData if "train_data" in flags else Flags
+    RunLogger(folder, flag_class(str(folder), **flags), resume_step=state["step"] if state else 0).close()
     return state
 
 
@@ -212,6 +218,7 @@ def test_resume_keeps_exactly_the_history_up_to_the_checkpoint(tmp_path):
     logger.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "x": ')  # a line cut by the kill
+        f.write('\n[1, 2]\n{"x": 3}\n{"step": "two"}\n')  # lines edited by hand into other JSON
     RunLogger(tmp_path, Flags(str(tmp_path)), resume_step=4).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
     RunLogger(tmp_path, Flags(str(tmp_path)), resume_step=0).close()  # no checkpoint: the run starts again at 0
@@ -264,3 +271,37 @@ def test_kill_between_the_renames_then_resume_and_a_missing_final_eval(tiny_worl
     assert grpo(tiny_world, tiny_world["model"], out, "--resume").returncode == 0
     assert json.loads((out / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
     assert (out / "metrics.jsonl").read_text() == lines
+
+
+def test_resume_refuses_input_data_replaced_since_the_run_started(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    folder = tmp_path / "run"
+    start(folder, train_data=str(data))
+    save(folder, 1)
+    assert claim(folder, resume=True, train_data=str(data))["step"] == 1  # unchanged: resumes
+    data.write_text('{"prompt": "b"}\n')
+    with pytest.raises(SystemExit, match="input data that changed since the run started \\(--train-data"):
+        claim(folder, resume=True, train_data=str(data))
+    assert claim(folder, resume=True, allow_flag_changes=True, train_data=str(data))["step"] == 1
+
+
+def test_a_damaged_run_record_is_one_line_on_resume(tmp_path):
+    start(tmp_path)
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="run.json is damaged"):
+        claim(tmp_path, resume=True)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="saving the checkpoint of step 2 failed \\(No space left on device\\); "
+                                         "the last checkpoint \\(step 1\\) is kept"):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert saved_step(tmp_path) == 1 and not (tmp_path / "checkpoint.tmp").exists()

@@ -288,7 +288,8 @@ def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):
     result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "b", tiny_world["model"]),
                         "--group-size", "1", expect_ok=False)
     assert result.returncode != 0 and "--group-size must be >= 2" in result.stderr
-    result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "c", str(tmp_path)), expect_ok=False)
+    (tmp_path / "not_a_model").mkdir()
+    result = run_script("algos/grpo.py", *grpo_flags(tiny_world, tmp_path / "c", str(tmp_path / "not_a_model")), expect_ok=False)
     assert result.returncode != 0 and "not a saved model folder" in result.stderr and "Traceback" not in result.stderr
     result = run_script("algos/chord.py", *grpo_flags(tiny_world, tmp_path / "d", tiny_world["model"]),
                         "--expert-cache", tiny_world["expert_cache"], "--expert-data-ratio", "1.0", expect_ok=False)
@@ -330,3 +331,19 @@ def test_a_reward_that_overflows_float32_is_named(tiny_world, tmp_path):
                             env={**__import__("os").environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(tmp_path)})
     assert result.returncode != 0
     assert "returned 1e+39" in result.stderr and "overflows float32" in result.stderr, result.stderr[-2000:]
+
+
+def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_recorded(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    flags = grpo_flags(tiny_world, out, tiny_world["model"])
+    flags[flags.index("--steps") + 1] = "2"
+    flags[flags.index("--eval-prompts") + 1] = "999"  # the eval set has 16 rows
+    first = run_script("algos/grpo.py", *flags)
+    assert "--eval-prompts 999 but" in first.stdout and "has 16 rows" in first.stdout
+    assert json.loads((out / "eval.json").read_text())["step"] == 2
+    assert json.loads((out / "eval.json").read_text())["prompts"] == 16
+    flags[flags.index("--steps") + 1] = "4"
+    run_script("algos/grpo.py", *flags, "--resume", "--allow-flag-changes")
+    record = json.loads((out / "eval.json").read_text())
+    last_eval = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/gold" in line][-1]
+    assert record["step"] == 4 and last_eval["step"] == 4 and record["gold"] == last_eval["eval/gold"]

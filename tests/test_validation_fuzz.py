@@ -152,7 +152,7 @@ def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_
     ("algos/grpo.py", ["--group-size", "1", "--scale-rewards", "none"], "--group-size must be >= 2"),
     ("algos/grpo.py", ["--beta", "-0.1"], "--beta must be in [0, inf)"),
     ("algos/grpo.py", ["--reward-fn", "json:dumps"], "must take two arguments"),
-    ("algos/grpo.py", ["--reward-fn", "nowhere:f"], "not an importable"),
+    ("algos/grpo.py", ["--reward-fn", "nowhere:f"], "no module named 'nowhere'"),
     ("algos/sft.py", ["--steps", "0"], "--steps must be in [1, inf)"),
     ("algos/sft.py", ["--dtype", "float16"], "--dtype float16 cannot be trained with AdamW"),
     ("algos/grpo.py", ["--temperature", "1e-40"], "--temperature must be >= 0.001"),
@@ -222,3 +222,21 @@ def test_data_building_scripts_validate_their_input(script, argv, expected, tmp_
     assert outcome == "error" and expected in message and len(message.strip().splitlines()) == 1, message
     outcome, message = run_until_model_loading(script, ["--out", str(tmp_path)])
     assert outcome == "error" and "is a folder" in message, message
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def reward(row, text:\n    return 1.0\n", "importing 'user_reward' failed with SyntaxError"),
+    ("raise RuntimeError('no config file')\n", "importing 'user_reward' failed with RuntimeError: no config file"),
+    ("import package_that_is_not_installed\n", "its module imports 'package_that_is_not_installed', which is not installed"),
+    ("x = 1\n", "module 'user_reward' has no function 'reward'"),
+])
+def test_a_reward_module_that_cannot_be_used_says_why(source, expected, tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(shared.modeling, "load_model", refuse_to_load)
+    (tmp_path / "user_reward.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_reward", None)
+    data = write_jsonl(tmp_path / "rows.jsonl", [GOOD_ROW])
+    argv = ["--model", tiny_world["model"], "--output-dir", str(tmp_path / "out"), "--train-data", data,
+            "--eval-data", data, "--reward-fn", "user_reward:reward"]
+    outcome, message = run_until_model_loading("algos/grpo.py", argv)
+    assert outcome == "error" and expected in message and len(message.strip().splitlines()) == 1, message

@@ -18,6 +18,9 @@ main job reads.
 import json
 import math
 import os
+import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +36,8 @@ from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path 
 from shared.run import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-FAILED = threading.Event()  # set when a command fails: nothing new starts
+FAILED = threading.Event()  # set when a command fails or the job is stopped: nothing new starts
+RUNNING: set[subprocess.Popen] = set()  # the children running now, stopped with the job
 # the defaults of the main job and of --quick; a flag given on the command line always wins
 FULL = {"seeds": 3, "sft_steps": 200, "rl_steps": 200, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 2000}
 QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 500}
@@ -46,8 +50,9 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 class Args:
     out_dir: str | None = None
     """where runs/, table.md and the plots go (results; --quick: results/quick, so a smoke run never mixes with the main job's runs)"""
-    hyperparameters: str = "results/hyperparameters.json"
-    """the learning rates chosen by --sweep (methods it does not list keep their script's default)"""
+    hyperparameters: str | None = None
+    """the learning rates chosen by --sweep (default <out-dir>/hyperparameters.json, where --sweep --out-dir writes
+    them; methods it does not list keep their script's default)"""
     quick: bool = False
     """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts (flags given win)"""
     sweep: bool = False
@@ -88,6 +93,51 @@ class Run:
 
     def done(self) -> bool:
         return (self.out / "eval.json").exists() if self.out.suffix != ".jsonl" else self.out.exists()
+
+    def record(self) -> Path:
+        """Where the flags of a finished data step are kept (a training run keeps them in run.json)."""
+        return self.out.with_suffix(".command.json")
+
+    def differences(self) -> list[str]:
+        """How the flags of what is already in self.out differ from this command's ('--flag old -> new')."""
+        flags = command_flags(self.command)
+        if self.out.suffix == ".jsonl":
+            if not self.out.exists():
+                return []
+            recorded = json.loads(self.record().read_text()) if self.record().exists() else {}
+            return [f"{flag} {recorded.get(flag)} -> {value}" for flag, value in flags.items() if recorded.get(flag) != value]
+        run_record = self.out / "run.json"
+        if not run_record.exists():
+            return []
+        try:
+            recorded = json.loads(run_record.read_text())["args"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return [f"{run_record} is damaged"]
+        changed = []
+        for flag, value in flags.items():
+            old = recorded.get(flag[2:].replace("-", "_"))
+            same = old == value if isinstance(value, bool) else (
+                str(old) == value or (isinstance(old, (int, float)) and _number(value) == old))
+            if not same:
+                changed.append(f"{flag} {old} -> {value}")
+        return changed
+
+
+def command_flags(command: list[str]) -> dict:
+    """{'--flag': 'value'} of [python, script, --flag, value, --switch, ...] (a switch: True)."""
+    flags, tokens = {}, command[2:]
+    for index, token in enumerate(tokens):
+        if token.startswith("--"):
+            following = tokens[index + 1] if index + 1 < len(tokens) else "--"
+            flags[token] = True if following.startswith("--") else following
+    return flags
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def rl_methods(runs_dir: Path, seed: int, settings: dict) -> list[tuple[str, str, list[str], list[str]]]:
@@ -170,12 +220,21 @@ def execute(run: Run, threads: int) -> None:
     start = time.time()
     env = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads), **os.environ}
     with open(log, "a") as f:
-        result = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        FAILED.set()
-        raise SystemExit(f"error: command failed (exit {result.returncode}); see {log}")
+        process = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        RUNNING.add(process)
+        try:
+            returncode = process.wait()
+        finally:
+            RUNNING.discard(process)
+    if returncode != 0:
+        if not FAILED.is_set():
+            FAILED.set()
+            raise SystemExit(f"error: command failed (exit {returncode}); see {log}")
+        raise SystemExit("stopped")
     if is_training:
         atomic_write_text(run.out / "wall_time.txt", f"{time.time() - start:.1f}")
+    else:
+        write_json(run.record(), command_flags(run.command))
 
 
 def run_all(commands: list[Run], jobs: int) -> None:
@@ -241,7 +300,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     lines = [f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
              f"toy-world prompts, mean ± std over {n} seed(s). RL methods: {settings['rl_steps']} steps x "
              f"{settings['prompts_per_step']} prompts x G={settings['group_size']} from the same SFT checkpoint, learning "
-             f"rates from the sweep where results/hyperparameters.json exists.", "",
+             f"rates: {settings['learning_rates_from']}.", "",
              "Paired differences: within each seed (same SFT checkpoint), method minus SFT and method minus GRPO; mean "
              f"and 95% t-interval over the {n} seeds (t with {n - 1} degrees of freedom). Reward - gold: the RL proxy "
              "(fraction of instructions followed) minus gold; a rising gap is reward hacking. KL: per-response "
@@ -285,29 +344,87 @@ def write_sweep(commands: list[Run], path: Path) -> dict:
     return choice
 
 
+def check_hyperparameters(path: Path, methods: set[str]) -> dict:
+    """The sweep's choices, validated before anything runs: one error line for a damaged
+    file, an unknown method or key, or a learning rate that is not a positive number."""
+    if not path.exists():
+        return {}
+    try:
+        choices = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {path} is not valid JSON ({getattr(error, 'msg', error)}); fix it, or rerun --sweep") from None
+    if not isinstance(choices, dict):
+        raise SystemExit(f"error: {path} must map method names to {{\"learning_rate\": ...}}")
+    for method, record in choices.items():
+        if method not in methods:
+            raise SystemExit(f"error: {path} names method {method!r}, which the job does not have "
+                             f"(methods: {', '.join(sorted(methods))})")
+        if not isinstance(record, dict) or set(record) - {"learning_rate", "validation_gold"}:
+            raise SystemExit(f"error: {path}: the entry of {method!r} must hold 'learning_rate' (and optionally "
+                             f"'validation_gold'), got {record!r}"[:300])
+        rate = record.get("learning_rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise SystemExit(f"error: {path}: the learning rate of {method!r} must be a positive number, got {rate!r}")
+    return choices
+
+
+def check_settings(settings: dict) -> None:
+    """The job's numbers, checked as the scripts would check them, before anything runs or is printed."""
+    for key, low in (("seeds", 1), ("jobs", 1), ("rl_steps", 2), ("sft_steps", 1), ("gpm_steps", 1),
+                     ("eval_prompts", 1), ("side_prompts", 1), ("prompts_per_step", 1), ("group_size", 2)):
+        if settings[key] < low:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be >= {low}, got {settings[key]}")
+    if shutil.which(settings["python"]) is None:
+        raise SystemExit(f"error: --python {settings['python']!r} is not an executable")
+
+
+def stop_on_signal(number, frame) -> None:
+    """SIGINT or SIGTERM: stop every running command (each keeps its last checkpoint) and leave."""
+    FAILED.set()
+    for process in list(RUNNING):
+        process.terminate()
+    name = signal.Signals(number).name
+    print(f"\nstopped by {name}: {len(RUNNING)} running command(s) stopped; run the same command again to "
+          "continue (every run resumes from its last checkpoint)", file=sys.stderr, flush=True)
+    raise SystemExit(128 + number)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     given = {k: v for k, v in asdict(args).items() if v is not None}
     settings = {**(QUICK if args.quick else FULL), **given}
     if args.sweep:
         settings["seeds"] = 1
-    if settings["seeds"] < 1 or settings["jobs"] < 1 or settings["rl_steps"] < 2:
-        raise SystemExit("error: --seeds and --jobs must be >= 1, --rl-steps >= 2")
+    check_settings(settings)
     out_dir = Path(args.out_dir or ("results/quick" if args.quick else "results"))
     runs_dir = out_dir / ("sweep" if args.sweep else "runs")
-    hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep else Path(args.hyperparameters)
-    hyperparameters = json.loads(hyperparameters_file.read_text()) if hyperparameters_file.exists() and not args.sweep else {}
+    hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
+    methods = {method for method, *_ in rl_methods(runs_dir, 1, settings)}
+    hyperparameters = {} if args.sweep else check_hyperparameters(hyperparameters_file, methods)
     eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
+    settings["learning_rates_from"] = (f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))}, "
+                                       "each script's default for the rest" if hyperparameters else "each script's default")
     if args.print_commands:
         for run in commands:
             extra = ["--output-dir", str(run.out), "--resume"] if run.out.suffix != ".jsonl" else []
-            print(" ".join(run.command[1:] + extra))
+            print(shlex.join(run.command[1:] + extra))
         raise SystemExit(0)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        (runs_dir / ".writable").touch()
+    except OSError as error:
+        raise SystemExit(f"error: --out-dir {str(out_dir)!r} cannot be written ({error.strerror})") from None
+    for run in commands:  # the table must describe the runs in it: never mix settings
+        changed = run.differences()
+        if changed:
+            raise SystemExit(f"error: {run.out} holds a run made with other settings ({', '.join(changed[:3])}); "
+                             "give this job its own --out-dir, or delete that folder to redo it")
+    signal.signal(signal.SIGINT, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     job_start = time.time()
 
     # ---- the offline world: tiny model, toy data (train / validation / eval), expert cache (reused when present)
-    runs_dir.mkdir(parents=True, exist_ok=True)
     for setup in (["scripts/build_toy_world.py"], ["scripts/build_expert_cache.py"]):
         if setup[0] == "scripts/build_toy_world.py" or not (ROOT / "data/toy/expert_cache.jsonl").exists():
             subprocess.run([settings["python"], *setup], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

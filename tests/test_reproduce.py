@@ -5,9 +5,11 @@ are drawn, a second call redoes nothing; and the job's command list and statisti
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -75,3 +77,57 @@ def test_smallest_main_job_tables_every_method_and_resumes_without_rerunning(tmp
     assert first.stdout.count("$ algos/") == 13  # SFT, the GPM and 11 RL runs
     again = reproduce(tmp_path)
     assert "$ " not in again.stdout and (tmp_path / "table.md").read_text().count("\n| ") == len(METHODS) + 1
+    # other settings over finished runs: refused up front, the table left as it was
+    table = (tmp_path / "table.md").read_text()
+    changed = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), *SMALLEST, "--eval-prompts", "8"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert changed.returncode != 0 and "holds a run made with other settings (--eval-prompts 16 -> 8)" in changed.stderr
+    assert "$ " not in changed.stdout and (tmp_path / "table.md").read_text() == table
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "is not valid JSON"),
+    ('{"GRPOO": {"learning_rate": 1e-4}}', "names method 'GRPOO', which the job does not have"),
+    ('{"GRPO": {"learning_rat": 1e-4}}', "the entry of 'GRPO' must hold 'learning_rate'"),
+    ('{"GRPO": {"learning_rate": -1}}', "the learning rate of 'GRPO' must be a positive number"),
+])
+def test_a_bad_hyperparameters_file_is_one_line_before_anything_runs(tmp_path, content, expected):
+    (tmp_path / "hyperparameters.json").write_text(content)  # where --sweep --out-dir writes it
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().startswith("error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def test_the_sweeps_choices_are_read_from_the_same_out_dir(tmp_path):
+    (tmp_path / "hyperparameters.json").write_text('{"GRPO": {"learning_rate": 0.000123}}')
+    lines = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    assert "--learning-rate 0.000123" in next(line for line in lines if line.startswith("algos/grpo.py"))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text in open(f"/proc/{pid}/cmdline").read():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_job_and_its_running_commands(tmp_path, signal_number):
+    job = subprocess.Popen([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), *SMALLEST], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"TQDM_DISABLE": "1", **os.environ})
+    for line in job.stdout:
+        if line.startswith("$ algos/sft.py"):
+            break
+    time.sleep(3)
+    assert [pid for pid in processes_mentioning(str(tmp_path)) if pid != job.pid]  # the SFT command runs
+    job.send_signal(signal_number)
+    assert job.wait(timeout=60) == 128 + signal_number
+    assert "stopped by" in job.stderr.read()
+    time.sleep(1)
+    assert processes_mentioning(str(tmp_path)) == []

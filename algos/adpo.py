@@ -317,8 +317,8 @@ if __name__ == "__main__":
                 loss.backward()
                 total_loss += loss.detach()
                 share = input_ids[sl].size(0) / batch_size
-                for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + value * share
+                for key, value in metrics.items():  # kl is already this micro-batch's part of the batch's token mean
+                    metric_sums[key] = metric_sums.get(key, 0.0) + (value if key == "kl" else value * share)
             total_loss = distributed.all_sum(float(total_loss))
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
             stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)

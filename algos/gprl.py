@@ -80,7 +80,7 @@ class Args:
     eps: float = 0.2
     """initial PPO clip range (the monitor tightens it on alarm)"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token losses are aggregated (see grpo_loss)"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own tokens (TRL), so it depends on --micro-batch-size and the number of processes"""
     num_iterations: int = 1
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     drift_every: int = 5
@@ -453,29 +453,30 @@ if __name__ == "__main__":
         drift_log = {}
         if (step + 1) % args.drift_every == 0:
             margins = probe_margins()
-            rho, eps, beta, event = drift_update(
+            # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
+            next_rho, next_eps, next_beta, event = drift_update(
                 margins, monitor["margins"], monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.eps, beta0=args.beta,
                 dominance=args.dominance, fall_tolerance=args.fall_tolerance, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
                 eps_shrink=args.eps_shrink, eps_min=args.eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
                 beta_max=args.beta_max, relax=args.relax)
-            monitor = {"rho": rho, "eps": eps, "beta": beta, "margins": margins, "alarms": monitor["alarms"] + event["alarm"]}
+            monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "margins": margins, "alarms": monitor["alarms"] + event["alarm"]}
             drift_log = {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
-                         "drift/alarms_total": monitor["alarms"], "drift/eps": eps, "drift/beta": beta,
+                         "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,
                          **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
                          **{f"drift/gain/{n}": event["gains"][l] for l, n in enumerate(dim_names)},
-                         **{f"drift/rho/{n}": float(rho[l]) for l, n in enumerate(dim_names)}}
+                         **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
             if event["alarm"]:
                 tqdm.write(f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} took {event['dominant_share']:.0%} "
                            f"of the gain while {', '.join(dim_names[l] for l in event['falling'])} fell (gains "
-                           f"{', '.join(f'{g:+.4f}' for g in event['gains'])}); rho -> {[round(float(r), 3) for r in rho]}, "
-                           f"eps -> {eps:.3f}, beta -> {beta:.3f}")
+                           f"{', '.join(f'{g:+.4f}' for g in event['gains'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
+                           f"eps -> {next_eps:.3f}, beta -> {next_beta:.3f}")
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/eps": monitor["eps"] if not drift_log else eps, "train/beta": beta,
+            "train/eps": eps, "train/beta": beta,
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             **{f"train/advantage_abs/{n}": float(per_dim[:, l].abs().mean()) for l, n in enumerate(dim_names)},
             **{f"train/gate/{n}": float(gate[:, l].mean()) for l, n in enumerate(dim_names)},

@@ -71,7 +71,7 @@ class Args:
     eps_high: float = 0.2
     """upper clip range: rho <= 1 + eps_high"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token losses are aggregated (see grpo_loss)"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own tokens (TRL), so it depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: per group, over the batch, or no scaling"""
     importance_sampling_level: Literal["token", "sequence"] = "token"

@@ -57,8 +57,12 @@ def analyze_run(checkpoint: Path, reference: Path, prompts: list[str], expert: l
     k3 = (torch.exp(ref_minus_policy) - 1 - ref_minus_policy) * completion_mask
     greedy = generate_rollouts(policy, tokenizer, prompts, 1, max_new_tokens, do_sample=False)
     lengths = greedy["completion_mask"].sum(1)
-    own_ids, own_mask, own_response_mask, own_start = encode_prompt_response(tokenizer, prompts, greedy["texts"], ids.device)
-    own = (completion_logps(policy, own_ids, own_mask, own_start) * own_response_mask).sum(1) / own_response_mask.sum(1)
+    # the tokens the policy emitted, as emitted: a truncated response has no eos (re-encoding its text would add one)
+    own_ids = torch.cat([greedy["prompt_ids"], greedy["completion_ids"]], 1)
+    own_mask = torch.cat([greedy["prompt_mask"], greedy["completion_mask"]], 1)
+    own_response_mask = greedy["completion_mask"].float()
+    own = ((completion_logps(policy, own_ids, own_mask, greedy["prompt_ids"].size(1)) * own_response_mask).sum(1)
+           / own_response_mask.sum(1).clamp(min=1))
     exp_ids, exp_mask, exp_response_mask, exp_start = encode_prompt_response(tokenizer, prompts, expert, ids.device)
     exp = (completion_logps(policy, exp_ids, exp_mask, exp_start) * exp_response_mask).sum(1) / exp_response_mask.sum(1)
     return {"kl": float(k3.sum(1).mean()), "kl_estimator": "k3", "lengths": lengths.tolist(), "own_logprob": own.tolist(),

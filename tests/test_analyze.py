@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 from shared.modeling import build_tiny_model, load_model, load_tokenizer
-from shared.rollout import generate_rollouts
+from shared.rollout import generate_rollouts, naive_completion_logps
 from shared.toyworld import make_split, oracle
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -49,3 +49,19 @@ def test_k3_kl_is_zero_against_itself_and_matches_the_exact_kl(two_models):
     exact = exact_kl(second, first, prompts, max_new_tokens=8)
     assert exact > 0.01
     assert different["kl"] == pytest.approx(exact, rel=0.25)
+
+
+def test_own_logprob_scores_the_tokens_the_policy_emitted_and_no_eos_it_did_not(two_models):
+    first, _ = two_models
+    prompts = [r["prompt"] for r in make_split(8, seed=4)]
+    result = analyze_run(first, first, prompts, [oracle(r) for r in make_split(8, seed=4)], max_new_tokens=6)
+    tokenizer, policy = load_tokenizer(str(first)), load_model(str(first))
+    with torch.no_grad():
+        greedy = generate_rollouts(policy, tokenizer, prompts, 1, 6, do_sample=False)
+        ids = torch.cat([greedy["prompt_ids"], greedy["completion_ids"]], 1)
+        mask = torch.cat([greedy["prompt_mask"], greedy["completion_mask"]], 1)
+        logps, _ = naive_completion_logps(policy, ids, mask, greedy["prompt_ids"].size(1))
+    emitted = greedy["completion_mask"].float()
+    assert greedy["truncated"].any()  # an untrained model: some responses end without an eos
+    expected = (logps * emitted).sum(1) / emitted.sum(1)
+    assert result["own_logprob"] == pytest.approx(expected.tolist(), abs=1e-5)

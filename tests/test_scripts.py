@@ -145,6 +145,15 @@ def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert len(train) == 4 and all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
     assert all(0.1 <= m["train/tau_min"] <= m["train/tau_max"] <= 5.0 for m in train)
     assert_interrupted_run_resumes_exactly("algos/adpo.py", flags, full, stop_at=2)
+    # the logged KL does not depend on how the batch is cut into micro-batches (it was divided by their number)
+    split = tmp_path / "split"
+    split_flags = list(flags)
+    split_flags[split_flags.index("--output-dir") + 1] = str(split)
+    split_flags[split_flags.index("--micro-batch-size") + 1] = "8"  # one micro-batch of the 2 x 4 rollouts
+    run_script("algos/adpo.py", *split_flags)
+    kl = {name: [m["train/kl"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "train/kl" in m]
+          for name, folder in (("two micro-batches", full), ("one", split))}
+    assert kl["two micro-batches"][0] > 0 and kl["two micro-batches"] == pytest.approx(kl["one"], rel=1e-4, abs=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,17 @@ from tqdm import tqdm
 
 from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
-from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
+from shared.modeling import load_model, load_tokenizer
+from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 from shared.toyworld import instruction_scores
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 
 
 @dataclass
-class Args:
+class Args(RunFlags):
     base: Literal["grpo", "sft", "chord"] = "grpo"
     """the algorithm the anchoring term is added to"""
     staged: bool = False
@@ -131,30 +131,8 @@ class Args:
     """held-out prompts used per evaluation"""
     save_every: int = 20
     """checkpoint every this many steps (and at the end)"""
-    resume: bool = False
-    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
-    overwrite: bool = False
-    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
-    allow_flag_changes: bool = False
-    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
-    stop_at_step: int = 0
-    """end this invocation after this step, as an interruption would (0: run to the end)"""
-    dtype: str = "float32"
-    """weights dtype: float32, bfloat16 or float16"""
-    autocast_bf16: bool = False
-    """run forward passes under bfloat16 autocast (GPU memory/speed knob)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
-    device: str = default_device()
-    """cuda or cpu"""
-    compile: bool = torch.cuda.is_available()
-    """torch.compile the advantage and loss functions (default on with CUDA)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
-    track: bool = False
-    """log to Weights & Biases as well as tensorboard"""
-    wandb_project: str = "posttrain"
-    """wandb project name"""
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -320,8 +298,6 @@ if __name__ == "__main__":
     check_common_flags(args)
     if args.group_size < 2:
         raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
-    if args.num_iterations < 1:
-        raise SystemExit("error: --num-iterations must be >= 1")
     if not 0 < args.expert_data_ratio < 1:
         raise SystemExit(f"error: --expert-data-ratio must be in (0, 1), got {args.expert_data_ratio}")
     if args.staged and not 0 < args.stage1_steps < args.steps:
@@ -517,13 +493,11 @@ if __name__ == "__main__":
         old_logps = ref_logps = None
         with torch.no_grad(), autocast:
             if args.num_iterations > 1:
-                old_logps = torch.cat([completion_logps(model, input_ids[s:s + args.micro_batch_size],
-                                                        attention_mask[s:s + args.micro_batch_size], prompt_len,
-                                                        args.temperature, args.logp_chunk_tokens) for s in micro_batches()])
+                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
+                                               args.temperature, args.logp_chunk_tokens)
             if args.beta > 0:
-                ref_logps = torch.cat([completion_logps(ref_model, input_ids[s:s + args.micro_batch_size],
-                                                        attention_mask[s:s + args.micro_batch_size], prompt_len,
-                                                        args.temperature, args.logp_chunk_tokens) for s in micro_batches()])
+                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
+                                               args.temperature, args.logp_chunk_tokens)
         timer["logps"] = time.time() - t
 
         # ---- optimise: num_iterations passes; each micro-step = one rollout slice (+ one expert slice)
@@ -575,19 +549,15 @@ if __name__ == "__main__":
             **{f"train/{k}": float(v) for k, v in metric_sums.items()},
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", anchor=f"{scores.mean():.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            final_eval = run_eval(step + 1)
         if args.staged and step + 1 == args.stage1_steps:
             save_model(output_dir / "stage1", model, tokenizer)
             optimizer, scheduler = make_optimizer(step + 1)
             tqdm.write(f"stage 1 (A-SFT) done at step {step + 1}: weights in {output_dir / 'stage1'}; stage 2: A-GRPO")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
-            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
-                            extra={"discriminator": disc_record})
-        if step + 1 == args.stop_at_step:
-            print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
-            raise SystemExit(0)
+        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+            output_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
+            extra={"discriminator": disc_record})) or final_eval
 
-    write_final_eval(output_dir, args.steps, final_eval, run_eval, keys=("anchor_score_rollouts",), disc_heldout_accuracy=disc_record["heldout_accuracy"])
+    write_final_eval(output_dir, args.steps, final_eval, run_eval, keys=("anchor_score_rollouts",),
+                     disc_heldout_accuracy=disc_record["heldout_accuracy"])
     logger.close()
     print(f"done: checkpoint in {output_dir / CHECKPOINT}")

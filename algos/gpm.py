@@ -28,15 +28,15 @@ from tqdm import tqdm
 
 from shared import distributed
 from shared.data import keep_short_prompts, load_pairs
-from shared.modeling import default_device, load_model, load_tokenizer
+from shared.modeling import load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
+from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
 
 @dataclass
-class Args:
+class Args(RunFlags):
     model: str = "runs/sft/checkpoint"
     """backbone: any causal LM id or folder (the tiny SFT model offline)"""
     pairs_data: str = "data/toy/pairs.jsonl"
@@ -75,28 +75,6 @@ class Args:
     """held-out accuracy every this many steps (and at the start and end)"""
     save_every: int = 100
     """checkpoint every this many steps (and at the end)"""
-    resume: bool = False
-    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
-    overwrite: bool = False
-    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
-    allow_flag_changes: bool = False
-    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
-    stop_at_step: int = 0
-    """end this invocation after this step, as an interruption would (0: run to the end)"""
-    dtype: str = "float32"
-    """backbone weights dtype"""
-    autocast_bf16: bool = False
-    """run the backbone under bfloat16 autocast (GPU memory/speed knob)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
-    device: str = default_device()
-    """cuda or cpu"""
-    compile: bool = torch.cuda.is_available()
-    """torch.compile the loss function (default on with CUDA)"""
-    track: bool = False
-    """log to Weights & Biases as well as tensorboard"""
-    wandb_project: str = "posttrain"
-    """wandb project name"""
 
 
 def skew_scores(v_a, v_b):
@@ -277,14 +255,8 @@ if __name__ == "__main__":
                               **{f"train/{k}": v for k, v in metrics.items()}, "train/gate_entropy": gate_entropy,
                               "perf/steps_per_sec": 1 / (time.time() - step_start)})
         progress.set_postfix(loss=f"{loss:.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            final_eval = run_eval(step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
-            save_checkpoint(output_dir, backbone, tokenizer, optimizer, scheduler, step + 1, args,
-                            extra_files={GPM_HEADS: heads_record()})
-        if step + 1 == args.stop_at_step:
-            print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
-            raise SystemExit(0)
+        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+            output_dir, backbone, tokenizer, optimizer, scheduler, step + 1, args, extra_files={GPM_HEADS: heads_record()})) or final_eval
 
     if not (output_dir / "eval.json").exists() or json.loads((output_dir / "eval.json").read_text()).get("step") != args.steps:
         final_eval = final_eval or run_eval(args.steps, log=False)

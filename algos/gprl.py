@@ -28,17 +28,17 @@ from tqdm import tqdm
 
 from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
-from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts
+from shared.modeling import load_model, load_tokenizer
+from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_reward_fn, reward_scores
-from shared.run import CHECKPOINT, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 from shared.toyworld import instruction_scores
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
 
 @dataclass
-class Args:
+class Args(RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (and reference): hub id or local folder, e.g. the SFT checkpoint"""
     gpm: str = "runs/gpm/checkpoint"
@@ -113,30 +113,8 @@ class Args:
     """held-out prompts used per evaluation"""
     save_every: int = 20
     """checkpoint every this many steps (and at the end)"""
-    resume: bool = False
-    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
-    overwrite: bool = False
-    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
-    allow_flag_changes: bool = False
-    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
-    stop_at_step: int = 0
-    """end this invocation after this step, as an interruption would (0: run to the end)"""
-    dtype: str = "float32"
-    """weights dtype: float32, bfloat16 or float16"""
-    autocast_bf16: bool = False
-    """run forward passes under bfloat16 autocast (GPU memory/speed knob)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
-    device: str = default_device()
-    """cuda or cpu"""
-    compile: bool = torch.cuda.is_available()
-    """torch.compile the advantage and loss functions (default on with CUDA)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
-    track: bool = False
-    """log to Weights & Biases as well as tensorboard"""
-    wandb_project: str = "posttrain"
-    """wandb project name"""
 
 
 def skew_scores(v_a, v_b):
@@ -412,13 +390,11 @@ if __name__ == "__main__":
         old_logps = ref_logps = None
         with torch.no_grad(), autocast:
             if args.num_iterations > 1:
-                old_logps = torch.cat([completion_logps(model, input_ids[s:s + args.micro_batch_size],
-                                                        attention_mask[s:s + args.micro_batch_size], prompt_len,
-                                                        args.temperature, args.logp_chunk_tokens) for s in micro_batches()])
+                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
+                                               args.temperature, args.logp_chunk_tokens)
             if beta > 0:
-                ref_logps = torch.cat([completion_logps(ref_model, input_ids[s:s + args.micro_batch_size],
-                                                        attention_mask[s:s + args.micro_batch_size], prompt_len,
-                                                        args.temperature, args.logp_chunk_tokens) for s in micro_batches()])
+                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
+                                               args.temperature, args.logp_chunk_tokens)
         timer["logps"] = time.time() - t
 
         # ---- optimise: PPO-clip (eps) + beta * KL, num_iterations passes over the generation batch
@@ -484,13 +460,8 @@ if __name__ == "__main__":
             **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log,
             **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            final_eval = run_eval(step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or step + 1 == args.stop_at_step:
-            save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, step + 1, args, extra={"monitor": monitor})
-        if step + 1 == args.stop_at_step:
-            print(f"stopped at step {step + 1} (--stop-at-step); continue with --resume")
-            raise SystemExit(0)
+        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+            output_dir, model, tokenizer, optimizer, scheduler, step + 1, args, extra={"monitor": monitor})) or final_eval
 
     write_final_eval(output_dir, args.steps, final_eval, run_eval, drift_alarms=monitor["alarms"])
     logger.close()

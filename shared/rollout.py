@@ -296,6 +296,16 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return (logps, entropies) if with_entropy else logps
 
 
+@torch.no_grad()
+def logps_without_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                       micro_batch_size: int, temperature: float = 1.0, chunk_tokens: int = 0) -> torch.Tensor:
+    """completion_logps of every row, micro_batch_size rows at a time, with no graph:
+    the old (sampling) and reference log-probs of a generation batch. [B, L]."""
+    return torch.cat([completion_logps(model, input_ids[s:s + micro_batch_size], attention_mask[s:s + micro_batch_size],
+                                       completion_start, temperature, chunk_tokens)
+                      for s in range(0, input_ids.size(0), micro_batch_size)])
+
+
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
                             temperature: float = 1.0, chunk_tokens: int = 0):
     """log softmax(hidden @ weight.T + bias)[target] for hidden [B, L, H], targets [B, L],

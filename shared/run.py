@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shared import distributed
-from shared.modeling import DTYPES
+from shared.modeling import DTYPES, default_device
 
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
 TRAINER_STATE = "trainer_state.pt"
@@ -32,6 +32,34 @@ INPUT_FLAGS = ("model", "train_data", "eval_data", "expert_cache", "pairs_data",
 RUN_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_flag_changes", "stop_at_step", "track", "wandb_project", "device",
                      "compile", "micro_batch_size", "gradient_checkpointing", "logp_chunk_tokens", "output_dir"}
 _held_locks = []  # open lock files: the lock lasts as long as the process
+
+
+@dataclasses.dataclass
+class RunFlags:
+    """How a run is carried out, the same for every algorithm; each algorithm's Args adds
+    its own flags to these (they come first in --help)."""
+    resume: bool = False
+    """continue the run in --output-dir from its newest complete checkpoint (from step 0 if it has none)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir and start again (without it, such a folder is refused)"""
+    allow_flag_changes: bool = False
+    """with --resume, accept flags that differ from the run's (they are recorded in run.json)"""
+    stop_at_step: int = 0
+    """end this invocation after this step, as an interruption would (0: run to the end)"""
+    dtype: str = "float32"
+    """weights dtype: float32 or bfloat16 (float16 is refused: AdamW's moments underflow in it)"""
+    autocast_bf16: bool = False
+    """run forward passes, sampling included, under bfloat16 autocast (GPU memory/speed knob)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    device: str = dataclasses.field(default_factory=default_device)
+    """cuda or cpu"""
+    compile: bool = dataclasses.field(default_factory=torch.cuda.is_available)
+    """torch.compile the algorithm's pure functions: losses, advantages (default on with CUDA)"""
+    track: bool = False
+    """log to Weights & Biases as well as tensorboard"""
+    wandb_project: str = "posttrain"
+    """wandb project name"""
 
 
 def claim_output_dir(args) -> dict | None:
@@ -357,6 +385,20 @@ def _kept_checkpoint(output_dir: Path) -> str:
     state = output_dir / CHECKPOINT / TRAINER_STATE
     return (f"the last checkpoint (step {torch.load(state, weights_only=False, mmap=True)['step']}) is kept in "
             f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
+
+
+def evaluate_save_or_stop(step: int, args, run_eval, save) -> dict | None:
+    """The bookkeeping after every step: evaluate every --eval-every steps and at the
+    last; save (save()) every --save-every steps, at the last and at --stop-at-step;
+    end the invocation at --stop-at-step as an interruption would. Returns the
+    evaluation when one was made."""
+    result = run_eval(step) if step % args.eval_every == 0 or step == args.steps else None
+    if step % args.save_every == 0 or step == args.steps or step == args.stop_at_step:
+        save()
+    if step == args.stop_at_step:
+        print(f"stopped at step {step} (--stop-at-step); continue with --resume")
+        raise SystemExit(0)
+    return result
 
 
 EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts")

@@ -7,7 +7,7 @@ tiny batch (2 prompts x G=2, 32 new tokens) with the GPU recipe's memory flags
 (`--autocast-bf16 --gradient-checkpointing`, float32 weights), one at a time, and its
 peak resident memory is measured (the process's own high-water mark, from wait4).
 
-    python scripts/real_shape.py                  # all 12 runs, about 25 minutes on 2 cores
+    python scripts/real_shape.py                  # all 13 runs, about 50 minutes on 2 cores
     python scripts/real_shape.py --only grpo sft  # a subset
 
 Prints a markdown table (also written to --table) of peak memory and wall time.
@@ -51,9 +51,9 @@ def build_inputs(work: Path) -> dict:
     if not (model / "config.json").exists():
         print("building a random model with Qwen3-0.6B's configuration ...", flush=True)
         build_tiny_model(model, **QWEN3_0_6B)
-    rows = make_split(10, seed=0)
-    write_jsonl(rows[:8], work / "train.jsonl")
-    write_jsonl(rows[8:], work / "eval.jsonl")
+    rows = make_split(14, seed=0)
+    write_jsonl(rows[:12], work / "train.jsonl")
+    write_jsonl(rows[12:], work / "eval.jsonl")
     write_expert_cache(work / "expert_cache.jsonl", [r["prompt"] for r in rows], [oracle(r) for r in rows],
                        teacher="oracle", generation={})
     write_jsonl([{"prompt": r["prompt"], "chosen": oracle(r), "rejected": oracle(r)[::-1] + "x", "label": 1.0}
@@ -69,7 +69,7 @@ def commands(inputs: dict, work: Path, new_tokens: int) -> dict[str, list[str]]:
             "--max-new-tokens", str(new_tokens)]
     rl = base + data + ["--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4"]
     expert = ["--expert-cache", inputs["cache"]]
-    discriminator = ["--disc-prompts", "4", "--disc-epochs", "5"]
+    discriminator = ["--disc-prompts", "12", "--disc-epochs", "5"]
     return {
         "sft": ["algos/sft.py", *base, *data, *expert, "--batch-size", "2", "--micro-batch-size", "2"],
         "grpo": ["algos/grpo.py", *rl],
@@ -86,6 +86,9 @@ def commands(inputs: dict, work: Path, new_tokens: int) -> dict[str, list[str]]:
         "gpm": ["algos/gpm.py", *base, "--pairs-data", inputs["pairs"], "--batch-size", "2", "--micro-batch-size", "2",
                 "--dims", "4", "--axis-weight", "0"],
         "gprl": ["algos/gprl.py", *rl, "--gpm", str(work / "runs" / "gpm" / "checkpoint"), "--probe-prompts", "2"],
+        # how memory grows with rows x tokens: 4x the rows and 2x the new tokens of the grpo row
+        "grpo-16x64": ["algos/grpo.py", *base, *data[:-1], str(2 * new_tokens), "--prompts-per-step", "4",
+                       "--group-size", "4", "--micro-batch-size", "16"],
     }
 
 
@@ -111,24 +114,31 @@ def main(args: Args) -> None:
     wanted = [name for name in runs if not args.only or name in args.only]
     if "gprl" in wanted and "gpm" not in wanted and not (work / "runs" / "gpm" / "checkpoint").exists():
         wanted.insert(wanted.index("gprl"), "gpm")  # GPRL reads the GPM's checkpoint
-    lines = ["| algorithm | peak memory (GiB) | wall (s) |", "|---|---:|---:|"]
+    table = Path(args.table) if args.table else None
+    measured = {}  # name -> row; rows of runs not repeated now are kept from the table file
+    if table and table.exists():
+        measured = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.read_text().splitlines()
+                    if line.startswith("| ") and not line.startswith("| algorithm")}
     for name in wanted:
         out = work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         code, peak, wall = run_measured([*runs[name], "--output-dir", str(out)], work / f"{name}.log")
         status = "" if code == 0 else f" (failed, exit {code}: see {work / f'{name}.log'})"
-        lines.append(f"| {name}{status} | {peak:.1f} | {wall:.0f} |")
-        print(lines[-1], flush=True)
+        measured[name] = f"| {name}{status} | {peak:.1f} | {wall:.0f} |"
+        print(measured[name], flush=True)
         if name != "gpm":
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "runs" / "gpm", ignore_errors=True)
-    header = (f"Qwen3-0.6B shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows), {args.new_tokens} "
+    header = (f"Qwen3-0.6B shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows; grpo-16x64: 4 x G=4, "
+              f"{2 * args.new_tokens} tokens), {args.new_tokens} "
               "new tokens, float32 weights, --autocast-bf16 --gradient-checkpointing, CPU; peak RSS of each process.\n"
               "Printed by `python scripts/real_shape.py`.\n\n")
+    lines = ["| algorithm | peak memory (GiB) | wall (s) |", "|---|---:|---:|"]
+    lines += [measured[name] for name in runs if name in measured]
     print("\n" + header + "\n".join(lines))
-    if args.table:
-        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.table).write_text(header + "\n".join(lines) + "\n")
+    if table:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(header + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

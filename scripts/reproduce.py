@@ -359,9 +359,9 @@ def check_hyperparameters(path: Path, methods: set[str]) -> dict:
         if method not in methods:
             raise SystemExit(f"error: {path} names method {method!r}, which the job does not have "
                              f"(methods: {', '.join(sorted(methods))})")
-        if not isinstance(record, dict) or set(record) - {"learning_rate", "validation_gold"}:
+        if not isinstance(record, dict) or set(record) - {"learning_rate", "validation_gold", "note"}:
             raise SystemExit(f"error: {path}: the entry of {method!r} must hold 'learning_rate' (and optionally "
-                             f"'validation_gold'), got {record!r}"[:300])
+                             f"'validation_gold', 'note'), got {record!r}"[:300])
         rate = record.get("learning_rate")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
             raise SystemExit(f"error: {path}: the learning rate of {method!r} must be a positive number, got {rate!r}")

@@ -32,7 +32,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
-from shared.rewards import load_reward_fn, reward_scores
+from shared.rewards import load_reward_fn, required_fields, reward_scores
 from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 from shared.toyworld import instruction_scores
 
@@ -320,13 +320,13 @@ if __name__ == "__main__":
         return ("sft" if step < args.stage1_steps else "grpo") if args.staged else args.base
 
     # ---- data, expert demonstrations and reward
+    reward_fn = load_reward_fn(args.reward_fn)
     try:
-        train_rows = load_rows(args.train_data, required=("prompt",))
+        train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    reward_fn = load_reward_fn(args.reward_fn)
 
     # ---- policy, frozen reference (KL and default encoder), discriminator encoder
     model_path = str(output_dir / CHECKPOINT) if state else args.model

@@ -37,6 +37,13 @@ def load_reward_fn(spec: str):
     return reward_fn
 
 
+def required_fields(reward_fn) -> tuple[str, ...]:
+    """The row fields a reward function reads besides the prompt, as it declares them in a
+    `required_fields` attribute (the toy/IFEval reward needs `instruction_id_list`), so
+    training rows without them are refused when they load, not at the first reward."""
+    return ("prompt", *getattr(reward_fn, "required_fields", ()))
+
+
 def reward_scores(reward_fn, rows: list[dict], texts: list[str]) -> torch.Tensor:
     """Rewards as a float32 tensor. Any real number is accepted (numpy scalars too); a
     NaN/inf, a non-number or an exception stops the run with the row named."""

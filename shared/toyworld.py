@@ -166,6 +166,9 @@ def reward(row: dict, response: str) -> float:
     return sum(followed) / max(1, len(followed))
 
 
+reward.required_fields = ("instruction_id_list",)  # training rows are checked for it before any model loads
+
+
 def gold(row: dict, response: str, loose: bool = False) -> float:
     """Prompt-level accuracy (strict, or IFEval's loose): 1.0 only when every instruction is followed."""
     return float(all(verdict[loose] for verdict in instruction_verdicts(row, response)))

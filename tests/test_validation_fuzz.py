@@ -240,3 +240,15 @@ def test_a_reward_module_that_cannot_be_used_says_why(source, expected, tiny_wor
             "--eval-data", data, "--reward-fn", "user_reward:reward"]
     outcome, message = run_until_model_loading("algos/grpo.py", argv)
     assert outcome == "error" and expected in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_training_rows_without_the_fields_the_reward_reads_are_refused_before_loading(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(shared.modeling, "load_model", refuse_to_load)
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "copy ab"}])
+    data = write_jsonl(tmp_path / "rows.jsonl", [GOOD_ROW])
+    argv = ["--model", tiny_world["model"], "--output-dir", str(tmp_path / "out"), "--train-data", bare, "--eval-data", data]
+    outcome, message = run_until_model_loading("algos/grpo.py", argv)
+    assert outcome == "error" and "row 0: missing field 'instruction_id_list'" in message, message
+    (tmp_path / "any_reward.py").write_text("def reward(row, text):\n    return float(len(text))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run_until_model_loading("algos/grpo.py", argv + ["--reward-fn", "any_reward:reward"])[0] == "ok"

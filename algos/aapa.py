@@ -32,9 +32,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
-from shared.rewards import load_reward_fn, required_fields, reward_scores
+from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
-from shared.toyworld import instruction_scores
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 
@@ -59,9 +58,11 @@ class Args(RunFlags):
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
+    eval_fn: str = "shared.scoring:instruction_scores"
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
-    reward_fn: str = "shared.toyworld:reward"
+    reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/aapa"
     """checkpoint, discriminator, metrics.jsonl, eval.json and tensorboard logs go here"""
@@ -320,7 +321,7 @@ if __name__ == "__main__":
         return ("sft" if step < args.stage1_steps else "grpo") if args.staged else args.base
 
     # ---- data, expert demonstrations and reward
-    reward_fn = load_reward_fn(args.reward_fn)
+    reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
@@ -425,7 +426,7 @@ if __name__ == "__main__":
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature, autocast_bf16=args.autocast_bf16)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         result.update({

@@ -25,9 +25,9 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_pairs
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
+from shared.rewards import load_eval_fn
 from shared.run import (evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything,
                         step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json)
-from shared.toyworld import instruction_scores
 
 
 @dataclass
@@ -42,6 +42,8 @@ class Args(RunFlags):
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
+    eval_fn: str = "shared.scoring:instruction_scores"
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
     output_dir: str = "runs/adpo-pairwise"
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
@@ -113,6 +115,7 @@ if __name__ == "__main__":
 
     # ---- data: preference pairs (validated row by row), held-out prompts
     model_path = str(output_dir / CHECKPOINT) if state else args.model
+    eval_fn = load_eval_fn(args.eval_fn)
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
@@ -139,7 +142,7 @@ if __name__ == "__main__":
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")

@@ -30,9 +30,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
-from shared.rewards import load_reward_fn, required_fields, reward_scores
+from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
-from shared.toyworld import instruction_scores
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
@@ -51,7 +50,9 @@ class Args(RunFlags):
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
-    reward_fn: str = "shared.toyworld:reward"
+    eval_fn: str = "shared.scoring:instruction_scores"
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    reward_fn: str = "shared.scoring:reward"
     """task reward, logged only (GPRL optimises the GPM): 'module:function' of (row, completion_text)"""
     output_dir: str = "runs/gprl"
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
@@ -295,7 +296,7 @@ if __name__ == "__main__":
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data and the preference model
-    reward_fn = load_reward_fn(args.reward_fn)
+    reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
@@ -345,7 +346,7 @@ if __name__ == "__main__":
         return skew_scores(v, reference_v).mean(0).cpu()
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")

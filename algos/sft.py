@@ -20,8 +20,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import completion_logps, encode_prompt_response, evaluate
+from shared.rewards import load_eval_fn
 from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
-from shared.toyworld import instruction_scores
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Args(RunFlags):
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
+    eval_fn: str = "shared.scoring:instruction_scores"
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
     output_dir: str = "runs/sft"
@@ -93,6 +95,7 @@ if __name__ == "__main__":
     seed_everything(args.seed)
 
     # ---- data: prompts and their expert responses
+    eval_fn = load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=("prompt",))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
@@ -124,7 +127,7 @@ if __name__ == "__main__":
           f"from {cache_header.get('teacher', '?')!r}")
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, instruction_scores, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
         if log:
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
         tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")

@@ -34,7 +34,7 @@ import algos.gprl as gprl
 import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
-from shared import toyworld
+from shared import scoring, toyworld
 from shared.modeling import build_tiny_model, chat_prompt, load_model, load_tokenizer
 from shared.rollout import completion_logps, generate_rollouts
 
@@ -122,7 +122,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens
     timer["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     group_rows = [row for row in rows for _ in range(args.group_size)]
-    rewards = torch.tensor([toyworld.reward(row, text) for row, text in zip(group_rows, rollouts["texts"])])
+    rewards = torch.tensor([scoring.reward(row, text) for row, text in zip(group_rows, rollouts["texts"])])
     advantages = grpo.group_advantages(rewards, args.group_size)
     ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], 1)
     mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], 1)
@@ -194,7 +194,7 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict, max_ne
         return
 
     def toy_reward(completions, row_id, **_):
-        return [toyworld.reward(rows[i], c[0]["content"] if isinstance(c, list) else c) for c, i in zip(completions, row_id)]
+        return [scoring.reward(rows[i], c[0]["content"] if isinstance(c, list) else c) for c, i in zip(completions, row_id)]
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -21,7 +21,7 @@ import tyro
 
 from shared.data import load_rows
 from shared.run import check_output_file, write_json
-from shared.toyworld import instruction_scores, instruction_verdicts
+from shared.scoring import instruction_scores, instruction_verdicts
 
 
 @dataclass

@@ -8,7 +8,8 @@ from datasets import load_dataset
 
 from shared.ifeval import from_rlvr, missing_nltk_data, official_random_letter
 from shared.modeling import chat_prompt
-from shared.toyworld import instruction_problem, write_jsonl
+from shared.scoring import instruction_problem
+from shared.toyworld import write_jsonl
 
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -325,7 +325,7 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
     """Greedy decoding on held-out rows, the responses scored together by the task's
     `score(rows, texts) -> {name: value}` (together, because IFEval's instruction-level
     accuracy pools instructions over prompts; for instruction following
-    shared/toyworld.py:instruction_scores). Under torchrun each rank decodes its share
+    shared/scoring.py:instruction_scores). Under torchrun each rank decodes its share
     and every rank gets every text. Returns the scores, the mean response length in
     tokens, the truncation rate and the texts."""
     length, truncated, texts = [], [], []

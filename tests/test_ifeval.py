@@ -16,7 +16,7 @@ import sys
 import nltk
 import pytest
 
-from shared import ifeval, toyworld
+from shared import ifeval, scoring
 from shared.data import load_rows
 
 OPTIONS = "\n".join(f"{letter}. option {letter}" for letter in "ABCDE")
@@ -194,9 +194,9 @@ def test_official_verdicts(instruction_id, stand_in_nltk_data, monkeypatch):
         monkeypatch.setattr(nltk.data, "path", [stand_in_nltk_data])
     kwargs, cases = CASES[instruction_id]
     row = {"prompt": "Write something.", "instruction_id_list": [instruction_id], "kwargs": [kwargs]}
-    assert toyworld.instruction_problem(row) is None
+    assert scoring.instruction_problem(row) is None
     for response, strict, loose in cases:
-        assert toyworld.instruction_verdicts(row, response) == [(strict, loose)], response
+        assert scoring.instruction_verdicts(row, response) == [(strict, loose)], response
 
 
 def test_checkers_without_nltk_data_need_none(monkeypatch, tmp_path):
@@ -211,7 +211,7 @@ def test_checkers_without_nltk_data_need_none(monkeypatch, tmp_path):
 def test_missing_nltk_data_refuses_the_row_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     row = {"prompt": "p", "instruction_id_list": ["punctuation:no_comma", "words:start_verb"], "kwargs": [{}, {}]}
-    problem = toyworld.instruction_problem(row)
+    problem = scoring.instruction_problem(row)
     assert problem.startswith("instruction 'words:start_verb' is checked with NLTK data punkt_tab, "
                               "averaged_perceptron_tagger_eng, which is not installed")
     assert "python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng" in problem and "\n" not in problem
@@ -238,7 +238,7 @@ def test_nltk_data_missing_at_scoring_time_is_one_line(tmp_path):
 
 def test_kwargs_a_checker_cannot_use_are_refused():
     def problem(instruction_id, kwargs):
-        return toyworld.instruction_problem({"prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]})
+        return scoring.instruction_problem({"prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]})
     assert "unexpected keyword argument 'num_wrds'" in problem("length_constraints:number_words", {"num_wrds": 2})
     assert "but about is given" in problem("length_constraints:number_words", {"num_words": 2, "relation": "about"})
     # no keywords given: the checker would draw random ones and score against those
@@ -253,7 +253,7 @@ def test_scoring_leaves_the_global_random_state_alone():
     random.seed(7)
     expected = random.random()
     random.seed(7)
-    toyworld.instruction_verdicts({"prompt": "p", "instruction_id_list": ["keywords:existence"], "kwargs": [{}]}, "a cat")
+    scoring.instruction_verdicts({"prompt": "p", "instruction_id_list": ["keywords:existence"], "kwargs": [{}]}, "a cat")
     assert random.random() == expected
 
 
@@ -264,7 +264,7 @@ def test_ifevals_four_numbers_pool_instructions_over_prompts():
     responses = ["Sure:\nthis text is written in plain english with lowercase letters and no commas",  # loose only
                  "one, two",  # fails
                  "ab"]  # toy: strict = loose
-    scores = toyworld.instruction_scores(rows, responses)
+    scores = scoring.instruction_scores(rows, responses)
     # prompt level: strict 1/3 (only the toy row), loose 2/3; instruction level: strict 2/4, loose 3/4
     assert scores == pytest.approx({"gold": 1 / 3, "gold_loose": 2 / 3, "instruction_strict": 2 / 4,
                                     "instruction_loose": 3 / 4, "reward": (0.5 + 0 + 1) / 3})
@@ -272,10 +272,10 @@ def test_ifevals_four_numbers_pool_instructions_over_prompts():
 
 def test_empty_response_and_thinking_block():
     row = {"prompt": "p", "instruction_id_list": ["punctuation:no_comma", "toy:caps"], "kwargs": [{}, {}]}
-    assert toyworld.instruction_verdicts(row, "") == [(False, False), (False, False)]
+    assert scoring.instruction_verdicts(row, "") == [(False, False), (False, False)]
     # the official rule checks the raw text, <think> block included; strip_think drops it for official ids
-    assert toyworld.instruction_verdicts(row, "<think>a, b</think>NO COMMA") == [(False, False), (False, False)]
-    assert toyworld.instruction_verdicts(row, "<think>a, b</think>NO COMMA", strip_think=True) == [(True, True), (False, False)]
+    assert scoring.instruction_verdicts(row, "<think>a, b</think>NO COMMA") == [(False, False), (False, False)]
+    assert scoring.instruction_verdicts(row, "<think>a, b</think>NO COMMA", strip_think=True) == [(True, True), (False, False)]
     assert ifeval.without_think("<think>unfinished, still thinking") == ""
 
 
@@ -303,7 +303,7 @@ def test_official_rule_on_raw_responses(instruction_id, kwargs, response, expect
     row = {"prompt": "p", "instruction_id_list": [instruction_id], "kwargs": [kwargs]}
     checker = ifeval.build_checker(instruction_id, kwargs, "p")
     assert google_rule(checker.check_following, response) == expected
-    assert toyworld.instruction_verdicts(row, response) == [expected]
+    assert scoring.instruction_verdicts(row, response) == [expected]
 
 
 def test_letter_frequency_rows_with_a_non_letter_are_scored_as_the_official_checker_does(tmp_path):
@@ -316,7 +316,7 @@ def test_letter_frequency_rows_with_a_non_letter_are_scored_as_the_official_chec
     assert len(load_rows(str(path))) == 1
     letter = ifeval.build_checker("keywords:letter_frequency", kwargs, "p")._letter
     assert letter.isalpha() and ifeval.build_checker("keywords:letter_frequency", kwargs, "p")._letter == letter
-    verdicts = {toyworld.instruction_verdicts(row, f"{letter * 3} and more")[0] for _ in range(5)}
+    verdicts = {scoring.instruction_verdicts(row, f"{letter * 3} and more")[0] for _ in range(5)}
     assert verdicts == {(True, True)}
     # a missing letter is still refused: nobody asked for a random constraint there
     assert "lacks an argument" in ifeval.instruction_problem("keywords:letter_frequency", {"let_frequency": 2, "let_relation": "at least"})
@@ -351,7 +351,7 @@ def test_rlvr_rows_convert_and_load(tmp_path):
     assert converted["prompt"] == "Describe a cat."
     assert converted["instruction_id_list"] == ["length_constraints:number_words"]
     assert converted["kwargs"] == [{"num_words": 6, "relation": "less than"}]  # at most 5 = less than 6
-    assert toyworld.gold(converted, "five words is the limit") and not toyworld.gold(converted, "one two three four five six")
+    assert scoring.gold(converted, "five words is the limit") and not scoring.gold(converted, "one two three four five six")
     path = tmp_path / "rlvr.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "ground_truth": json.dumps({"func_name": "validate_lowercase"})}) + "\n")
     rows = load_rows(str(path))
@@ -376,4 +376,4 @@ def test_ifeval_and_ifbench_rows_load_through_datasets(tmp_path):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         loaded = load_rows(str(path))
-        assert toyworld.gold(loaded[-1], response) == gold and toyworld.gold(loaded[-1], "nothing") == 0.0
+        assert scoring.gold(loaded[-1], response) == gold and scoring.gold(loaded[-1], "nothing") == 0.0

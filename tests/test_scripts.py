@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_script
-from shared.toyworld import gold
+from shared.scoring import gold
 
 
 def common_flags(world, out):

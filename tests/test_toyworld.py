@@ -1,6 +1,6 @@
 import pytest
 
-from shared import toyworld
+from shared import scoring, toyworld
 from shared.data import load_expert_cache, load_rows
 
 
@@ -8,8 +8,8 @@ def test_oracle_follows_every_instruction():
     rows = toyworld.make_split(300, seed=3, tasks=toyworld.CONTENT_TASKS)
     for row in rows:
         answer = toyworld.oracle(row)
-        assert toyworld.reward(row, answer) == 1.0, (row["prompt"], answer)
-        assert toyworld.gold(row, answer) == 1.0
+        assert scoring.reward(row, answer) == 1.0, (row["prompt"], answer)
+        assert scoring.gold(row, answer) == 1.0
 
 
 def test_reward_is_fraction_of_instructions_followed():
@@ -17,34 +17,34 @@ def test_reward_is_fraction_of_instructions_followed():
            "instruction_id_list": ["toy:task:reverse", "toy:caps", "toy:start_with", "toy:end_with"],
            "kwargs": [{"text": "abc"}, {}, {"char": "#"}, {"char": "!"}]}
     assert toyworld.oracle(row) == "#CBA!"
-    assert toyworld.reward(row, "#CBA!") == 1.0
-    assert toyworld.reward(row, "cba") == 0.25  # content right (case is the caps rule's business)
-    assert toyworld.reward(row, "#CBA") == 0.75
-    assert toyworld.reward(row, "#ABC!") == 0.75
-    assert toyworld.gold(row, "#CBA") == 0.0
-    assert toyworld.reward(row, "") == 0.0
+    assert scoring.reward(row, "#CBA!") == 1.0
+    assert scoring.reward(row, "cba") == 0.25  # content right (case is the caps rule's business)
+    assert scoring.reward(row, "#CBA") == 0.75
+    assert scoring.reward(row, "#ABC!") == 0.75
+    assert scoring.gold(row, "#CBA") == 0.0
+    assert scoring.reward(row, "") == 0.0
 
 
 def test_upper_task_is_case_sensitive_and_max_chars_counts_characters():
     row = {"prompt": "at most 4 chars, upper ab", "instruction_id_list": ["toy:task:upper", "toy:max_chars"],
            "kwargs": [{"text": "ab"}, {"max_chars": 4}]}
-    assert toyworld.reward(row, "ab") == 0.5
-    assert toyworld.reward(row, "AB") == 1.0
-    assert toyworld.reward(row, "ABABA") == 0.0
+    assert scoring.reward(row, "ab") == 0.5
+    assert scoring.reward(row, "AB") == 1.0
+    assert scoring.reward(row, "ABABA") == 0.0
 
 
 def test_none_kwargs_from_datasets_are_ignored():
     row = {"instruction_id_list": ["toy:task:copy", "toy:end_with"],
            "kwargs": [{"text": "ab", "char": None, "letter": None}, {"text": None, "char": "?", "letter": None}]}
     assert toyworld.oracle(row) == "ab?"
-    assert toyworld.gold(row, "ab?") == 1.0
+    assert scoring.gold(row, "ab?") == 1.0
 
 
 def test_unknown_instruction_is_a_clear_error():
     row = {"prompt": "p", "instruction_id_list": ["toy:caps", "toy:nope"], "kwargs": [{}, {}]}
-    assert toyworld.instruction_problem(row) == "unknown instruction id 'toy:nope'"
+    assert scoring.instruction_problem(row) == "unknown instruction id 'toy:nope'"
     row = {"prompt": "p", "instruction_id_list": ["toy:caps", "no_such:id"], "kwargs": [{}, {}]}
-    assert "unknown instruction id 'no_such:id'" in toyworld.instruction_problem(row)
+    assert "unknown instruction id 'no_such:id'" in scoring.instruction_problem(row)
 
 
 def test_preferences_along_axes():
@@ -63,7 +63,7 @@ def test_splits_are_disjoint_and_load_through_datasets(tmp_path):
     assert len(train) == 200 and len(held_out) == 50
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     for row in held_out:  # the datasets round trip keeps the oracle exact
-        assert toyworld.gold(row, toyworld.oracle(row)) == 1.0
+        assert scoring.gold(row, toyworld.oracle(row)) == 1.0
 
 
 def test_same_seed_same_split():

@@ -1,0 +1,98 @@
+"""Instruction scoring, for any task in IFEval's schema (prompt, instruction_id_list,
+kwargs): the one dispatcher that sends toy:* ids to the toy world's checkers
+(shared/toyworld.py) and every other id to IFEval's and IFBench's official checkers
+(shared/ifeval.py), and what is built on its verdicts:
+
+- reward: fraction of the prompt's instructions followed (instruction level; RL)
+- gold: every instruction followed (prompt-level strict accuracy; evaluation)
+- instruction_scores: IFEval's four numbers over a set of responses, plus reward
+
+The training scripts take `--reward-fn shared.scoring:reward` and
+`--eval-fn shared.scoring:instruction_scores` by default; any 'module:function' with
+the same signature replaces them.
+"""
+
+from shared import ifeval
+from shared.toyworld import check_toy_instruction, is_toy_instruction, toy_arguments_problem
+
+
+def instruction_problem(row: dict) -> str | None:
+    """What is wrong with a row's instructions, in one line, or None: ids must be a
+    list of known ids (toy:* here, IFEval's and IFBench's in shared/ifeval.py), kwargs
+    a list of one dict (or null) per id, each accepted by its checker. Checked when
+    data is loaded, before any model is."""
+    ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return f"'instruction_id_list' must be a list of strings, got {ids!r}"[:200]
+    if kwargs is not None:
+        if not isinstance(kwargs, list) or len(kwargs) != len(ids):
+            return f"'kwargs' must be a list with one entry per instruction ({len(ids)}), got {kwargs!r}"[:200]
+        if not all(k is None or isinstance(k, dict) for k in kwargs):
+            return "every entry of 'kwargs' must be an object (or null)"
+    for index, instruction_id in enumerate(ids):
+        if instruction_id.startswith("toy:"):
+            if not is_toy_instruction(instruction_id):
+                return f"unknown instruction id {instruction_id!r}"
+            problem = toy_arguments_problem(instruction_id, kwargs[index] if kwargs else None)
+            if problem:
+                return problem
+            continue
+        problem = ifeval.instruction_problem(instruction_id, kwargs[index] if kwargs else None)
+        if problem:
+            return problem
+    return None
+
+
+def instruction_verdicts(row: dict, response: str, strip_think: bool = False) -> list[tuple[bool, bool]]:
+    """(strict, loose) for each of the row's instructions. The one dispatcher: toy:* ids
+    go to the toy checkers (which have no loose variant), every other id to IFEval's
+    or IFBench's official checker under Google's rule (shared/ifeval.py); strip_think
+    drops a reasoning model's <think> block first (official ids only)."""
+    ids = row["instruction_id_list"]
+    kwargs_list = row.get("kwargs") or [None] * len(ids)
+    verdicts, official = [None] * len(ids), []
+    for index, (instruction_id, kwargs) in enumerate(zip(ids, kwargs_list, strict=True)):
+        if instruction_id.startswith("toy:"):
+            followed = check_toy_instruction(response, instruction_id, kwargs)
+            verdicts[index] = (followed, followed)
+        else:
+            official.append(index)
+    if official:  # one call: the loose variants are built once
+        found = ifeval.verdicts(response, [ids[i] for i in official], [kwargs_list[i] for i in official],
+                                row.get("prompt") or "", strip_think)
+        for index, verdict in zip(official, found):
+            verdicts[index] = verdict
+    return verdicts
+
+
+def reward(row: dict, response: str) -> float:
+    """Instruction-level reward in [0, 1]: the fraction of instructions followed (strict)."""
+    followed = [strict for strict, _ in instruction_verdicts(row, response)]
+    return sum(followed) / max(1, len(followed))
+
+
+reward.required_fields = ("instruction_id_list",)  # training rows are checked for it before any model loads
+
+
+def gold(row: dict, response: str, loose: bool = False) -> float:
+    """Prompt-level accuracy (strict, or IFEval's loose): 1.0 only when every instruction is followed."""
+    return float(all(verdict[loose] for verdict in instruction_verdicts(row, response)))
+
+
+def instruction_scores(rows: list[dict], responses: list[str], strip_think: bool = False) -> dict[str, float]:
+    """The evaluation scores of a set of responses: IFEval's four numbers (gold =
+    prompt-level strict, gold_loose = prompt-level loose, instruction_strict and
+    instruction_loose = the fraction of all instructions followed, pooled over
+    prompts) and reward (the RL reward, averaged over prompts)."""
+    prompt_strict, prompt_loose, followed_strict, followed_loose, rewards, total = 0, 0, 0, 0, 0.0, 0
+    for row, response in zip(rows, responses, strict=True):
+        verdicts = instruction_verdicts(row, response, strip_think)
+        strict = sum(s for s, _ in verdicts)
+        loose = sum(l for _, l in verdicts)
+        prompt_strict += strict == len(verdicts)
+        prompt_loose += loose == len(verdicts)
+        followed_strict, followed_loose, total = followed_strict + strict, followed_loose + loose, total + len(verdicts)
+        rewards += strict / max(1, len(verdicts))
+    n, total = max(1, len(rows)), max(1, total)
+    return {"gold": prompt_strict / n, "gold_loose": prompt_loose / n, "instruction_strict": followed_strict / total,
+            "instruction_loose": followed_loose / total, "reward": rewards / n}

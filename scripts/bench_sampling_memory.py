@@ -22,21 +22,18 @@ SHAPE = {"prompts": 4, "group_size": 8}
 
 
 def child(max_new_tokens: int, output_scores: bool, autocast_bf16: bool) -> dict:
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import tempfile
 
-    from shared.modeling import build_tiny_tokenizer
+    import torch
+
+    from shared.modeling import build_tiny_model, load_model, load_tokenizer
     from shared.rollout import generate_rollouts
 
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer(VOCAB)
-    tokenizer.padding_side = "left"
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0 among 151,936: p(eos) ~ 1e-5 a step
+    with tempfile.TemporaryDirectory() as folder:
+        build_tiny_model(folder, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=VOCAB)
+        tokenizer, model = load_tokenizer(folder), load_model(folder)
+    with torch.no_grad():  # logit 0 among 151,936: p(eos) ~ 1e-5 a step, rows run to the limit
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     prompts = [f"copy the word number {i}" for i in range(SHAPE["prompts"])]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = generate_rollouts(model, tokenizer, prompts, SHAPE["group_size"], max_new_tokens, temperature=1.0,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from shared.ifeval import from_rlvr, missing_nltk_data, official_random_letter
+from shared.ifeval import NotScorable, from_rlvr, missing_nltk_data, official_random_letter
 from shared.modeling import chat_prompt
 from shared.scoring import instruction_problem
 from shared.toyworld import write_jsonl
@@ -40,10 +40,20 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
     if not rows:
         raise ValueError(f"dataset {source!r} has no rows")
     if "prompt" not in rows[0] and "ground_truth" in rows[0]:  # allenai/RLVR-IFeval: messages + ground_truth
-        try:
-            rows = [from_rlvr(row, index) for index, row in enumerate(rows)]
-        except ValueError as error:
-            raise ValueError(f"dataset {source!r} {error}") from None
+        converted, not_scorable = [], 0
+        for index, row in enumerate(rows):
+            try:
+                converted.append(from_rlvr(row, index))
+            except NotScorable:
+                not_scorable += 1
+            except ValueError as error:
+                raise ValueError(f"dataset {source!r} {error}") from None
+        if not_scorable:
+            print(f"note: dropped {not_scorable} of {len(rows)} rows of {source} whose verifier asks for 'around N' words "
+                  "(their dataset accepts counts within max(round(N/10), 1) of N, which IFEval's checkers cannot score)")
+        if not converted:
+            raise ValueError(f"dataset {source!r} has no row IFEval's checkers can score")
+        rows = converted
     if drop_missing_nltk:
         rows = _without_rows_missing_nltk(rows, source)
     for index, row in enumerate(rows):

@@ -197,11 +197,15 @@ RLVR_FUNCTIONS = {
 }
 
 
+class NotScorable(ValueError):
+    """A well-formed row that IFEval's checkers cannot score as its dataset means it."""
+
+
 def from_rlvr(row: dict, index: int = 0) -> dict:
     """An RLVR-IFeval row (messages, ground_truth) as an IFEval row (prompt,
-    instruction_id_list, kwargs). 'at most N' becomes 'less than N + 1'; an 'around N'
-    row is refused (its own verifier accepts counts within max(round(N / 10), 1) of N,
-    a relation IFEval's checkers do not have)."""
+    instruction_id_list, kwargs). 'at most N' becomes 'less than N + 1'. An 'around N'
+    row raises NotScorable (its own verifier accepts counts within max(round(N / 10), 1)
+    of N, a relation IFEval's checkers do not have): load_rows drops it with a count."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user" for m in messages):
         raise ValueError(f"row {index}: field 'messages' must be a list of chat messages with a user turn")
@@ -220,7 +224,7 @@ def from_rlvr(row: dict, index: int = 0) -> dict:
                           else "frequency", "capital_relation": "capital_frequency", "let_relation": "let_frequency"}[key]
             kwargs[key], kwargs[number_key] = "less than", int(kwargs[number_key]) + 1
         elif kwargs.get(key) == "around":  # no IFEval relation means |count - N| <= max(round(N / 10), 1)
-            raise ValueError(f"row {index}: verifier {truth['func_name']!r} asks for 'around' {truth.get('N')}, which "
-                             "IFEval's checkers cannot score as the dataset defines it; remove such rows")
+            raise NotScorable(f"row {index}: verifier {truth['func_name']!r} asks for 'around' {truth.get('N')}, which "
+                              "IFEval's checkers cannot score as the dataset defines it")
     prompt = next(m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "user")
     return {"key": index, "prompt": prompt, "instruction_id_list": [instruction_id], "kwargs": [kwargs]}

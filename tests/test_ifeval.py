@@ -338,42 +338,13 @@ def test_kwargs_of_the_wrong_shape_are_refused_when_rows_load(instruction_id, kw
         load_rows(str(path))
 
 
-def test_rlvr_around_rows_are_refused():
+def test_rlvr_around_rows_are_dropped_with_a_count(tmp_path, capsys):
     truth = {"func_name": "validate_word_constraint", "N": 50, "quantifier": "around"}
-    with pytest.raises(ValueError, match="row 3: .*'around' 50"):
+    with pytest.raises(ifeval.NotScorable, match="row 3: .*'around' 50"):
         ifeval.from_rlvr({"messages": [{"role": "user", "content": "x"}], "ground_truth": json.dumps(truth)}, 3)
-
-
-def test_rlvr_rows_convert_and_load(tmp_path):
-    truth = {"func_name": "validate_word_constraint", "N": 5, "quantifier": "at most", "end_phrase": None}
-    row = {"messages": [{"role": "user", "content": "Describe a cat."}], "ground_truth": json.dumps(truth)}
-    converted = ifeval.from_rlvr(row)
-    assert converted["prompt"] == "Describe a cat."
-    assert converted["instruction_id_list"] == ["length_constraints:number_words"]
-    assert converted["kwargs"] == [{"num_words": 6, "relation": "less than"}]  # at most 5 = less than 6
-    assert scoring.gold(converted, "five words is the limit") and not scoring.gold(converted, "one two three four five six")
+    around = {"messages": [{"role": "user", "content": "Say it."}], "ground_truth": json.dumps(truth)}
+    lowercase = {**around, "ground_truth": json.dumps({"func_name": "validate_lowercase"})}
     path = tmp_path / "rlvr.jsonl"
-    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "ground_truth": json.dumps({"func_name": "validate_lowercase"})}) + "\n")
-    rows = load_rows(str(path))
-    assert [r["instruction_id_list"] for r in rows] == [["length_constraints:number_words"], ["change_case:english_lowercase"]]
-    path.write_text(json.dumps({**row, "ground_truth": json.dumps({"func_name": "validate_emoji"})}) + "\n")
-    with pytest.raises(ValueError, match="row 0: field 'ground_truth' names verifier 'validate_emoji'"):
-        load_rows(str(path))
-
-
-def test_ifeval_and_ifbench_rows_load_through_datasets(tmp_path):
-    """google/IFEval rows (integer keys) and allenai/IFBench_test rows (string keys);
-    datasets merges the kwargs dicts of a column, so every dict gains the other ids'
-    argument names as nulls, which scoring ignores."""
-    ifeval_rows = [{"key": 1, "prompt": "Write in lowercase.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
-                   {"key": 2, "prompt": "Use 3+ words, no commas.",
-                    "instruction_id_list": ["length_constraints:number_words", "punctuation:no_comma"],
-                    "kwargs": [{"num_words": 3, "relation": "at least"}, {}]}]
-    ifbench_rows = [{"key": "3001-b", "prompt": "List things.", "instruction_id_list": ["format:list", "count:numbers"],
-                     "kwargs": [{"sep": "SEPARATOR"}, {"N": 1}]}]
-    for name, rows, response, gold in (("ifeval", ifeval_rows, "three words here", 1.0),
-                                       ("ifbench", ifbench_rows, "a SEPARATOR b SEPARATOR 3", 1.0)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        loaded = load_rows(str(path))
-        assert scoring.gold(loaded[-1], response) == gold and scoring.gold(loaded[-1], "nothing") == 0.0
+    path.write_text(json.dumps(around) + "\n" + json.dumps(lowercase) + "\n")
+    assert [r["instruction_id_list"] for r in load_rows(str(path))] == [["change_case:english_lowercase"]]
+    assert "dropped 1 of 2 rows" in capsys.readouterr().out

@@ -10,7 +10,7 @@ Gradient: (1/tau) * sum_i (softmax(u)_i - q_i) * grad l_i. tau is adaptive per p
 softer for uncertain policies (high entropy) and hard prompts (low reward).
 From the paper: the anchored softmax, the adaptive-tau form and tau0 0.8, beta_r 0.5,
 alpha 1.0 (--tau-alpha), tau_min 0.1. From the author's code: the on-policy anchor, no
-extra KL by default (--kl-coef 0), the entropy averaged per sequence.
+extra KL by default (--beta 0), the entropy averaged per sequence.
 Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 5
 (--tau-max), --num-iterations 2 (on the first pass u = 0, so the anchor only acts
 from the second). docs/algorithms.md#adpo.
@@ -92,7 +92,7 @@ class Args(RunFlags):
     """adaptive tau upper bound (our choice)"""
     length_normalize: bool = False
     """sequence log-prob as the token mean instead of the sum"""
-    kl_coef: float = 0.0
+    beta: float = 0.0
     """k3 KL to the anchor (sampling policy), token mean"""
     eval_every: int = 20
     """evaluate on the held-out split every this many steps (and at start and end)"""
@@ -152,13 +152,13 @@ def adaptive_tau(normalized_entropy, group_mean_reward, tau0=0.8, alpha=1.0, rew
 
 
 def adpo_listwise_loss(logps, anchor_logps, mask, advantages, tau, group_size, *, beta_r=0.5, length_normalize=False,
-                       kl_coef=0.0, num_groups=None, num_tokens=None):
+                       beta=0.0, num_groups=None, num_tokens=None):
     """Cross-entropy of softmax(u) against q = softmax(A / beta_r) within each group.
 
     logps, anchor_logps, mask: [B, L] token log-probs (current policy, anchor) with B =
     groups * group_size, samples of a group contiguous; advantages: [B]; tau: [groups].
     u_i = (l_i - l_i^anchor) / tau. Mean over groups (num_groups of the whole batch for
-    accumulation) + kl_coef * token-mean k3 KL to the anchor (over num_tokens).
+    accumulation) + beta * token-mean k3 KL to the anchor (over num_tokens).
     Returns (loss, metrics).
     """
     mask = mask.to(logps.dtype)
@@ -170,8 +170,8 @@ def adpo_listwise_loss(logps, anchor_logps, mask, advantages, tau, group_size, *
     loss = -(q * torch.log_softmax(u, dim=1)).sum() / num_groups
     delta = (anchor_logps - logps).clamp(-20.0, 20.0)
     kl = ((torch.exp(delta) - delta - 1) * mask).sum() / torch.clamp(torch.as_tensor(num_tokens, dtype=logps.dtype), min=1.0)
-    if kl_coef != 0.0:
-        loss = loss + kl_coef * kl
+    if beta != 0.0:
+        loss = loss + beta * kl
     with torch.no_grad():
         metrics = {"kl": kl.detach(), "u_abs": u.abs().mean(), "target_entropy": -(q * q.clamp(min=1e-30).log()).sum(1).mean()}
     return loss, metrics
@@ -223,7 +223,7 @@ if __name__ == "__main__":
     # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss,
                                 group_size=args.group_size, beta_r=args.beta_r, length_normalize=args.length_normalize,
-                                kl_coef=args.kl_coef, num_groups=args.prompts_per_step)
+                                beta=args.beta, num_groups=args.prompts_per_step)
     logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     log_vocab = math.log(model.get_output_embeddings().weight.size(0))  # entropies / log(vocab) lie in [0, 1]

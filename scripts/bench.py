@@ -86,7 +86,7 @@ def compile_cases(b: int, length: int):
         "chord_loss": (chord.chord_loss, (logps, old, None, adv, mask, expert, expert_mask, 0.5), {}),
         "aapa_loss": (aapa.aapa_loss, (logps, old, None, adv, mask, expert, expert_mask, 0.9, 0.1), {"use_phi": True}),
         "uniapl_policy_loss": (uniapl.uniapl_policy_loss, (logps, old, None, adv, mask, expert, expert_mask, 1.2), {}),
-        "adpo_listwise_loss": (adpo.adpo_listwise_loss, (logps, old, mask, adv, torch.ones(b // 8), 8), {"kl_coef": 0.1}),
+        "adpo_listwise_loss": (adpo.adpo_listwise_loss, (logps, old, mask, adv, torch.ones(b // 8), 8), {"beta": 0.1}),
         "gpm_loss": (gpm.gpm_loss, (v[: b // 2], v[b // 2:], gate[: b // 2], torch.rand(b // 2), 0.1), {}),
         "gprl_advantages": (gprl.gprl_advantages, (v.detach(), gate, torch.ones(3), 8), {}),
     }

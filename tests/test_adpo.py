@@ -61,15 +61,15 @@ def test_listwise_with_kl_matches_finite_differences():
 
     def f(t):
         lp = torch.log_softmax(t, -1).gather(-1, targets[..., None]).squeeze(-1)
-        return adpo_listwise_loss(lp, anchor, mask, advantages, tau, 3, kl_coef=0.2)[0]
+        return adpo_listwise_loss(lp, anchor, mask, advantages, tau, 3, beta=0.2)[0]
 
     assert torch.autograd.gradcheck(f, (theta,))
 
 
 def test_listwise_micro_batches_add_up():
     _, _, logps, anchor, mask, advantages, tau = listwise_batch(seed=4)
-    kwargs = dict(kl_coef=0.1, num_groups=2, num_tokens=mask.sum())
-    full, _ = adpo_listwise_loss(logps, anchor, mask, advantages, tau, 3, kl_coef=0.1)
+    kwargs = dict(beta=0.1, num_groups=2, num_tokens=mask.sum())
+    full, _ = adpo_listwise_loss(logps, anchor, mask, advantages, tau, 3, beta=0.1)
     parts = sum(adpo_listwise_loss(logps[s], anchor[s], mask[s], advantages[s], tau[g], 3, **kwargs)[0]
                 for s, g in ((slice(0, 3), slice(0, 1)), (slice(3, 6), slice(1, 2))))
     assert parts.item() == pytest.approx(full.item(), rel=1e-10)
@@ -126,7 +126,7 @@ def test_all_equal_rewards_and_extremes_stay_finite():
     adv = group_advantages(torch.tensor([0.5, 0.5, 0.0, 1.0]), 2)
     assert torch.equal(adv[:2], torch.zeros(2))
     for mask in (torch.ones(4, 2), torch.zeros(4, 2)):
-        loss, metrics = adpo_listwise_loss(logps, anchor, mask, adv, torch.tensor([0.1, 5.0]), 2, kl_coef=0.1)
+        loss, metrics = adpo_listwise_loss(logps, anchor, mask, adv, torch.tensor([0.1, 5.0]), 2, beta=0.1)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     loss, metrics = adpo_pairwise_loss(torch.tensor([-1e4]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([-1e4]), 0.7, 0.01)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
@@ -135,8 +135,8 @@ def test_all_equal_rewards_and_extremes_stay_finite():
 def test_compiled_adpo_losses_equal_eager():
     _, _, logps, anchor, mask, advantages, tau = listwise_batch(seed=5)
     logps, anchor, advantages, tau = logps.float().detach(), anchor.float(), advantages.float(), tau.float()
-    eager, _ = adpo_listwise_loss(logps, anchor, mask, advantages, tau, 3, kl_coef=0.1)
-    compiled, _ = torch.compile(adpo_listwise_loss, dynamic=True)(logps, anchor, mask, advantages, tau, 3, kl_coef=0.1)
+    eager, _ = adpo_listwise_loss(logps, anchor, mask, advantages, tau, 3, beta=0.1)
+    compiled, _ = torch.compile(adpo_listwise_loss, dynamic=True)(logps, anchor, mask, advantages, tau, 3, beta=0.1)
     assert torch.allclose(eager, compiled, atol=1e-6)
     seq = sequence_logps(logps, mask)
     eager, _ = adpo_pairwise_loss(seq[:3], seq[3:], anchor[:3, 0], anchor[3:, 0], torch.tensor([1.0, 0.7, 0.5]), 2.0)

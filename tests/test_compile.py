@@ -47,7 +47,7 @@ def call_sequence(name):
             "uniapl_policy_loss": ((logps, old, None, adv, mask, expert, expert_mask, 1.0 + 0.05 * step),
                                    dict(num_expert_tokens=num_expert_tokens, **common)),
             "adpo_listwise_loss": ((logps, old, mask, adv, 0.5 + torch.rand(b // 4), 4),
-                                   dict(kl_coef=0.1, num_groups=b // 4, num_tokens=num_tokens)),
+                                   dict(beta=0.1, num_groups=b // 4, num_tokens=num_tokens)),
             "adpo_pairwise_loss": ((logps.sum(1)[: b // 2], logps.sum(1)[b // 2:], old.sum(1)[: b // 2], old.sum(1)[b // 2:],
                                     torch.rand(b // 2), 10.0), dict(num_pairs=b // 2)),
             "gpm_loss": ((torch.randn(b, 6), torch.randn(b, 6), torch.softmax(torch.randn(b, 3), -1), torch.rand(b), 0.1,

@@ -125,7 +125,7 @@ def test_every_pure_function_stays_finite_on_edge_values(seed):
                                             importance_sampling_level=["token", "sequence"][seed % 2]),
         "sft_phi_loss": lambda: chord.sft_phi_loss(logps, mask, detach_phi=seed % 2 == 0),
         "chord_loss": lambda: chord.chord_loss(logps, other, other, adv, mask, other, mask, 0.5, beta=0.1),
-        "adpo_listwise": lambda: adpo.adpo_listwise_loss(logps, other, mask, adv, torch.tensor([0.1, 5.0]), 2, kl_coef=0.1,
+        "adpo_listwise": lambda: adpo.adpo_listwise_loss(logps, other, mask, adv, torch.tensor([0.1, 5.0]), 2, beta=0.1,
                                                          length_normalize=seed % 2 == 0),
         "adpo_pairwise": lambda: adpo_pairwise.adpo_pairwise_loss(logps.sum(1)[:2], logps.sum(1)[2:], other.sum(1)[:2], other.sum(1)[2:],
                                                          torch.tensor([1.0, 0.3]), 0.05),

@@ -138,7 +138,7 @@ def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
-    flags += ["--kl-coef", "0.05"]
+    flags += ["--beta", "0.05"]
     run_script("algos/adpo.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "train/loss" in m]

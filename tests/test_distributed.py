@@ -90,7 +90,7 @@ def test_errors_under_torchrun_are_one_line(tiny_world, tmp_path):
     assert "Traceback" not in result.stderr.split("error:")[0]
 
 
-@pytest.mark.parametrize("failing_rank", ["0", "1"])
+@pytest.mark.parametrize("failing_rank", [pytest.param("0", marks=pytest.mark.slow), "1"])
 def test_an_error_on_one_rank_stops_every_rank_within_seconds_with_one_line(tiny_world, tmp_path, failing_rank):
     """A reward function that raises on one rank only: its peer sits in a collective that
     gloo cannot cancel. The job must end promptly (not at the backend's 30-minute timeout),

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from reproduce import paired  # noqa: E402
+from reproduce import check_hyperparameters, paired  # noqa: E402
 
 METHODS = ["base model", "SFT", "GRPO", "CHORD-phi", "CHORD-mu", "AAPA-GRPO", "AAPA-SFT", "AAPA-CHORD", "AAPA staged",
            "UniAPL", "ADPO listwise", "ADPO pairwise", "GPRL"]
@@ -92,14 +92,18 @@ def test_smallest_main_job_tables_every_method_and_resumes_without_rerunning(tmp
     ('{"GRPO": {"learning_rate": -1}}', "the learning rate of 'GRPO' must be a positive number"),
 ])
 def test_a_bad_hyperparameters_file_is_one_line_before_anything_runs(tmp_path, content, expected):
-    (tmp_path / "hyperparameters.json").write_text(content)  # where --sweep --out-dir writes it
-    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.strip().startswith("error: ") and expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+    path = tmp_path / "hyperparameters.json"  # where --sweep --out-dir writes it
+    path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        check_hyperparameters(path, {"GRPO", "CHORD-mu"})
+    assert str(stop.value).startswith("error: ") and expected in str(stop.value) and "\n" not in str(stop.value)
 
 
-def test_the_sweeps_choices_are_read_from_the_same_out_dir(tmp_path):
+def test_the_sweeps_choices_are_read_from_the_same_out_dir_and_checked_first(tmp_path):
+    (tmp_path / "hyperparameters.json").write_text('{"GRPOO": {"learning_rate": 0.000123}}')
+    typo = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert typo.returncode != 0 and "names method 'GRPOO'" in typo.stderr and not typo.stdout
     (tmp_path / "hyperparameters.json").write_text('{"GRPO": {"learning_rate": 0.000123}}')
     lines = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
                            cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
@@ -117,7 +121,7 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_stops_the_job_and_its_running_commands(tmp_path, signal_number):
     job = subprocess.Popen([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), *SMALLEST], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"TQDM_DISABLE": "1", **os.environ})

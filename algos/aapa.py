@@ -31,9 +31,9 @@ from tqdm import tqdm
 from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts, logps_without_grad
+from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 

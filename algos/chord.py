@@ -29,9 +29,9 @@ from tqdm import tqdm
 from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import logps_without_grad, completion_logps, encode_prompt_response, evaluate, generate_rollouts
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
+from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
 PRESETS = {
@@ -298,12 +298,7 @@ if __name__ == "__main__":
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "
           f"mu: warmup {mu_warmup}, decay {mu_decay}, peak {mu_peak}, valley {mu_valley}; phi {use_phi}")
 
-    def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
-        if log:
-            logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
-        tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
-        return result
+    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
     def micro_batches():
         return range(0, batch_size // distributed.world_size(), args.micro_batch_size)

@@ -30,7 +30,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
+from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 

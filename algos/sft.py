@@ -6,6 +6,7 @@ TRL's SFTTrainer.
 docs/algorithms.md#sft.
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from tqdm import tqdm
 from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompt_response, evaluate
 from shared.rewards import load_eval_fn
-from shared.run import evaluate_save_or_stop, CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, encode_prompt_response
+from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -126,12 +127,7 @@ if __name__ == "__main__":
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations "
           f"from {cache_header.get('teacher', '?')!r}")
 
-    def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
-        if log:
-            logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
-        tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
-        return result
+    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})

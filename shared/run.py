@@ -387,6 +387,19 @@ def _kept_checkpoint(output_dir: Path) -> str:
             f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
 
 
+def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True) -> dict:
+    """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
+    --eval-fn), logged as eval/* at `step` and printed in one line."""
+    from tqdm import tqdm
+
+    from shared.rollout import evaluate
+    result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+    if log:
+        logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
+    tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
+    return result
+
+
 def evaluate_save_or_stop(step: int, args, run_eval, save) -> dict | None:
     """The bookkeeping after every step: evaluate every --eval-every steps and at the
     last; save (save()) every --save-every steps, at the last and at --stop-at-step;

@@ -5,9 +5,10 @@ paired differences and their 95% confidence intervals.
 Every run is a plain command line of an algorithm script, listed flat in two phases:
 per seed the prerequisites (SFT, preference pairs, the GPM), then every RL run.
 `--print-commands` prints them without running anything, so any row of the table can
-be reproduced by hand. One pool runs them in list order, each waiting for the runs it
-needs; a run whose eval.json exists is not redone, an interrupted one continues (every
-command carries --resume).
+be reproduced by hand. One pool runs them `--jobs` at a time, a command starting once
+the runs it needs have finished; the job prints its critical path. A run whose
+eval.json exists is not redone, an interrupted one continues (every command carries
+--resume).
 
 `--sweep` is the fairness step: each RL method's learning rate is chosen from the same
 small grid by held-out gold on the toy world's validation split (disjoint from the
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,21 +239,42 @@ def execute(run: Run, threads: int) -> None:
 
 
 def run_all(commands: list[Run], jobs: int) -> None:
-    """One pool, commands started in list order; each first waits for the runs it needs,
-    which were listed (so started) before it: the pool cannot deadlock."""
+    """Run the commands `jobs` at a time, starting a command only once every run it
+    needs has finished (in list order among those ready), so no worker sits waiting
+    for a prerequisite. The first failure stops anything new from starting."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    futures = {}
-
-    def start(run: Run):
-        for need in run.needs:
-            futures[need].result()
-        execute(run, threads)
-
+    pending, finished, running = list(commands), set(), {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for run in commands:
-            futures[run.name] = pool.submit(start, run)
-        for future in futures.values():
-            future.result()
+        while pending or running:
+            for run in [run for run in pending if all(need in finished for need in run.needs)]:
+                if len(running) == jobs or FAILED.is_set():
+                    break
+                pending.remove(run)
+                running[pool.submit(execute, run, threads)] = run
+            if not running:
+                break  # nothing can start: a prerequisite failed
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished.add(running.pop(future).name)
+                future.result()  # a failed command ends the job here, with its error line
+
+
+def critical_path(commands: list[Run]) -> tuple[float, list[str]]:
+    """The chain of prerequisites with the longest summed wall time (wall_time.txt of
+    each training run; data steps count 0): no schedule finishes sooner than it."""
+    by_name = {run.name: run for run in commands}
+    memo: dict[str, tuple[float, list[str]]] = {}
+
+    def longest(name: str) -> tuple[float, list[str]]:
+        if name not in memo:
+            run = by_name[name]
+            wall_file = run.out / "wall_time.txt"
+            own = float(wall_file.read_text()) if run.out.suffix != ".jsonl" and wall_file.exists() else 0.0
+            before = max((longest(need) for need in run.needs), default=(0.0, []))
+            memo[name] = (before[0] + own, before[1] + [f"{name} ({own:.0f} s)"])
+        return memo[name]
+
+    return max((longest(run.name) for run in commands), default=(0.0, []))
 
 
 def paired(values: list[float]) -> tuple[str, str]:
@@ -433,6 +455,8 @@ if __name__ == "__main__":
     print(f"{len(commands)} commands, {settings['jobs']} at a time", flush=True)
     run_all(commands, settings["jobs"])
 
+    length, chain = critical_path(commands)
+    print(f"critical path: {' -> '.join(chain)} = {length:.0f} s", flush=True)
     job_time_file = runs_dir / "job_time.txt"  # summed over invocations: a rerun that only redraws is not the job
     job_time = (float(job_time_file.read_text()) if job_time_file.exists() else 0.0) + time.time() - job_start
     atomic_write_text(job_time_file, f"{job_time:.1f}")

@@ -70,6 +70,7 @@ def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path):
         assert steps == [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
     full, parts, moved = tmp_path / "full", tmp_path / "parts", tmp_path / "moved"
     run_script("algos/grpo.py", *rl_flags(tiny_world, full))  # equal to the torchrun run (test above)
@@ -141,6 +142,7 @@ def other_algorithms(tiny_world, pairs, gpm):
     return {**{k: v for k, v in runs.items() if k != "algos/gprl.py"}, "algos/gprl.py": runs["algos/gprl.py"]}
 
 
+@pytest.mark.slow  # the equality test below runs the same commands and checks more
 def test_every_other_algorithm_runs_under_torchrun_and_saves_a_loadable_checkpoint(tiny_world, pairs, tmp_path):
     for script, make_flags in other_algorithms(tiny_world, pairs, tmp_path / "algos/gpm.py").items():
         out = tmp_path / script

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_script
+from shared.rewards import reward_scores
 from shared.scoring import gold
 
 
@@ -104,6 +105,7 @@ def test_grpo_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_micro_batches_and_gradient_checkpointing_leave_training_unchanged(tiny_world, sft_run, tmp_path):
     """The memory knobs change memory, not results: one full-batch forward/backward per step
     against micro-batches of 2 (with gradient checkpointing for SFT), same losses and weights.
@@ -204,6 +206,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
     assert_interrupted_run_resumes_exactly("algos/aapa.py", flags, full, stop_at=1)
 
 
+@pytest.mark.slow
 def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft_run, tmp_path):
     first = tmp_path / "first"
     flags = grpo_flags(tiny_world, first, str(sft_run / "checkpoint")) + [
@@ -315,7 +318,7 @@ def final_weights_are_finite(out: Path) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("script", ["algos/sft.py", "algos/grpo.py"])
+@pytest.mark.parametrize("script", ["algos/sft.py", pytest.param("algos/grpo.py", marks=pytest.mark.slow)])
 def test_an_update_that_makes_weights_non_finite_stops_the_run_and_is_never_saved(script, tiny_world, tmp_path):
     """--learning-rate 1e30: the loss stays finite for a step or two while the weights or
     the gradient norm blow up. The run must stop with one line naming the step, keep the
@@ -332,14 +335,11 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run_and_is_never_save
     assert final_weights_are_finite(out)
 
 
-def test_a_reward_that_overflows_float32_is_named(tiny_world, tmp_path):
-    module = tmp_path / "huge_reward.py"
-    module.write_text("def reward(row, text):\n    return 1e39\n")
-    result = subprocess.run([sys.executable, str(ROOT / "algos/grpo.py"), *grpo_flags(tiny_world, tmp_path / "out", tiny_world["model"]),
-                             "--reward-fn", "huge_reward:reward"], capture_output=True, text=True, cwd=ROOT,
-                            env={**__import__("os").environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(tmp_path)})
-    assert result.returncode != 0
-    assert "returned 1e+39" in result.stderr and "overflows float32" in result.stderr, result.stderr[-2000:]
+def test_a_reward_that_overflows_float32_is_named():
+    """1e39 is a finite Python float but inf in float32: it is named as the reward, not
+    left to surface later as a non-finite loss."""
+    with pytest.raises(SystemExit, match="returned 1e\\+39 for prompt 'copy ab', which overflows float32"):
+        reward_scores(lambda row, text: 1e39, [{"prompt": "copy ab"}], ["ab"])
 
 
 def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_recorded(tiny_world, tmp_path):

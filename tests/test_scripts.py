@@ -356,3 +356,24 @@ def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_reco
     record = json.loads((out / "eval.json").read_text())
     last_eval = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/gold" in line][-1]
     assert record["step"] == 4 and last_eval["step"] == 4 and record["gold"] == last_eval["eval/gold"]
+
+
+@pytest.mark.slow
+def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_file, tmp_path):
+    """An alarm at every drift check (dominance 0, any change counts as a fall) changes
+    eps and beta for the NEXT steps: train/eps and train/beta of a step are the values
+    its loss used, i.e. the previous check's drift/eps and drift/beta."""
+    gpm = tmp_path / "gpm"
+    run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
+               "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.25")
+    out = tmp_path / "gprl"
+    flags = grpo_flags(tiny_world, out, str(sft_run / "checkpoint"))
+    del flags[flags.index("--beta"):flags.index("--beta") + 2]
+    run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
+               "--dominance", "0", "--fall-tolerance", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
+    assert sum(m["drift/alarm"] for m in metrics) >= 1
+    assert metrics[0]["train/eps"] == pytest.approx(0.2) and metrics[0]["train/beta"] == pytest.approx(0.04)
+    for previous, current in zip(metrics, metrics[1:]):
+        assert current["train/eps"] == pytest.approx(previous["drift/eps"])
+        assert current["train/beta"] == pytest.approx(previous["drift/beta"])

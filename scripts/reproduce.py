@@ -324,8 +324,8 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
              f"{settings['prompts_per_step']} prompts x G={settings['group_size']} from the same SFT checkpoint, learning "
              f"rates: {settings['learning_rates_from']}.", "",
              "Paired differences: within each seed (same SFT checkpoint), method minus SFT and method minus GRPO; mean "
-             f"and 95% t-interval over the {n} seeds (t with {n - 1} degrees of freedom). Reward - gold: the RL proxy "
-             "(fraction of instructions followed) minus gold; a rising gap is reward hacking. KL: per-response "
+             f"and 95% t-interval over the {n} seeds (t with {n - 1} degrees of freedom). Reward - gold: the instruction-level "
+             "reward (partial credit) minus prompt-level gold, >= 0 by construction: partial success, not reward hacking. KL: per-response "
              "KL(policy || SFT) (k3 estimator) on samples at temperature 1.", "",
              "| method | gold | gold - SFT [95% CI] | CI excludes 0 | gold - GRPO [95% CI] | CI excludes 0 | reward "
              "| reward - gold | length (tokens) | KL to SFT | wall time per run (s) |",

@@ -32,7 +32,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, check_range, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
@@ -286,8 +286,8 @@ if __name__ == "__main__":
     check_common_flags(args)
     if args.group_size < 2:
         raise SystemExit("error: --group-size must be >= 2 (group scores compare a response with the others)")
-    if args.num_iterations < 1 or args.drift_every < 1 or args.probe_prompts < 1:
-        raise SystemExit("error: --num-iterations, --drift-every and --probe-prompts must be >= 1")
+    check_range(args, drift_every=(1, None, True, False), probe_prompts=(1, None, True, False),
+                dominance=(0, 1, True, True), fall_tolerance=(None, None, True, True))
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")

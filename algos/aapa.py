@@ -59,7 +59,7 @@ class Args(RunFlags):
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
-    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
     reward_fn: str = "shared.scoring:reward"
@@ -387,7 +387,8 @@ if __name__ == "__main__":
         expert_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, [cache[p] for p in disc_prompts],
                                               args.device, args.disc_layers)
         initial_rollouts = [text for s in range(0, len(disc_prompts), 256) for text in generate_rollouts(
-            model, tokenizer, disc_prompts[s:s + 256], 1, args.max_new_tokens, args.temperature, autocast_bf16=args.autocast_bf16)["texts"]]
+            model, tokenizer, disc_prompts[s:s + 256], 1, args.max_new_tokens, args.temperature,
+            autocast_bf16=args.autocast_bf16)["texts"]]
         policy_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, initial_rollouts, args.device,
                                               args.disc_layers)
         # standardised features: raw embeddings are tiny (init std 0.02) and the head would barely move
@@ -426,8 +427,10 @@ if __name__ == "__main__":
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
 
     def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
-        fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature, autocast_bf16=args.autocast_bf16)["texts"]
+        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens,
+                          autocast_bf16=args.autocast_bf16)
+        fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature,
+                                  autocast_bf16=args.autocast_bf16)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         result.update({
             "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
@@ -462,7 +465,8 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor

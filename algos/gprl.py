@@ -52,7 +52,7 @@ class Args(RunFlags):
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
-    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     reward_fn: str = "shared.scoring:reward"
     """task reward, logged only (GPRL optimises the GPM): 'module:function' of (row, completion_text)"""
     output_dir: str = "runs/gprl"
@@ -82,7 +82,8 @@ class Args(RunFlags):
     eps: float = 0.2
     """initial PPO clip range (the monitor tightens it on alarm)"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own tokens (TRL), so it depends on --micro-batch-size and the number of processes"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
+    tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     num_iterations: int = 1
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     drift_every: int = 5
@@ -335,14 +336,16 @@ if __name__ == "__main__":
     # ---- drift monitor: probe prompts with frozen reference responses (the initial policy, greedy)
     probe_order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1))
     probe_prompts = [train_rows[i]["prompt"] for i in probe_order[: args.probe_prompts].tolist()]
-    reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False, autocast_bf16=args.autocast_bf16)["texts"]
+    reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
+                                        autocast_bf16=args.autocast_bf16)["texts"]
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.eps, "beta": args.beta, "margins": torch.zeros(len(dim_names)), "alarms": 0}
 
     def probe_margins():
         """D_l: mean over the probe set of s_l(policy's greedy response, reference response)."""
-        texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False, autocast_bf16=args.autocast_bf16)["texts"]
+        texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
+                                  autocast_bf16=args.autocast_bf16)["texts"]
         v, _ = embed(probe_prompts, texts)
         return skew_scores(v, reference_v).mean(0).cpu()
 
@@ -365,7 +368,8 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages

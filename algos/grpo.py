@@ -40,7 +40,7 @@ class Args(RunFlags):
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
-    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/grpo"
@@ -72,7 +72,8 @@ class Args(RunFlags):
     eps_high: float = 0.2
     """upper clip range: rho <= 1 + eps_high"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own tokens (TRL), so it depends on --micro-batch-size and the number of processes"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
+    tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: per group, over the batch, or no scaling"""
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -227,7 +228,8 @@ if __name__ == "__main__":
         rows = distributed.local_share([train_rows[i] for i in indices])
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- score and compute group-relative advantages

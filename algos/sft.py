@@ -38,7 +38,7 @@ class Args(RunFlags):
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
-    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
     output_dir: str = "runs/sft"

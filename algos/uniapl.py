@@ -52,7 +52,7 @@ class Args(RunFlags):
     eval_data: str = "data/toy/eval.jsonl"
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
-    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, with 'gold' and 'reward' among them"""
+    """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
     reward_fn: str = "shared.scoring:reward"
@@ -374,7 +374,8 @@ if __name__ == "__main__":
         rows = distributed.local_share(all_rows)  # this rank's prompts (all of them in a single process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))), autocast_bf16=args.autocast_bf16)
+                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     autocast_bf16=args.autocast_bf16)
         timer["generate"] = time.time() - t
 
         # ---- discriminator: k BCE steps, expert responses vs these rollouts (co-trained online)

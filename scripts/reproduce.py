@@ -105,7 +105,9 @@ class Run:
         if self.out.suffix == ".jsonl":
             if not self.out.exists():
                 return []
-            recorded = json.loads(self.record().read_text()) if self.record().exists() else {}
+            if not self.record().exists():
+                return [f"no record of the flags {self.out.name} was made with"]
+            recorded = json.loads(self.record().read_text())
             return [f"{flag} {recorded.get(flag)} -> {value}" for flag, value in flags.items() if recorded.get(flag) != value]
         run_record = self.out / "run.json"
         if not run_record.exists():

@@ -15,20 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from shared import distributed
 from shared.modeling import DTYPES, default_device
+from shared.rollout import evaluate
 
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
 TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "complete"  # written last into a checkpoint folder: its absence means the save was cut short
 RUN_RECORD = "run.json"  # the flags the run was started with
-# flags that change how a run is computed or reported, never what it computes: free to differ on --resume
 # what a run writes into its folder: --overwrite deletes these and nothing else
 RUN_OUTPUTS = {".lock", RUN_RECORD, "metrics.jsonl", "tb", "eval.json", "initial_eval.json", CHECKPOINT,
                CHECKPOINT + ".tmp", CHECKPOINT + ".old", "stage1", "discriminator.pt"}
 # flags naming files or folders a run reads (the run folder may not overlap any of them)
 INPUT_FLAGS = ("model", "train_data", "eval_data", "expert_cache", "pairs_data", "disc_path", "disc_encoder", "gpm")
+# flags that change how a run is computed or reported, never what it computes: free to differ on --resume
 RUN_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_flag_changes", "stop_at_step", "track", "wandb_project", "device",
                      "compile", "micro_batch_size", "gradient_checkpointing", "logp_chunk_tokens", "output_dir"}
 _held_locks = []  # open lock files: the lock lasts as long as the process
@@ -390,9 +392,6 @@ def _kept_checkpoint(output_dir: Path) -> str:
 def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True) -> dict:
     """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
     --eval-fn), logged as eval/* at `step` and printed in one line."""
-    from tqdm import tqdm
-
-    from shared.rollout import evaluate
     result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
     if log:
         logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})

@@ -19,7 +19,6 @@ expert rows at the sampling temperature (--expert-temperature). docs/algorithms.
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,8 +31,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, encode_prompt_response, evaluate, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad, sentence_embeddings
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 
@@ -134,6 +133,16 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   expert_temperature=NON_NEGATIVE, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
+                   max_grad_norm=POSITIVE, beta=NON_NEGATIVE, eps_low=FRACTION, eps_high=NON_NEGATIVE,
+                   num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
+                   logp_chunk_tokens=NON_NEGATIVE, expert_data_ratio=(0, 1, False, False),
+                   disc_holdout=(0, 1, False, False), disc_prompts=(10, None, True, False))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -268,27 +277,6 @@ def anchor_coefficient(step: int, steps: int, coef: float, schedule: str) -> flo
     return coef
 
 
-@torch.no_grad()
-def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[str], device, layers=(0, -1),
-                        batch_size: int = 64):
-    """[N, 2 * len(layers) * H]: hidden states of a frozen encoder (the given hidden-state
-    layers, 0 = token embeddings), mean-pooled over the prompt tokens and over the
-    response tokens separately, so D sees x and y apart."""
-    features = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                           output_hidden_states=True).hidden_states
-        hidden = torch.cat([hidden_states[layer] for layer in layers], dim=-1).float()
-        prompt_mask = mask[:, :prompt_len, None].float()
-        response_mask = response_mask[:, :, None].float()
-        prompt_mean = (hidden[:, :prompt_len] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)
-        response_mean = (hidden[:, prompt_len:] * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)
-        features.append(torch.cat([prompt_mean, response_mean], dim=1))
-    return torch.cat(features)
-
-
 def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
     """The lightweight head: [N, width] sentence features -> [N] logits."""
     return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0))
@@ -296,15 +284,9 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
-    if not 0 < args.expert_data_ratio < 1:
-        raise SystemExit(f"error: --expert-data-ratio must be in (0, 1), got {args.expert_data_ratio}")
+    check_flags(args, FLAG_RANGES)
     if args.staged and not 0 < args.stage1_steps < args.steps:
         raise SystemExit(f"error: --stage1-steps must be in (0, --steps) with --staged, got {args.stage1_steps}")
-    if not 0 < args.disc_holdout < 1 or args.disc_prompts < 10:
-        raise SystemExit("error: --disc-holdout must be in (0, 1) and --disc-prompts >= 10")
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
@@ -316,22 +298,14 @@ if __name__ == "__main__":
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
-    def stage_base(step):
-        """The base algorithm at `step`: with --staged, sft (stage 1) then grpo (stage 2)."""
-        return ("sft" if step < args.stage1_steps else "grpo") if args.staged else args.base
-
     # ---- data, expert demonstrations and reward
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-
-    # ---- policy, frozen reference (KL and default encoder), discriminator encoder
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
-    try:
+        # ---- policy, frozen reference (KL and default encoder), discriminator encoder
+        model_path = str(output_dir / CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
@@ -360,7 +334,6 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(aapa_advantages, dynamic=True) if args.compile else aapa_advantages
-    # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(aapa_loss, dynamic=True) if args.compile else aapa_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
@@ -426,90 +399,66 @@ if __name__ == "__main__":
 
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
 
-    def run_eval(step, log=True):
-        result = evaluate(model, tokenizer, eval_rows, eval_fn, max_new_tokens=args.max_new_tokens,
-                          autocast_bf16=args.autocast_bf16)
+    def anchor_metrics():
+        """Fresh rollouts on the discriminator's held-out prompts, judged by it."""
         fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature,
                                   autocast_bf16=args.autocast_bf16)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
-        result.update({
-            "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
-            "anchor_score_expert": float(anchor_scores(holdout_expert_logits).mean()),
-            "disc_accuracy_fresh": float(0.5 * ((holdout_expert_logits > 0).float().mean() + (fresh_logits <= 0).float().mean())),
-        })
-        if log:
-            logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
-        tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} "
-                   f"anchor score rollouts {result['anchor_score_rollouts']:.3f} / expert {result['anchor_score_expert']:.3f}, "
-                   f"discriminator accuracy on fresh rollouts {result['disc_accuracy_fresh']:.3f}")
-        return result
+        return {"anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
+                "anchor_score_expert": float(anchor_scores(holdout_expert_logits).mean()),
+                "disc_accuracy_fresh": float(0.5 * ((holdout_expert_logits > 0).float().mean() + (fresh_logits <= 0).float().mean()))}
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics)
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="aapa",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
-        base = stage_base(step)
+        clock = PhaseTimer()
+        base = ("sft" if step < args.stage1_steps else "grpo") if args.staged else args.base  # --staged: A-SFT, A-GRPO
         coef = anchor_coefficient(step, args.steps, args.anchor_coef, args.anchor_schedule)
         rl_weight, expert_weight = {"grpo": (1.0, 0.0), "sft": (1.0, 1.0), "chord": (1 - args.chord_mu, args.chord_mu)}[base]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))
+        torch.manual_seed(step_seed(args.seed, step))  # the evaluation's fresh rollouts draw from the global generator
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         rollout_logits = distributed.gather(discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"]))
         scores = anchor_scores(rollout_logits).cpu()
         advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, args.scale_rewards,
                                                           use_task_reward=base != "sft")).to(args.device)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        expert_batches = [None] * len(micro_batches())
-        if expert_weight > 0:
-            expert_batches = []
-            for part in torch.tensor_split(distributed.local_share(expert_indices), len(micro_batches())):
-                prompts = [train_rows[i]["prompt"] for i in part.tolist()]
-                expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
-        # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_expert_tokens = distributed.all_sum(sum((b[2].sum() for b in expert_batches if b is not None),
-                                                    torch.zeros((), device=args.device)))
-        timer["score"] = time.time() - t
+        expert_prompts = [train_rows[i]["prompt"] for i in distributed.local_share(expert_indices).tolist()] \
+            if expert_weight > 0 else []
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        t = time.time()
-        old_logps = ref_logps = None
-        with torch.no_grad(), autocast:
-            if args.num_iterations > 1:
-                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-            if args.beta > 0:
-                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-        timer["logps"] = time.time() - t
+        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
+                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
+                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
+        with autocast:
+            old_logps = logps_of(model) if args.num_iterations > 1 else None
+            ref_logps = logps_of(ref_model) if args.beta > 0 else None
+        clock.lap("logps")
 
         # ---- optimise: num_iterations passes; each micro-step = one rollout slice (+ one expert slice)
-        t = time.time()
         for iteration in range(args.num_iterations):
             total_loss, rl_loss, expert_loss, metric_sums = 0.0, 0.0, 0.0, {}
-            for s, expert_batch in zip(micro_batches(), expert_batches):
+            for s, expert_batch in zip(micro_starts, expert_batches):
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -540,7 +489,7 @@ if __name__ == "__main__":
             stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- log, evaluate, stage switch, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
@@ -551,8 +500,7 @@ if __name__ == "__main__":
             "train/rl_loss": float(rl_loss), "train/expert_loss": float(expert_loss), "train/stage": 1 + (base == "grpo" and args.staged),
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", anchor=f"{scores.mean():.3f}")
         if args.staged and step + 1 == args.stage1_steps:
             save_model(output_dir / "stage1", model, tokenizer)

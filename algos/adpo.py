@@ -19,7 +19,6 @@ from the second). docs/algorithms.md#adpo.
 import functools
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +32,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, generate_rollouts
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -102,6 +101,15 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE,
+                   num_iterations=AT_LEAST_1, beta=NON_NEGATIVE, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1,
+                   save_every=AT_LEAST_1, logp_chunk_tokens=NON_NEGATIVE,
+                   tau0=POSITIVE, beta_r=POSITIVE, tau_min=POSITIVE, tau_max=POSITIVE)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -179,14 +187,12 @@ def adpo_listwise_loss(logps, anchor_logps, mask, advantages, tau, group_size, *
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
+    check_flags(args, FLAG_RANGES)
     if args.micro_batch_size % args.group_size:
         raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} must be a multiple of --group-size "
                          f"{args.group_size} (a group's softmax needs all of its samples)")
-    if args.tau0 <= 0 or args.beta_r <= 0 or not 0 < args.tau_min <= args.tau_max:
-        raise SystemExit("error: --tau0 and --beta-r must be > 0 and 0 < --tau-min <= --tau-max")
+    if args.tau_min > args.tau_max:
+        raise SystemExit(f"error: --tau-min {args.tau_min} must be <= --tau-max {args.tau_max}")
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
@@ -220,7 +226,6 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(adpo_listwise_loss, dynamic=True) if args.compile else adpo_listwise_loss,
                                 group_size=args.group_size, beta_r=args.beta_r, length_normalize=args.length_normalize,
                                 beta=args.beta, num_groups=args.prompts_per_step)
@@ -230,59 +235,51 @@ if __name__ == "__main__":
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="adpo",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
+        clock = PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- score and compute group-relative advantages
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size)).to(args.device)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        timer["score"] = time.time() - t
+        clock.lap("score")
 
         # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
-        t = time.time()
         with torch.no_grad(), autocast:
             anchor = [completion_logps(model, input_ids[s:s + args.micro_batch_size], attention_mask[s:s + args.micro_batch_size],
                                        prompt_len, args.temperature, args.logp_chunk_tokens, with_entropy=True)
-                      for s in micro_batches()]
+                      for s in micro_starts]
         anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
         normalized_entropy = distributed.gather(group_entropy(entropies, completion_mask, args.group_size) / log_vocab)
         group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
         tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,
                            args.tau_min, args.tau_max) if args.adaptive_tau else torch.full_like(group_mean_reward, args.tau0)
         local_tau = distributed.local_share(tau)  # tau is set over the whole batch (min-max of rewards)
-        timer["logps"] = time.time() - t
+        clock.lap("logps")
 
         # ---- optimise: num_iterations passes over the generation batch. On the first the policy
         # is the anchor (u = 0): the gradient is (1/G - q_i)/tau * grad l_i and the anchor
         # constrains nothing; from the second on, softmax(u) is pulled back towards q
-        t = time.time()
         for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
-            for s in micro_batches():
+            for s in micro_starts:
                 sl, groups = slice(s, s + args.micro_batch_size), slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -301,7 +298,7 @@ if __name__ == "__main__":
             stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
@@ -312,8 +309,7 @@ if __name__ == "__main__":
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             "train/tau_mean": tau.mean(), "train/tau_min": tau.min(), "train/tau_max": tau.max(),
             "train/normalized_entropy": normalized_entropy.mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

@@ -17,7 +17,6 @@ at temperature 1 (--expert-temperature 1), expert rows per step = rollouts * r /
 import functools
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,8 +29,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
 PRESETS = {
@@ -121,6 +120,15 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   expert_temperature=NON_NEGATIVE, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
+                   max_grad_norm=POSITIVE, beta=NON_NEGATIVE, eps_low=FRACTION, eps_high=NON_NEGATIVE,
+                   num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
+                   logp_chunk_tokens=NON_NEGATIVE, expert_data_ratio=(0, 1, False, False))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -239,11 +247,7 @@ def chord_loss(logps, old_logps, ref_logps, advantages, mask, expert_logps, expe
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
-    if not 0 < args.expert_data_ratio < 1:
-        raise SystemExit(f"error: --expert-data-ratio must be in (0, 1), got {args.expert_data_ratio}")
+    check_flags(args, FLAG_RANGES)
     preset = PRESETS[args.preset]
     mu_warmup, mu_decay, mu_peak, mu_valley, use_phi = (
         preset[i] if value is None else value
@@ -288,7 +292,6 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
                                 use_phi=use_phi, detach_phi=args.detach_phi, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 importance_sampling_level=args.importance_sampling_level,
@@ -300,19 +303,16 @@ if __name__ == "__main__":
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="chord",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
+        clock = PhaseTimer()
         mu = mu_schedule(step, mu_warmup, mu_decay, mu_peak, mu_valley)
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
@@ -321,44 +321,32 @@ if __name__ == "__main__":
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- score and compute group-relative advantages; expert rows split over the same micro-steps
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size, args.scale_rewards)).to(args.device)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        expert_batches = []
-        for part in torch.tensor_split(distributed.local_share(expert_indices), len(micro_batches())):
-            prompts = [train_rows[i]["prompt"] for i in part.tolist()]
-            expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
-        # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_expert_tokens = distributed.all_sum(sum((b[2].sum() for b in expert_batches if b is not None),
-                                                    torch.zeros((), device=args.device)))
-        timer["score"] = time.time() - t
+        expert_prompts = [train_rows[i]["prompt"] for i in distributed.local_share(expert_indices).tolist()]
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        t = time.time()
-        old_logps = ref_logps = None
-        with torch.no_grad(), autocast:
-            if args.num_iterations > 1:
-                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-            if ref_model is not None:
-                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-        timer["logps"] = time.time() - t
+        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
+                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
+                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
+        with autocast:
+            old_logps = logps_of(model) if args.num_iterations > 1 else None
+            ref_logps = logps_of(ref_model) if ref_model is not None else None
+        clock.lap("logps")
 
         # ---- optimise: num_iterations passes; each micro-step = one rollout slice + one expert slice
-        t = time.time()
         for iteration in range(args.num_iterations):
             total_loss, rl_loss, expert_loss, expert_prob, metric_sums = 0.0, 0.0, 0.0, 0.0, {}
-            for s, expert_batch in zip(micro_batches(), expert_batches):
+            for s, expert_batch in zip(micro_starts, expert_batches):
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -389,7 +377,7 @@ if __name__ == "__main__":
             stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
@@ -400,8 +388,7 @@ if __name__ == "__main__":
             "train/expert_token_prob": float(expert_prob),
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", mu=f"{mu:.3f}")
         final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

@@ -30,7 +30,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
+from shared.run import AT_LEAST_1, CHECKPOINT, NON_NEGATIVE, POSITIVE, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
@@ -63,8 +63,8 @@ class Args(RunFlags):
     """gradient clipping norm"""
     dims: int = 3
     """k: number of 2-d skew-symmetric blocks (the embedding has 2k entries)"""
-    tau: float = 0.1
-    """score temperature: P(i > j) = sigmoid(s / tau)"""
+    score_temperature: float = 0.1
+    """tau of P(i > j) = sigmoid(s / tau)"""
     axis_weight: float = 1.0
     """weight of the per-dimension loss against per-axis labels (needs an `axes` column with k axes; 0 = plain GPM)"""
     hard_labels: bool = False
@@ -75,6 +75,13 @@ class Args(RunFlags):
     """held-out accuracy every this many steps (and at the start and end)"""
     save_every: int = 100
     """checkpoint every this many steps (and at the end)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
+                   micro_batch_size=AT_LEAST_1, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
+                   max_grad_norm=POSITIVE, eval_every=AT_LEAST_1, save_every=AT_LEAST_1,
+                   dims=AT_LEAST_1, score_temperature=POSITIVE, holdout=(0, 1, False, False))
 
 
 def skew_scores(v_a, v_b):
@@ -124,11 +131,7 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.dims < 1 or args.tau <= 0 or not 0 < args.holdout < 1:
-        raise SystemExit("error: --dims >= 1, --tau > 0 and --holdout in (0, 1) required")
-    if args.micro_batch_size < 1 or args.batch_size < 1:
-        raise SystemExit("error: --batch-size and --micro-batch-size must be >= 1")
+    check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
     distributed.check_divisible(args.batch_size, "--batch-size")
@@ -183,7 +186,7 @@ if __name__ == "__main__":
 
     def heads_record():
         return {"value_head": value_head.state_dict(), "gate_head": gate_head.state_dict(), "dims": args.dims,
-                "axes": axis_names if use_axes else [], "tau": args.tau}
+                "axes": axis_names if use_axes else [], "tau": args.score_temperature}
 
     @torch.no_grad()
     def run_eval(step, log=True):
@@ -232,7 +235,7 @@ if __name__ == "__main__":
                                     [chosen[i] for i in micro] + [rejected[i] for i in micro], args.device)
             v, gate, n = v.float(), gate.float(), len(micro)
             # num_pairs = the whole batch: the micro-batch losses add up to the full batch's mean
-            micro_loss, micro_metrics = loss_fn(v[:n], v[n:], gate[:n], labels[micro].to(args.device), args.tau,
+            micro_loss, micro_metrics = loss_fn(v[:n], v[n:], gate[:n], labels[micro].to(args.device), args.score_temperature,
                                                 axis_labels[micro].to(args.device) if use_axes else None, args.axis_weight,
                                                 num_pairs=torch.tensor(float(args.batch_size), device=args.device))
             micro_loss.backward()

@@ -18,7 +18,6 @@ The GPM is read as algos/gpm.py saved it. docs/algorithms.md#gpm-and-gprl.
 import math
 import functools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +31,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, check_range, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
@@ -79,8 +78,8 @@ class Args(RunFlags):
     """gradient clipping norm"""
     beta: float = 0.04
     """initial k3 KL coefficient to the reference (the monitor raises it on alarm)"""
-    eps: float = 0.2
-    """initial PPO clip range (the monitor tightens it on alarm)"""
+    clip_eps: float = 0.2
+    """initial clip range, rho in [1 - clip_eps, 1 + clip_eps] (GRPO's --eps-low = --eps-high); the monitor tightens it on alarm"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
@@ -98,9 +97,9 @@ class Args(RunFlags):
     """on alarm the dominant dimension's weight rho is multiplied by this"""
     rho_min: float = 0.1
     """floor of any rho"""
-    eps_shrink: float = 0.5
+    clip_eps_shrink: float = 0.5
     """on alarm the clip range is multiplied by this"""
-    eps_min: float = 0.05
+    clip_eps_min: float = 0.05
     """floor of the clip range"""
     beta_grow: float = 2.0
     """on alarm beta is multiplied by this (and is at least beta_alarm)"""
@@ -118,6 +117,15 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, beta=NON_NEGATIVE,
+                   num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
+                   logp_chunk_tokens=NON_NEGATIVE, drift_every=AT_LEAST_1, probe_prompts=AT_LEAST_1,
+                   dominance=(0, 1, True, True), fall_tolerance=(None, None, True, True))
 
 
 def skew_scores(v_a, v_b):
@@ -284,11 +292,7 @@ def load_gpm(path: str, dtype: str, device: str):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (group scores compare a response with the others)")
-    check_range(args, drift_every=(1, None, True, False), probe_prompts=(1, None, True, False),
-                dominance=(0, 1, True, True), fall_tolerance=(None, None, True, True))
+    check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
@@ -340,7 +344,7 @@ if __name__ == "__main__":
                                         autocast_bf16=args.autocast_bf16)["texts"]
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
-        "rho": torch.ones(len(dim_names)), "eps": args.eps, "beta": args.beta, "margins": torch.zeros(len(dim_names)), "alarms": 0}
+        "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "margins": torch.zeros(len(dim_names)), "alarms": 0}
 
     def probe_margins():
         """D_l: mean over the probe set of s_l(policy's greedy response, reference response)."""
@@ -351,58 +355,48 @@ if __name__ == "__main__":
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gprl",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
+        clock = PhaseTimer()
         eps, beta, rho = monitor["eps"], monitor["beta"], monitor["rho"]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # logged only
         v, gate = (distributed.gather(t) for t in embed([r["prompt"] for r in group_rows], rollouts["texts"]))
         advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size)
         advantages = distributed.local_share(advantages)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        timer["score"] = time.time() - t
+        clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        t = time.time()
-        old_logps = ref_logps = None
-        with torch.no_grad(), autocast:
-            if args.num_iterations > 1:
-                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-            if beta > 0:
-                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-        timer["logps"] = time.time() - t
+        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
+                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
+                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
+        with autocast:
+            old_logps = logps_of(model) if args.num_iterations > 1 else None
+            ref_logps = logps_of(ref_model) if beta > 0 else None
+        clock.lap("logps")
 
         # ---- optimise: PPO-clip (eps) + beta * KL, num_iterations passes over the generation batch
-        t = time.time()
         for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
-            for s in micro_batches():
+            for s in micro_starts:
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -424,7 +418,7 @@ if __name__ == "__main__":
             stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- drift monitor every drift_every steps: margins vs the frozen reference responses
         drift_log = {}
@@ -432,9 +426,9 @@ if __name__ == "__main__":
             margins = probe_margins()
             # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
             next_rho, next_eps, next_beta, event = drift_update(
-                margins, monitor["margins"], monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.eps, beta0=args.beta,
+                margins, monitor["margins"], monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.clip_eps, beta0=args.beta,
                 dominance=args.dominance, fall_tolerance=args.fall_tolerance, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
-                eps_shrink=args.eps_shrink, eps_min=args.eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
+                eps_shrink=args.clip_eps_shrink, eps_min=args.clip_eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
                 beta_max=args.beta_max, relax=args.relax)
             monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "margins": margins, "alarms": monitor["alarms"] + event["alarm"]}
             drift_log = {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
@@ -458,8 +452,7 @@ if __name__ == "__main__":
             **{f"train/advantage_abs/{n}": float(per_dim[:, l].abs().mean()) for l, n in enumerate(dim_names)},
             **{f"train/gate/{n}": float(gate[:, l].mean()) for l, n in enumerate(dim_names)},
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log,
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args, extra={"monitor": monitor})) or final_eval

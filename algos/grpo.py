@@ -10,7 +10,6 @@ Formulas, sources and the defaults that differ from TRL: docs/algorithms.md#grpo
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -88,6 +87,14 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, beta=NON_NEGATIVE,
+                   eps_low=FRACTION, eps_high=NON_NEGATIVE, num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1,
+                   eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1, logp_chunk_tokens=NON_NEGATIVE)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -164,9 +171,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
+    check_flags(args, FLAG_RANGES)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     output_dir = Path(args.output_dir)
@@ -175,17 +180,12 @@ if __name__ == "__main__":
     seed_everything(args.seed)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
-    # ---- data and reward
+    # ---- data, reward, policy and reference (only when beta > 0)
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-
-    # ---- policy, reference (only when beta > 0), optimizer, schedule
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
-    try:
+        model_path = str(output_dir / CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
@@ -194,6 +194,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
+    # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
@@ -202,7 +203,6 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 importance_sampling_level=args.importance_sampling_level,
@@ -212,55 +212,44 @@ if __name__ == "__main__":
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="grpo",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
+        clock = PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])
-        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- score and compute group-relative advantages
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # the whole batch's
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size, args.scale_rewards)).to(args.device)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        timer["score"] = time.time() - t
+        clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        t = time.time()
-        old_logps = ref_logps = None
-        with torch.no_grad(), autocast:
-            if args.num_iterations > 1:
-                old_logps = logps_without_grad(model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-            if ref_model is not None:
-                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
-        timer["logps"] = time.time() - t
+        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
+                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
+                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
+        with autocast:
+            old_logps = logps_of(model) if args.num_iterations > 1 else None
+            ref_logps = logps_of(ref_model) if ref_model is not None else None
+        clock.lap("logps")
 
         # ---- optimise: num_iterations passes over the generation batch
-        t = time.time()
         for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
-            for s in micro_batches():
+            for s in micro_starts:
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -281,7 +270,7 @@ if __name__ == "__main__":
             stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
@@ -290,8 +279,7 @@ if __name__ == "__main__":
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

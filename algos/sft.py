@@ -22,7 +22,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, l
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn
 from shared.rollout import completion_logps, encode_prompt_response
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, CHECKPOINT, NON_NEGATIVE, POSITIVE, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -71,6 +71,13 @@ class Args(RunFlags):
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
 
 
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
+                   micro_batch_size=AT_LEAST_1, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
+                   max_grad_norm=POSITIVE, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, max_new_tokens=AT_LEAST_1,
+                   save_every=AT_LEAST_1, logp_chunk_tokens=NON_NEGATIVE)
+
+
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Token-mean negative log-likelihood.
 
@@ -85,7 +92,7 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor |
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
+    check_flags(args, FLAG_RANGES)
     if args.batch_size % args.micro_batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch

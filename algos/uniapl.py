@@ -22,7 +22,6 @@ docs/algorithms.md#uniapl.
 import functools
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,8 +34,8 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
-from shared.run import CHECKPOINT, RunFlags, RunLogger, check_common_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad, sentence_embeddings
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -129,6 +128,17 @@ class Args(RunFlags):
     """checkpoint every this many steps (and at the end)"""
     logp_chunk_tokens: int = 0
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
+
+
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
+                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
+                   expert_temperature=NON_NEGATIVE, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
+                   max_grad_norm=POSITIVE, beta=NON_NEGATIVE, eps_low=FRACTION, eps_high=NON_NEGATIVE,
+                   eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
+                   logp_chunk_tokens=NON_NEGATIVE, expert_data_ratio=(0, 1, False, False),
+                   label_smoothing=(0, 0.5, True, False), disc_steps=NON_NEGATIVE, dual_lr=NON_NEGATIVE,
+                   initial_multiplier=NON_NEGATIVE)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -251,27 +261,6 @@ def dual_update(multiplier: float, divergence: float, epsilon: float, lr: float)
     return max(0.0, multiplier + lr * (divergence - epsilon))
 
 
-@torch.no_grad()
-def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[str], device, layers=(0, -1),
-                        batch_size: int = 64):
-    """[N, 2 * len(layers) * H]: hidden states of a frozen encoder (the given hidden-state
-    layers, 0 = token embeddings), mean-pooled over the prompt tokens and over the
-    response tokens separately, so D sees x and y apart."""
-    features = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                           output_hidden_states=True).hidden_states
-        hidden = torch.cat([hidden_states[layer] for layer in layers], dim=-1).float()
-        prompt_mask = mask[:, :prompt_len, None].float()
-        response_mask = response_mask[:, :, None].float()
-        prompt_mean = (hidden[:, :prompt_len] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)
-        response_mean = (hidden[:, prompt_len:] * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)
-        features.append(torch.cat([prompt_mean, response_mean], dim=1))
-    return torch.cat(features)
-
-
 def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
     """The lightweight head: [N, width] sentence features -> [N] logits."""
     return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0))
@@ -279,13 +268,7 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_common_flags(args)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2 (a group of one gets advantage 0 whatever its reward: nothing to learn)")
-    if not 0 < args.expert_data_ratio < 1:
-        raise SystemExit(f"error: --expert-data-ratio must be in (0, 1), got {args.expert_data_ratio}")
-    if not 0 <= args.label_smoothing < 0.5 or args.disc_steps < 0 or args.dual_lr < 0 or args.initial_multiplier < 0:
-        raise SystemExit("error: --label-smoothing must be in [0, 0.5), --disc-steps, --dual-lr, --initial-multiplier >= 0")
+    check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
@@ -325,7 +308,6 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
-    # the hyperparameters fixed for the run, bound once
     loss_fn = functools.partial(torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
@@ -355,18 +337,15 @@ if __name__ == "__main__":
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
-    def micro_batches():
-        return range(0, batch_size // distributed.world_size(), args.micro_batch_size)
-
+    micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="uniapl",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        timer = {"generate": 0.0, "score": 0.0, "logps": 0.0, "update": 0.0}
+        clock = PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        t = time.time()
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
@@ -376,10 +355,9 @@ if __name__ == "__main__":
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
-        timer["generate"] = time.time() - t
+        clock.lap("generate")
 
         # ---- discriminator: k BCE steps, expert responses vs these rollouts (co-trained online)
-        t = time.time()
         group_rows = [row for row in rows for _ in range(args.group_size)]
         expert_prompts = [r["prompt"] for r in all_rows] + [train_rows[i]["prompt"] for i in expert_indices.tolist()]
         mine = distributed.local_share(expert_prompts)  # each rank embeds its share; every rank fits the same head
@@ -402,34 +380,25 @@ if __name__ == "__main__":
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
         advantages = distributed.local_share(
             advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards)).to(args.device)
-        input_ids = torch.cat([rollouts["prompt_ids"], rollouts["completion_ids"]], dim=1)
-        attention_mask = torch.cat([rollouts["prompt_mask"], rollouts["completion_mask"]], dim=1)
+        input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
-        prompt_len = rollouts["prompt_ids"].size(1)
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        expert_batches = []
-        for part in torch.tensor_split(distributed.local_share(expert_indices), len(micro_batches())):
-            prompts = [train_rows[i]["prompt"] for i in part.tolist()]
-            expert_batches.append(encode_prompt_response(tokenizer, prompts, [cache[p] for p in prompts], args.device) if prompts else None)
-        # a tensor, not a float: a compiled loss would otherwise recompile for every new count
-        num_expert_tokens = distributed.all_sum(sum((b[2].sum() for b in expert_batches if b is not None),
-                                                    torch.zeros((), device=args.device)))
-        timer["score"] = time.time() - t
+        expert_prompts = [train_rows[i]["prompt"] for i in distributed.local_share(expert_indices).tolist()]
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        clock.lap("score")
 
         # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)
-        t = time.time()
         ref_logps = None
         if args.beta > 0:
             with torch.no_grad(), autocast:
                 ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
                                                args.temperature, args.logp_chunk_tokens)
-        timer["logps"] = time.time() - t
+        clock.lap("logps")
 
         # ---- optimise the policy: L_GRPO + (c_sft [+ nu]) * expert NLL, one step
-        t = time.time()
         expert_coef = args.sft_coef + (multiplier if args.divergence == "nll" else 0.0)
         total_loss, rl_loss, expert_nll, metric_sums = 0.0, 0.0, 0.0, {}
-        for s, expert_batch in zip(micro_batches(), expert_batches):
+        for s, expert_batch in zip(micro_starts, expert_batches):
             sl = slice(s, s + args.micro_batch_size)
             with autocast:
                 logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
@@ -459,7 +428,7 @@ if __name__ == "__main__":
         stop_if_weights_not_finite(model, step + 1, output_dir)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        timer["update"] = time.time() - t
+        clock.lap("update")
 
         # ---- dual ascent on the constraint divergence <= epsilon
         divergence = float(expert_nll) if args.divergence == "nll" else float(-torch.nn.functional.logsigmoid(policy_logits).mean())
@@ -479,8 +448,7 @@ if __name__ == "__main__":
             "train/reward": rewards.mean(), "train/log_d": torch.nn.functional.logsigmoid(policy_logits).mean(),
             "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-            **{f"perf/{k}_sec": v for k, v in timer.items()}, "perf/steps_per_sec": 1 / sum(timer.values())})
+            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}", d_acc=f"{float(disc_metrics['accuracy']):.2f}")
         discriminator_state = {**disc_state, "head": head.state_dict(), "optimizer": disc_optimizer.state_dict(),
                                "multiplier": multiplier}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig
 
-from shared.distributed import any_rank, gather_objects, local_share, world_size
+from shared.distributed import all_sum, any_rank, gather_objects, local_share, world_size
 from shared.modeling import chat_prompt
 
 
@@ -59,7 +59,8 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     flag, so the KV cache is bfloat16 (half the memory of float32); tokens are still
     drawn from float32 probabilities.
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
-    (mask covers tokens up to and including eos), truncated [B*G] and the decoded texts;
+    (mask covers tokens up to and including eos), both concatenated (input_ids,
+    attention_mask [B*G, P+L], prompt_len P), truncated [B*G] and the decoded texts;
     with output_scores, also the logits / T each token was drawn from, [B*G, L, V].
     """
     device = next(model.parameters()).device
@@ -86,9 +87,12 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     completion_mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    result = {"prompt_ids": prompt_ids.repeat_interleave(group_size, dim=0),
-              "prompt_mask": prompt_mask.repeat_interleave(group_size, dim=0), "completion_ids": completion_ids,
-              "completion_mask": completion_mask, "truncated": truncated, "texts": texts}
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
+    result = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "truncated": truncated, "texts": texts,
+              # the sequences training scores: prompt then completion, completions starting at prompt_len
+              "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+              "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1), "prompt_len": prompt_ids.size(1)}
     if output_scores:
         result["scores"] = scores
     return result
@@ -297,6 +301,7 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
+@torch.no_grad()
 def logps_without_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
                        micro_batch_size: int, temperature: float = 1.0, chunk_tokens: int = 0) -> torch.Tensor:
     """completion_logps of every row, micro_batch_size rows at a time, with no graph:
@@ -342,3 +347,37 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
     n = max(1, len(rows))
     return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "prompts": len(rows),
             "texts": texts}
+
+
+@torch.no_grad()
+def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[str], device, layers=(0, -1),
+                        batch_size: int = 64):
+    """[N, 2 * len(layers) * H]: hidden states of a frozen encoder (the given hidden-state
+    layers, 0 = token embeddings), mean-pooled over the prompt tokens and over the
+    response tokens separately, so a discriminator sees x and y apart
+    (AAPA's and UniAPL's features)."""
+    features = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                           output_hidden_states=True).hidden_states
+        hidden = torch.cat([hidden_states[layer] for layer in layers], dim=-1).float()
+        prompt_mask = mask[:, :prompt_len, None].float()
+        response_mask = response_mask[:, :, None].float()
+        prompt_mean = (hidden[:, :prompt_len] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)
+        response_mean = (hidden[:, prompt_len:] * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)
+        features.append(torch.cat([prompt_mean, response_mean], dim=1))
+    return torch.cat(features)
+
+
+def expert_micro_batches(tokenizer, prompts: list[str], cache: dict, parts: int, device):
+    """The expert demonstrations of `prompts` (this rank's), encoded and split into
+    `parts` contiguous micro-batches (None for an empty one), and the whole batch's
+    expert token count over every rank: a tensor, not a float, so that a compiled loss
+    does not recompile for every new count."""
+    chunks = [part.tolist() for part in torch.tensor_split(torch.arange(len(prompts)), parts)]
+    batches = [encode_prompt_response(tokenizer, [prompts[i] for i in chunk], [cache[prompts[i]] for i in chunk], device)
+               if chunk else None for chunk in chunks]
+    count = all_sum(sum((batch[2].sum() for batch in batches if batch is not None), torch.zeros((), device=device)))
+    return batches, count

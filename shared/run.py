@@ -221,7 +221,10 @@ def check_range(args, **rules) -> None:
             raise SystemExit(f"error: --{field.replace('_', '-')} must be in {interval}, got {value}")
 
 
+# the usual ranges of check_range's rules
 POSITIVE, NON_NEGATIVE, FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
+AT_LEAST_1, AT_LEAST_2 = (1, None, True, False), (2, None, True, False)  # a group needs 2 samples to compare
+TEMPERATURE = (1e-3, None, True, False)  # logits / T overflow below 1e-3
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -237,35 +240,40 @@ def check_output_file(path: str, flag: str) -> None:
         raise SystemExit(f"error: {flag} {str(path)!r}: its folder is not writable")
 
 
-def check_common_flags(args) -> None:
-    """Range checks of the flags every training script shares, before any data or model
-    is read; each script adds its own after this."""
-    rules = {name: rule for name, rule in {
-        "steps": (1, None, True, False), "prompts_per_step": (1, None, True, False), "group_size": (1, None, True, False),
-        "batch_size": (1, None, True, False), "micro_batch_size": (1, None, True, False),
-        "eval_every": (1, None, True, False), "save_every": (1, None, True, False), "eval_prompts": (1, None, True, False),
-        "max_new_tokens": (1, None, True, False), "num_iterations": (1, None, True, False),
-        "stop_at_step": (0, getattr(args, "steps", None), True, True),
-        "temperature": POSITIVE, "expert_temperature": NON_NEGATIVE, "learning_rate": POSITIVE,
-        "weight_decay": NON_NEGATIVE, "max_grad_norm": POSITIVE, "beta": NON_NEGATIVE,
-        "eps_low": FRACTION, "eps_high": NON_NEGATIVE, "max_prompt_tokens": (0, None, True, False),
-        "logp_chunk_tokens": (0, None, True, False)}.items() if hasattr(args, name)}
-    check_range(args, **rules)
-    if hasattr(args, "dtype") and args.dtype not in DTYPES:
+def check_flags(args, flag_ranges: dict) -> None:
+    """Before any data or model is read: the script's own flags against the ranges
+    declared beside its Args, then the run flags every script shares."""
+    check_range(args, **flag_ranges, stop_at_step=(0, args.steps, True, True))
+    if not 0 <= args.seed < 2**63:
+        raise SystemExit(f"error: --seed must be in [0, 2^63), got {args.seed}")
+    if args.dtype not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    if getattr(args, "dtype", "") == "float16" and hasattr(args, "learning_rate"):
+    if args.dtype == "float16":
         raise SystemExit("error: --dtype float16 cannot be trained with AdamW here (its eps 1e-8 and squared "
                          "gradients underflow in float16, and the weights turn NaN); use --dtype bfloat16, or "
                          "float32 with --autocast-bf16")
-    if hasattr(args, "temperature") and 0 < args.temperature < 1e-3:
-        raise SystemExit(f"error: --temperature must be >= 0.001 (logits / T overflow below that), got {args.temperature}")
-    if hasattr(args, "seed") and not 0 <= args.seed < 2**63:
-        raise SystemExit(f"error: --seed must be in [0, 2^63), got {args.seed}")
-    device = getattr(args, "device", "cpu")
+    device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")
     if device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
         raise SystemExit(f"error: --device must be cpu or cuda[:N], got {device!r}")
+
+
+class PhaseTimer:
+    """Wall seconds of each phase of a step, logged as perf/<phase>_sec: lap(phase) ends
+    the phase that began at the previous lap (or when the timer was made)."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def metrics(self) -> dict:
+        total = sum(self.seconds.values())
+        return {**{f"perf/{k}_sec": v for k, v in self.seconds.items()}, "perf/steps_per_sec": 1 / max(total, 1e-9)}
 
 
 def seed_everything(seed: int) -> None:
@@ -389,13 +397,18 @@ def _kept_checkpoint(output_dir: Path) -> str:
             f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
 
 
-def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True) -> dict:
+def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True,
+                     extra=None) -> dict:
     """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
-    --eval-fn), logged as eval/* at `step` and printed in one line."""
+    --eval-fn), plus the metrics extra() returns (an algorithm's own), logged as eval/*
+    at `step` and printed in one line."""
     result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+    own = extra() if extra else {}
+    result.update(own)
     if log:
         logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
-    tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}")
+    tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}"
+               + "".join(f", {k} {v:.3f}" for k, v in own.items()))
     return result
 
 

@@ -149,7 +149,7 @@ def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_
 @pytest.mark.parametrize("script, argv, expected", [
     ("algos/grpo.py", ["--eps-low", "1.5"], "--eps-low must be in [0, 1)"),
     ("algos/grpo.py", ["--eval-prompts", "0"], "--eval-prompts must be in [1, inf)"),
-    ("algos/grpo.py", ["--group-size", "1", "--scale-rewards", "none"], "--group-size must be >= 2"),
+    ("algos/grpo.py", ["--group-size", "1", "--scale-rewards", "none"], "--group-size must be in [2, inf)"),
     ("algos/grpo.py", ["--beta", "-0.1"], "--beta must be in [0, inf)"),
     ("algos/grpo.py", ["--reward-fn", "json:dumps"], "must take two arguments"),
     ("algos/grpo.py", ["--reward-fn", "nowhere:f"], "no module named 'nowhere'"),
@@ -159,7 +159,7 @@ def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_
     ("algos/sft.py", ["--eval-fn", "shared.scoring:nothing"], "module 'shared.scoring' has no function 'nothing'"),
     ("algos/sft.py", ["--steps", "0"], "--steps must be in [1, inf)"),
     ("algos/sft.py", ["--dtype", "float16"], "--dtype float16 cannot be trained with AdamW"),
-    ("algos/grpo.py", ["--temperature", "1e-40"], "--temperature must be >= 0.001"),
+    ("algos/grpo.py", ["--temperature", "1e-40"], "--temperature must be in [0.001, inf)"),
     ("algos/grpo.py", ["--seed", "-1"], "--seed must be in [0, 2^63)"),
     ("algos/grpo.py", ["--output-dir", ""], "--output-dir is empty"),
 ])

@@ -28,7 +28,7 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad, sentence_embeddings
@@ -61,6 +61,9 @@ class Args(RunFlags):
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
+    expert_pool: str = "data/toy/sft_prompts.jsonl"
+    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
+    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/aapa"
@@ -303,7 +306,7 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
+        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
         # ---- policy, frozen reference (KL and default encoder), discriminator encoder
         model_path = str(output_dir / CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
@@ -341,8 +344,8 @@ if __name__ == "__main__":
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     # ---- the fixed discriminator: trained once on expert responses vs initial-policy rollouts, then frozen
-    disc_order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed))[: args.disc_prompts]
-    disc_prompts = [train_rows[i]["prompt"] for i in disc_order.tolist()]
+    disc_order = torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[: args.disc_prompts]
+    disc_prompts = [expert_pool[i] for i in disc_order.tolist()]
     num_holdout = max(1, int(len(disc_prompts) * args.disc_holdout))
     holdout_prompts, fit_prompts = disc_prompts[:num_holdout], disc_prompts[num_holdout:]
     if state:
@@ -423,7 +426,7 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
-        expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
+        expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))  # the evaluation's fresh rollouts draw from the global generator
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
@@ -441,7 +444,7 @@ if __name__ == "__main__":
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        expert_prompts = [train_rows[i]["prompt"] for i in distributed.local_share(expert_indices).tolist()] \
+        expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()] \
             if expert_weight > 0 else []
         expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
         clock.lap("score")

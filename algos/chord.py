@@ -26,7 +26,7 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad
@@ -56,6 +56,9 @@ class Args(RunFlags):
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
+    expert_pool: str = "data/toy/sft_prompts.jsonl"
+    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
+    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/chord"
@@ -270,7 +273,7 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
+        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 
@@ -315,7 +318,7 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         generator = step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
-        expert_indices = torch.randint(len(train_rows), (expert_rows_per_step,), generator=generator)
+        expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
@@ -330,7 +333,7 @@ if __name__ == "__main__":
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
-        expert_prompts = [train_rows[i]["prompt"] for i in distributed.local_share(expert_indices).tolist()]
+        expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()]
         expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
         clock.lap("score")
 

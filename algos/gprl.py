@@ -87,6 +87,8 @@ class Args(RunFlags):
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     drift_every: int = 5
     """run the drift monitor every this many steps"""
+    drift_adjust: bool = True
+    """act on alarms (shrink rho and eps, raise beta); --no-drift-adjust only measures and logs, the monitor-off twin"""
     probe_prompts: int = 64
     """probe-set prompts whose reference responses are frozen at the start"""
     dominance: float = 0.7
@@ -430,6 +432,8 @@ if __name__ == "__main__":
                 dominance=args.dominance, fall_tolerance=args.fall_tolerance, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
                 eps_shrink=args.clip_eps_shrink, eps_min=args.clip_eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
                 beta_max=args.beta_max, relax=args.relax)
+            if not args.drift_adjust:  # the alarm is still counted and logged: would it have fired?
+                next_rho, next_eps, next_beta = monitor["rho"], monitor["eps"], monitor["beta"]
             monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "margins": margins, "alarms": monitor["alarms"] + event["alarm"]}
             drift_log = {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
                          "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,

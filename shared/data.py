@@ -156,6 +156,15 @@ def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str
     write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r} for p, r in zip(prompts, responses)], path)
 
 
+def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str) -> tuple[list[str], dict, dict]:
+    """The prompts whose expert demonstrations a run may use: those of `pool_source`
+    (a prompt file or hub id; '' = every training prompt), each covered by the expert
+    cache. Returns (pool prompts, cache {prompt: response}, cache header)."""
+    pool = [row["prompt"] for row in (load_rows(pool_source, required=("prompt",)) if pool_source else train_rows)]
+    cache, header = load_expert_cache(cache_path, pool)
+    return pool, cache, header
+
+
 def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tuple[dict[str, str], dict]:
     """The cache as {prompt: response} and its header; checks that every prompt in
     `prompts` is covered and names the missing ones otherwise."""

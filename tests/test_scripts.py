@@ -377,3 +377,58 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     for previous, current in zip(metrics, metrics[1:]):
         assert current["train/eps"] == pytest.approx(previous["drift/eps"])
         assert current["train/beta"] == pytest.approx(previous["drift/beta"])
+    # the monitor-off twin: the same alarms are counted and logged, but eps and beta never move
+    off = tmp_path / "gprl_off"
+    flags[flags.index("--output-dir") + 1] = str(off)
+    run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
+               "--dominance", "0", "--fall-tolerance", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
+    metrics = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
+    assert sum(m["drift/alarm"] for m in metrics) >= 1
+    assert all(m["train/eps"] == 0.2 and m["drift/eps"] == 0.2 and m["train/beta"] == 0.04 for m in metrics)
+
+
+
+def metrics_by_step(out: Path) -> dict[int, dict]:
+    merged = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update(record)
+    return merged
+
+
+def test_aapa_grpo_with_anchor_0_is_grpo(tiny_world, sft_run, tmp_path):
+    """The table uses the GRPO run as AAPA-GRPO's anchor-0 control: the two must train the same policy."""
+    flags = grpo_flags(tiny_world, tmp_path / "grpo", str(sft_run / "checkpoint"))
+    flags[flags.index("--steps") + 1] = "2"
+    run_script("algos/grpo.py", *flags)
+    flags[flags.index("--output-dir") + 1] = str(tmp_path / "aapa")
+    run_script("algos/aapa.py", *flags, "--anchor-coef", "0", "--expert-cache", tiny_world["expert_cache"],
+               "--expert-pool", "", "--disc-prompts", "16", "--disc-epochs", "3")
+    grpo, aapa = metrics_by_step(tmp_path / "grpo"), metrics_by_step(tmp_path / "aapa")
+    for step, record in grpo.items():
+        for key, value in record.items():
+            if key.startswith(("train/", "eval/")):
+                assert aapa[step][key] == value, (step, key)
+    assert_same_weights(tmp_path / "grpo", tmp_path / "aapa")
+
+
+def test_expert_rows_come_only_from_the_expert_pool(tiny_world, sft_run, tmp_path):
+    """--expert-pool limits the demonstrations a run may see: a cache holding only the pool's
+    responses is enough, and a pool prompt missing from the cache is named."""
+    rows = [json.loads(line) for line in Path(tiny_world["train"]).read_text().splitlines()]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(row) + "\n" for row in rows[:12]))
+    cache = [json.loads(line) for line in Path(tiny_world["expert_cache"]).read_text().splitlines()]
+    pool_prompts = {row["prompt"] for row in rows[:12]}
+    small_cache = tmp_path / "cache.jsonl"
+    small_cache.write_text("".join(json.dumps(r) + "\n" for r in cache if "prompt" not in r or r["prompt"] in pool_prompts))
+    for script, extra in [("algos/chord.py", ["--preset", "chord-mu"]), ("algos/uniapl.py", []),
+                          ("algos/aapa.py", ["--base", "sft", "--disc-prompts", "10", "--disc-epochs", "3"])]:
+        flags = grpo_flags(tiny_world, tmp_path / script.split("/")[1], str(sft_run / "checkpoint"))
+        flags[flags.index("--steps") + 1] = "1"
+        if script == "algos/uniapl.py":
+            del flags[flags.index("--num-iterations"):flags.index("--num-iterations") + 2]
+        run_script(script, *flags, *extra, "--expert-cache", str(small_cache), "--expert-pool", str(pool))
+    result = run_script("algos/chord.py", *flags, "--expert-cache", str(small_cache), "--expert-pool", "",
+                        "--output-dir", str(tmp_path / "everything"), expect_ok=False)
+    assert result.returncode != 0 and "error: expert cache" in result.stderr and "Traceback" not in result.stderr

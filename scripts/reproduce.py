@@ -1,19 +1,19 @@
-"""The main job: build the offline toy world, run SFT, then every RL method from the
-same SFT checkpoint with the same rollout budget, over seeds, and write a table with
-paired differences and their 95% confidence intervals.
+"""The main job, a controlled experiment on the offline toy world: per seed one SFT
+checkpoint, then every method and its control from that checkpoint with the same
+rollout budget, demonstrations and learning rate; the table gives each paper's claim
+as a paired comparison over seeds (mean difference, 95% t-interval, Holm-adjusted p).
 
-Every run is a plain command line of an algorithm script, listed flat in two phases:
-per seed the prerequisites (SFT, preference pairs, the GPM), then every RL run.
-`--print-commands` prints them without running anything, so any row of the table can
-be reproduced by hand. One pool runs them `--jobs` at a time, a command starting once
-the runs it needs have finished; the job prints its critical path. A run whose
-eval.json exists is not redone, an interrupted one continues (every command carries
---resume).
+Every run is a plain command line of an algorithm script. `--print-commands` prints
+them without running anything, so any row can be reproduced by hand. One pool runs
+them `--jobs` at a time, a command starting once the runs it needs have finished; the
+job prints its critical path. A run whose eval.json exists is not redone, an
+interrupted one continues (every command carries --resume).
 
-`--sweep` is the fairness step: each RL method's learning rate is chosen from the same
-small grid by held-out gold on the toy world's validation split (disjoint from the
-evaluation split), seed 1; the choice goes to results/hyperparameters.json, which the
-main job reads.
+The comparisons (PRIMARY below) are fixed before any run; `--all` adds exploratory
+rows, reported without verdicts. `--sweep` chooses each row's learning rate from one
+grid by validation gold (data/toy/val.jsonl), averaged over seeds the table never
+uses, and writes results/hyperparameters.json, which the main job reads; a control
+that differs from its method in one coefficient (a "twin") takes its method's rate.
 """
 
 import json
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tyro
+from scipy.stats import t as student_t
 
 from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
 from shared.run import atomic_write_text, write_json
@@ -40,9 +41,23 @@ ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when a command fails or the job is stopped: nothing new starts
 RUNNING: set[subprocess.Popen] = set()  # the children running now, stopped with the job
 # the defaults of the main job and of --quick; a flag given on the command line always wins
-FULL = {"seeds": 3, "sft_steps": 200, "rl_steps": 200, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 2000}
-QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 500}
-LEARNING_RATES = (5e-5, 1e-4, 2e-4)  # the sweep's grid, the same for every RL method
+FULL = {"seeds": 6, "sft_steps": 200, "rl_steps": 100, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 500}
+QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 200}
+LEARNING_RATE = 2e-4  # every row's rate when no sweep has chosen one
+LEARNING_RATES = (5e-5, 1e-4, 2e-4, 4e-4)  # the sweep's grid, the same for every row
+SWEEP_SEEDS = (101, 102)  # the sweep's seeds: its SFT checkpoints and runs are never in the table
+# the pre-declared comparisons, one per paper claim: (claim, method, its control); Holm-adjusted as one family
+PRIMARY = [
+    ("RL on the verifier's reward improves on the SFT checkpoint", "GRPO", "SFT"),
+    ("RL beats more supervised training on the same demonstrations, same steps", "GRPO", "continued SFT"),
+    ("CHORD: an expert term during RL beats RL alone, same demonstrations", "CHORD-mu", "GRPO"),
+    ("AAPA: the adversarial anchor improves GRPO (GRPO is AAPA-GRPO with anchor 0, tested)", "AAPA-GRPO", "GRPO"),
+    ("AAPA: the anchor improves staged A-SFT then A-GRPO", "AAPA staged", "AAPA staged, anchor 0"),
+    ("UniAPL: expert and adversarial terms during RL beat RL alone, same demonstrations", "UniAPL", "GRPO"),
+    ("UniAPL: the adversarial reward helps", "UniAPL", "UniAPL, adversarial 0"),
+    ("ADPO: the anchored listwise loss beats GRPO at equal optimizer steps", "ADPO listwise", "GRPO, 2 passes"),
+    ("GPRL: acting on the drift monitor's alarms helps", "GPRL", "GPRL, monitor off"),
+]
 # t quantiles for 95% two-sided intervals, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -56,22 +71,24 @@ class Args:
     them; methods it does not list keep their script's default)"""
     quick: bool = False
     """a ~4-minute smoke version: one seed, fewer SFT/RL/GPM steps, fewer eval and side prompts (flags given win)"""
+    all: bool = False
+    """add the exploratory rows (CHORD-phi, AAPA-SFT, AAPA-CHORD, ADPO pairwise), reported without verdicts"""
     sweep: bool = False
-    """choose each RL method's learning rate on the validation split instead (writes <out-dir>/hyperparameters.json)"""
+    """choose each row's learning rate on the validation split instead, seeds 101-102 (writes <out-dir>/hyperparameters.json)"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
     seeds: int | None = None
-    """seeds per method (main job: 3; --quick: 1)"""
+    """seeds per row, each its own SFT checkpoint (main job: 6; --quick: 1)"""
     sft_steps: int | None = None
-    """SFT optimizer steps (200; --quick: 150)"""
+    """SFT optimizer steps on the demonstrations of data/toy/sft_prompts.jsonl (200; --quick: 150)"""
     rl_steps: int | None = None
-    """generation batches per RL method, the same rollout budget for every method (200; --quick: 10)"""
+    """steps of every row after SFT: generation batches, or SFT steps for continued SFT (100; --quick: 10)"""
     gpm_steps: int | None = None
     """optimizer steps of the General Preference Model that GPRL uses (80; --quick: 30)"""
     eval_prompts: int | None = None
     """held-out prompts per evaluation (256; --quick: 128)"""
     side_prompts: int | None = None
-    """training prompts sampled for the preference pairs and for AAPA's discriminator (2000; --quick: 500)"""
+    """prompts of the SFT pool used for the preference pairs and AAPA's discriminator (500; --quick: 200)"""
     prompts_per_step: int = 16
     """prompts per generation batch"""
     group_size: int = 8
@@ -143,38 +160,66 @@ def _number(text: str):
         return None
 
 
-def rl_methods(runs_dir: Path, seed: int, settings: dict) -> list[tuple[str, str, list[str], list[str]]]:
-    """(method, script, flags, runs it needs) for every RL row, all from this seed's SFT checkpoint."""
+@dataclass
+class Row:
+    """One row of the table: a script and its flags, run from each seed's SFT checkpoint."""
+    name: str
+    script: str
+    flags: list[str]
+    needs: list[str] = field(default_factory=list)  # prerequisites, as run names without the seed
+    rate_of: str = ""  # a twin takes this row's learning rate ("" = its own)
+    exploratory: bool = False
+
+
+def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
+    """Every row after SFT (with --all the exploratory ones too). Rows drawing demonstrations
+    take them from data/toy/sft_prompts.jsonl, the 500 prompts SFT saw (the scripts' default)."""
+    steps = str(settings["rl_steps"])
     pairs, gpm = runs_dir / f"pairs_seed{seed}.jsonl", runs_dir / f"gpm_seed{seed}" / "checkpoint"
     # AAPA's fixed discriminator depends only on the SFT checkpoint, the expert data and the seed:
-    # AAPA-GRPO trains it, the other AAPA runs load it
+    # the AAPA-GRPO run trains it, the other AAPA runs load it
     discriminator = ["--disc-path", str(runs_dir / f"aapa-grpo_seed{seed}" / "discriminator.pt")]
-    aapa_grpo = [f"aapa-grpo_seed{seed}"]
-    return [
-        ("GRPO", "algos/grpo.py", [], []),
-        ("CHORD-phi", "algos/chord.py", ["--preset", "chord-phi"], []),
+    staged = ["--staged", "--stage1-steps", str(settings["rl_steps"] // 2), *discriminator]
+    rows = [
+        Row("continued SFT", "algos/sft.py", ["--steps", steps, "--train-data", "data/toy/sft_prompts.jsonl"]),
+        Row("GRPO", "algos/grpo.py", []),
+        Row("GRPO, 2 passes", "algos/grpo.py", ["--num-iterations", "2"]),
         # the paper's CHORD-mu decays over 200 steps; here over the run's own length
-        ("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", str(settings["rl_steps"])], []),
-        ("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(settings["side_prompts"])], []),
-        ("AAPA-SFT", "algos/aapa.py", ["--base", "sft", *discriminator], aapa_grpo),
-        ("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator], aapa_grpo),
-        ("AAPA staged", "algos/aapa.py", ["--staged", "--stage1-steps", str(settings["rl_steps"] // 2), *discriminator],
-         aapa_grpo),
-        ("UniAPL", "algos/uniapl.py", [], []),
-        ("ADPO listwise", "algos/adpo.py", [], []),
-        # offline pairs: the same number of sequences per step as the rollouts (pairs x 2 = prompts x G)
-        ("ADPO pairwise", "algos/adpo_pairwise.py", ["--pairs-data", str(pairs), "--batch-size",
-                                                     str(settings["prompts_per_step"] * settings["group_size"] // 2)],
-         [f"pairs_seed{seed}"]),
-        ("GPRL", "algos/gprl.py", ["--gpm", str(gpm)], [f"gpm_seed{seed}"]),
+        Row("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", steps]),
+        Row("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(settings["side_prompts"])]),
+        Row("AAPA staged", "algos/aapa.py", staged, ["aapa-grpo"]),
+        Row("AAPA staged, anchor 0", "algos/aapa.py", [*staged, "--anchor-coef", "0"], ["aapa-grpo"], rate_of="AAPA staged"),
+        Row("UniAPL", "algos/uniapl.py", []),
+        Row("UniAPL, adversarial 0", "algos/uniapl.py", ["--adv-coef", "0"], rate_of="UniAPL"),
+        Row("ADPO listwise", "algos/adpo.py", []),
+        # GPRL evaluated every 10 steps: where its gold goes, and when
+        Row("GPRL", "algos/gprl.py", ["--gpm", str(gpm)], ["gpm"]),
+        Row("GPRL, monitor off", "algos/gprl.py", ["--gpm", str(gpm), "--no-drift-adjust"], ["gpm"], rate_of="GPRL"),
     ]
+    if settings["all"]:
+        rows += [
+            Row("CHORD-phi", "algos/chord.py", ["--preset", "chord-phi"], exploratory=True),
+            Row("AAPA-SFT", "algos/aapa.py", ["--base", "sft", *discriminator], ["aapa-grpo"], exploratory=True),
+            Row("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator], ["aapa-grpo"], exploratory=True),
+            # offline pairs: the same number of sequences per step as the rollouts (pairs x 2 = prompts x G)
+            Row("ADPO pairwise", "algos/adpo_pairwise.py", ["--pairs-data", str(pairs), "--batch-size",
+                str(settings["prompts_per_step"] * settings["group_size"] // 2)], ["pairs"], exploratory=True),
+        ]
+    return rows
+
+
+def slug(row: str) -> str:
+    return row.lower().replace(",", "").replace(" ", "_")
 
 
 def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_data: str, sweep: bool) -> list[Run]:
-    """Phase 1, per seed: SFT, preference pairs, the GPM. Phase 2: every RL run (with --sweep,
-    one per learning rate of the grid, seed 1, evaluated on the validation split)."""
-    py, seeds = settings["python"], range(1, settings["seeds"] + 1)
+    """Per seed: SFT, preference pairs, the GPM, then every row (with --sweep: every row
+    that has its own rate, once per rate of the grid, on the sweep's seeds, evaluated on
+    the validation split)."""
+    py = settings["python"]
+    seeds = SWEEP_SEEDS if sweep else range(1, settings["seeds"] + 1)
     eval_flags = ["--eval-data", eval_data, "--eval-prompts", str(settings["eval_prompts"])]
+    every = str(max(1, settings["rl_steps"] // 5))
     commands = []
     for seed in seeds:
         sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
@@ -184,28 +229,35 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                                                 "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
                             sft_dir, method="SFT", seed=seed))
         commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model", str(sft_dir / "checkpoint"),
-                                                  "--out", str(pairs), "--seed", str(seed), "--num-prompts",
-                                                  str(settings["side_prompts"])], pairs, [f"sft_seed{seed}"], seed=seed))
+                                                  "--data", "data/toy/sft_prompts.jsonl", "--out", str(pairs), "--seed", str(seed),
+                                                  "--num-prompts", str(settings["side_prompts"])], pairs, [f"sft_seed{seed}"], seed=seed))
         commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
                                                 str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
                             runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
-    rl_budget = ["--steps", str(settings["rl_steps"]), "--prompts-per-step", str(settings["prompts_per_step"]),
-                 "--group-size", str(settings["group_size"]), "--eval-every", str(max(1, settings["rl_steps"] // 5))]
-    for seed in seeds:
-        for method, script, flags, needs in rl_methods(runs_dir, seed, settings):
-            if script == "algos/adpo_pairwise.py":  # no rollouts: steps and batch only
-                budget = ["--steps", str(settings["rl_steps"]), "--eval-every", str(max(1, settings["rl_steps"] // 5))]
+        for row in table_rows(runs_dir, seed, settings):
+            if sweep and row.rate_of:
+                continue
+            if row.script == "algos/sft.py" or row.script == "algos/adpo_pairwise.py":
+                budget = ["--eval-every", every]  # no rollouts: steps and batch only
             else:
-                budget = rl_budget
-            name = f"{method.lower().replace(' ', '_')}_seed{seed}"
-            learning_rates = LEARNING_RATES if sweep else [hyperparameters.get(method, {}).get("learning_rate")]
-            for lr in learning_rates:
-                lr_flags = ["--learning-rate", str(lr)] if lr is not None else []
-                suffix = f"_lr{lr:g}" if sweep else ""
-                commands.append(Run(name + suffix, [py, script, "--model", str(runs_dir / f"sft_seed{seed}" / "checkpoint"),
-                                                    "--seed", str(seed), *budget, *eval_flags, *lr_flags, *flags],
-                                    runs_dir / (name + suffix), [f"sft_seed{seed}", *[n + suffix for n in needs]],
-                                    method, seed))
+                budget = ["--steps", str(settings["rl_steps"]), "--prompts-per-step", str(settings["prompts_per_step"]),
+                          "--group-size", str(settings["group_size"]),
+                          "--eval-every", "10" if row.script == "algos/gprl.py" else every]
+            if row.script == "algos/adpo_pairwise.py":
+                budget = ["--steps", str(settings["rl_steps"]), *budget]
+            rates = LEARNING_RATES if sweep else [hyperparameters.get(row.rate_of or row.name, {}).get(
+                "learning_rate", LEARNING_RATE)]
+            for rate in rates:
+                suffix = f"_lr{rate:g}" if sweep else ""
+                flags = [flag.replace(f"aapa-grpo_seed{seed}/", f"aapa-grpo_seed{seed}{suffix}/") for flag in row.flags]
+                rate_flags = ["--learning-rate", f"{rate:g}"]
+                if row.name.startswith("AAPA staged"):  # both stages at the row's rate
+                    rate_flags += ["--stage1-learning-rate", f"{rate:g}"]
+                name = f"{slug(row.name)}_seed{seed}{suffix}"
+                needs = [f"sft_seed{seed}", *[f"{need}_seed{seed}" + (suffix if need == "aapa-grpo" else "") for need in row.needs]]
+                commands.append(Run(name, [py, row.script, "--model", str(sft_dir / "checkpoint"), "--seed", str(seed),
+                                           *budget, *eval_flags, *rate_flags, *flags],
+                                    runs_dir / name, needs, row.name, seed))
     return commands
 
 
@@ -301,69 +353,124 @@ def result_of(run: Run) -> dict:
     return {**result, "wall_time": float(wall.read_text()) if wall.exists() else float("nan")}
 
 
+def p_value(differences: list[float]) -> float:
+    """Two-sided paired t-test of mean difference 0 (NaN with fewer than 2 seeds)."""
+    if len(differences) < 2:
+        return float("nan")
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * student_t.sf(abs(mean / (sd / math.sqrt(len(differences)))), len(differences) - 1))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: controls the chance of any false "supported" in the family at 5%."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i] if p_values[i] == p_values[i] else 2.0)
+    adjusted, running = [float("nan")] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        if p_values[i] == p_values[i]:
+            running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+            adjusted[i] = running
+    return adjusted
+
+
+def verdict(mean: float, adjusted_p: float) -> str:
+    if adjusted_p != adjusted_p:
+        return "– (one seed: no test)"
+    if adjusted_p < 0.05:
+        return "supported" if mean > 0 else "contradicted (the control is better)"
+    return "not shown (no difference detected)"
+
+
 def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Path, job_time: float) -> str:
     seeds = range(1, settings["seeds"] + 1)
-    by_method: dict[str, dict[int, dict]] = {}
+    by_row: dict[str, dict[int, dict]] = {}
     for run in commands:
         if run.method:
-            by_method.setdefault(run.method, {})[run.seed] = result_of(run)
-    sft = by_method["SFT"]
+            by_row.setdefault(run.method, {})[run.seed] = result_of(run)
     base = {seed: json.loads((runs_dir / f"sft_seed{seed}" / "initial_eval.json").read_text()) for seed in seeds}
-    rows = {"base model": base, **by_method}
-    run_dirs = {run.method: [] for run in commands if run.method}
+    rows = {"base model": base, **by_row}
+    run_dirs: dict[str, list[Path]] = {}
     for run in commands:
         if run.method:
-            run_dirs[run.method].append(run.out)
+            run_dirs.setdefault(run.method, []).append(run.out)
     print("analysing runs (KL to SFT, response lengths, log-probs vs the expert's)", flush=True)
     references = {seed: runs_dir / f"sft_seed{seed}" / "checkpoint" for seed in seeds}
     analyses = analyze(run_dirs, references, str(ROOT / "data/toy/eval.jsonl"), str(ROOT / "data/toy/expert_cache.jsonl"),
-                       out_dir, prompts=min(128, settings["eval_prompts"]))
+                       out_dir, prompts=min(64, settings["eval_prompts"]))
     plot_curves({m: [eval_curve(d, settings["prompts_per_step"] * settings["group_size"]) for d in dirs]
                  for m, dirs in run_dirs.items() if m != "SFT"}, out_dir / "curves.png")
     n = settings["seeds"]
+    controls = {control for _, _, control in PRIMARY}
+    methods = {method for _, method, _ in PRIMARY}
+    exploratory = {row.name for row in table_rows(runs_dir, 1, settings) if row.exploratory}
+    gold = {row: [per_seed[s]["gold"] for s in seeds] for row, per_seed in rows.items()}
+
+    def role(row: str) -> str:
+        if row in exploratory:
+            return "exploratory"
+        return " and ".join(name for name, members in (("method", methods), ("control", controls)) if row in members) or "–"
+
     lines = [f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
-             f"toy-world prompts, mean ± std over {n} seed(s). RL methods: {settings['rl_steps']} steps x "
-             f"{settings['prompts_per_step']} prompts x G={settings['group_size']} from the same SFT checkpoint, learning "
-             f"rates: {settings['learning_rates_from']}.", "",
-             "Paired differences: within each seed (same SFT checkpoint), method minus SFT and method minus GRPO; mean "
-             f"and 95% t-interval over the {n} seeds (t with {n - 1} degrees of freedom). Reward - gold: the instruction-level "
-             "reward (partial credit) minus prompt-level gold, >= 0 by construction: partial success, not reward hacking. KL: per-response "
-             "KL(policy || SFT) (k3 estimator) on samples at temperature 1.", "",
-             "| method | gold | gold - SFT [95% CI] | CI excludes 0 | gold - GRPO [95% CI] | CI excludes 0 | reward "
-             "| reward - gold | length (tokens) | KL to SFT | wall time per run (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, per_seed in rows.items():
-        gold = [per_seed[s]["gold"] for s in seeds]
-        minus_sft, sft_excludes = paired([per_seed[s]["gold"] - sft[s]["gold"] for s in seeds])
-        if "GRPO" in by_method:
-            minus_grpo, grpo_excludes = paired([per_seed[s]["gold"] - by_method["GRPO"][s]["gold"] for s in seeds])
-        else:
-            minus_grpo, grpo_excludes = "–", "–"
-        reward = [per_seed[s].get("reward", float("nan")) for s in seeds]
-        kl = mean_std([a["kl"] for a in analyses[method]]) if method in analyses else "–"
-        wall = [per_seed[s].get("wall_time", 0.0) for s in seeds]
-        lines.append(f"| {method} | {mean_std(gold)} | {minus_sft} | {sft_excludes} | {minus_grpo} | {grpo_excludes} | "
-                     f"{mean_std(reward)} | {mean_std([r - g for r, g in zip(reward, gold)])} | "
+             f"toy-world prompts (data/toy/eval.jsonl), mean ± std over {n} seed(s), each seed its own SFT checkpoint "
+             f"({settings['sft_steps']} steps on the demonstrations of 500 prompts). Every other row starts from that "
+             f"checkpoint: {settings['rl_steps']} steps ({settings['prompts_per_step']} prompts x G={settings['group_size']} "
+             "rollouts per step; continued SFT: SFT steps on the same 500 demonstrations); every row that uses "
+             f"demonstrations draws them from those 500 prompts. Learning rates: {settings['learning_rates_from']}.", "",
+             "Instruction-level: the fraction of single instructions followed (the RL reward, on greedy responses). "
+             "KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, 64 prompts.", "",
+             "| row | role | gold | instruction-level | length (tokens) | KL to SFT | wall time per run (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row, per_seed in rows.items():
+        kl = mean_std([a["kl"] for a in analyses[row]]) if row in analyses and row != "SFT" else "–"
+        lines.append(f"| {row} | {role(row) if row != 'base model' else '–'} | {mean_std(gold[row])} | "
+                     f"{mean_std([per_seed[s].get('reward', float('nan')) for s in seeds])} | "
                      f"{mean_std([per_seed[s].get('length', float('nan')) for s in seeds])} | {kl} | "
-                     f"{statistics.mean(wall):.0f} |")
+                     f"{statistics.mean(per_seed[s].get('wall_time', 0.0) for s in seeds):.0f} |")
+    primary = [(claim, method, control, [a - b for a, b in zip(gold[method], gold[control])])
+               for claim, method, control in PRIMARY if method in gold and control in gold]
+    adjusted = holm([p_value(differences) for *_, differences in primary])
+    lines += ["", f"Primary comparisons, fixed before any run: method minus control, paired by seed (same SFT "
+              f"checkpoint), mean and 95% t-interval over {n} seeds, two-sided paired t-test, p adjusted by Holm over "
+              f"the {len(primary)} comparisons. A claim is supported when the adjusted p < 0.05.", "",
+              "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for (claim, method, control, differences), holm_p in zip(primary, adjusted):
+        lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
+                     f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
+                     f"{verdict(statistics.mean(differences), holm_p)} |")
+    if exploratory:
+        lines += ["", "Exploratory rows (no verdicts; the intervals are uncorrected): gold minus SFT and minus GRPO, paired by seed.",
+                  "", "| row | gold - SFT [95% CI] | gold - GRPO [95% CI] |", "|---|---|---|"]
+        for row in sorted(exploratory & set(gold)):
+            lines.append(f"| {row} | {paired([a - b for a, b in zip(gold[row], gold['SFT'])])[0]} | "
+                         f"{paired([a - b for a, b in zip(gold[row], gold['GRPO'])])[0]} |")
     gpm = [json.loads((runs_dir / f"gpm_seed{s}" / "eval.json").read_text())["heldout_accuracy"] for s in seeds]
+    alarms = {row: [rows[row][s].get("drift_alarms", float("nan")) for s in seeds] for row in ("GPRL", "GPRL, monitor off")
+              if row in rows}
     lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm)} on the SFT model's sampled "
-                  "pairs (chance 0.5).", "",
-              f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
-              "side by side (per-run wall times include that sharing)."]
+                  "pairs (chance 0.5)."]
+    if alarms:
+        lines += ["Drift alarms per run: " + "; ".join(f"{row} {mean_std(values)}" for row, values in alarms.items()) +
+                  " (monitor off: alarms that fired but were not acted on)."]
+    lines += ["", f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
+                  "side by side (per-run wall times include that sharing)."]
     return "\n".join(lines) + "\n"
 
 
 def write_sweep(commands: list[Run], path: Path) -> dict:
-    """Each RL method's learning rate with the best final validation gold (ties: the smaller)."""
-    choice, table = {}, {}
+    """Each tuned row's learning rate: the best mean final validation gold over the sweep's
+    seeds (ties: the smaller rate). Twins are not listed: they take their method's rate."""
+    scores: dict[str, dict[float, list[float]]] = {}
     for run in commands:
         if run.method and run.method != "SFT":
-            lr = float(run.command[run.command.index("--learning-rate") + 1])
-            table.setdefault(run.method, {})[lr] = result_of(run)["gold"]
-    for method, scores in table.items():
-        best = max(sorted(scores), key=lambda lr: scores[lr])
-        choice[method] = {"learning_rate": best, "validation_gold": {f"{lr:g}": g for lr, g in sorted(scores.items())}}
+            rate = float(run.command[run.command.index("--learning-rate") + 1])
+            scores.setdefault(run.method, {}).setdefault(rate, []).append(result_of(run)["gold"])
+    choice = {}
+    for row, by_rate in scores.items():
+        means = {rate: statistics.mean(values) for rate, values in by_rate.items()}
+        best = max(sorted(means), key=lambda rate: means[rate])
+        choice[row] = {"learning_rate": best, "validation_gold": {f"{rate:g}": round(g, 4) for rate, g in sorted(means.items())}}
     write_json(path, choice)
     return choice
 
@@ -417,18 +524,18 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     given = {k: v for k, v in asdict(args).items() if v is not None}
     settings = {**(QUICK if args.quick else FULL), **given}
-    if args.sweep:
-        settings["seeds"] = 1
     check_settings(settings)
     out_dir = Path(args.out_dir or ("results/quick" if args.quick else "results"))
     runs_dir = out_dir / ("sweep" if args.sweep else "runs")
     hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
-    methods = {method for method, *_ in rl_methods(runs_dir, 1, settings)}
+    methods = {row.name for row in table_rows(runs_dir, 1, {**settings, "all": True})}
     hyperparameters = {} if args.sweep else check_hyperparameters(hyperparameters_file, methods)
     eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
-    settings["learning_rates_from"] = (f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))}, "
-                                       "each script's default for the rest" if hyperparameters else "each script's default")
+    settings["learning_rates_from"] = (
+        f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))} (twins take their method's), "
+        f"{LEARNING_RATE:g} for the rest" if hyperparameters else
+        f"{LEARNING_RATE:g} for every row (the same for method and control; no row was tuned on its own)")
     if args.print_commands:
         for run in commands:
             extra = ["--output-dir", str(run.out), "--resume"] if run.out.suffix != ".jsonl" else []

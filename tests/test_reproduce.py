@@ -15,13 +15,10 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from reproduce import check_hyperparameters, paired  # noqa: E402
+from reproduce import PRIMARY, check_hyperparameters, holm, paired, slug  # noqa: E402
 
-METHODS = ["base model", "SFT", "GRPO", "CHORD-phi", "CHORD-mu", "AAPA-GRPO", "AAPA-SFT", "AAPA-CHORD", "AAPA staged",
-           "UniAPL", "ADPO listwise", "ADPO pairwise", "GPRL"]
-RUN_NAMES = {"GRPO": "grpo", "CHORD-phi": "chord-phi", "CHORD-mu": "chord-mu", "AAPA-GRPO": "aapa-grpo", "AAPA-SFT": "aapa-sft",
-             "AAPA-CHORD": "aapa-chord", "AAPA staged": "aapa_staged", "UniAPL": "uniapl", "ADPO listwise": "adpo_listwise",
-             "ADPO pairwise": "adpo_pairwise", "GPRL": "gprl", "SFT": "sft"}
+ROWS = ["base model", "SFT", "continued SFT", "GRPO", "GRPO, 2 passes", "CHORD-mu", "AAPA-GRPO", "AAPA staged",
+        "AAPA staged, anchor 0", "UniAPL", "UniAPL, adversarial 0", "ADPO listwise", "GPRL", "GPRL, monitor off"]
 SMALLEST = ["--seeds", "1", "--sft-steps", "10", "--rl-steps", "2", "--gpm-steps", "4", "--eval-prompts", "16",
             "--prompts-per-step", "4", "--group-size", "4", "--side-prompts", "200"]
 
@@ -42,47 +39,73 @@ def test_paired_differences_get_a_t_interval_over_seeds():
     assert paired([0.3]) == ("+0.300", "– (1 seed)")
 
 
-def test_print_commands_lists_both_phases_and_quick_never_overrides_a_given_flag():
-    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--rl-steps", "7"],
+def test_holm_adjustment_against_a_hand_computation():
+    # sorted 0.01 < 0.02 < 0.04 < 0.30: x4, x3, x2, x1, then running maxima
+    assert holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    assert holm([0.5, 0.01]) == pytest.approx([0.5, 0.02])
+    assert holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])
+
+
+def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag():
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--rl-steps", "8"],
                             cwd=ROOT, capture_output=True, text=True)
     lines = result.stdout.splitlines()
-    assert result.returncode == 0 and len(lines) == 3 + 11  # one seed: SFT, pairs, GPM, then 11 RL runs
+    assert result.returncode == 0 and len(lines) == 3 + 12  # one seed: SFT, pairs, GPM, then 12 rows
     assert lines[0].startswith("algos/sft.py --seed 1 --steps 150 ")  # --quick's SFT length
-    assert all("--steps 7 " in line for line in lines[3:])  # the given --rl-steps, not --quick's
+    assert all("--steps 8 " in line for line in lines[3:])  # the given --rl-steps, not --quick's
+    assert all("--learning-rate 0.0002 " in line for line in lines[3:])  # one rate for method and control
     assert lines.index(next(l for l in lines if "gpm.py" in l)) < lines.index(next(l for l in lines if "gprl.py" in l))
+    # every demonstration comes from SFT's pool: the pairs, and the scripts' default --expert-pool
+    assert "--data data/toy/sft_prompts.jsonl" in lines[1] and not any("--expert-pool" in line for line in lines)
+    everything = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--all"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.splitlines()
+    assert len(everything) == 3 + 16
     sweep = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--sweep"], cwd=ROOT,
                            capture_output=True, text=True).stdout.splitlines()
-    assert len(sweep) == 3 + 11 * 3 and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
+    # two seeds the table never uses; every row with its own rate (9: the three twins take their method's) x 4 rates
+    assert len(sweep) == 2 * (3 + 9 * 4) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
+    assert all(" --seed 10" in line for line in sweep)
 
 
-def test_smallest_main_job_tables_every_method_and_resumes_without_rerunning(tmp_path):
+def test_every_primary_comparison_names_two_rows_of_the_job():
+    rows = set(ROWS)
+    assert all(method in rows and control in rows and method != control for _, method, control in PRIMARY)
+    assert len({(method, control) for _, method, control in PRIMARY}) == len(PRIMARY)
+
+
+def test_smallest_main_job_tables_every_row_and_resumes_without_rerunning(tmp_path):
     first = reproduce(tmp_path)
     lines = (tmp_path / "table.md").read_text().splitlines()
-    header = next(line for line in lines if line.startswith("| method")).strip("| ").split(" | ")
-    rows = {cells[0]: dict(zip(header, cells)) for cells in
-            (line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and not line.startswith("| method"))}
-    assert list(rows) == METHODS
+    header = next(line for line in lines if line.startswith("| row")).strip("| ").split(" | ")
+    table = {cells[0]: dict(zip(header, cells)) for cells in
+             (line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and line.count(" | ") == 6
+              and not line.startswith("| row") and not line.startswith("| claim"))}
+    assert list(table) == ROWS
     runs = tmp_path / "runs"
-    gold = {m: json.loads((runs / f"{name}_seed1" / "eval.json").read_text())["gold"] for m, name in RUN_NAMES.items()}
+    gold = {row: json.loads((runs / f"{slug(row)}_seed1" / "eval.json").read_text())["gold"] for row in ROWS[1:]}
     gold["base model"] = json.loads((runs / "sft_seed1" / "initial_eval.json").read_text())["gold"]
-    for method, cells in rows.items():
-        assert float(cells["gold"]) == pytest.approx(gold[method], abs=5e-4), method  # the run's own number
-        assert float(cells["gold - SFT [95% CI]"]) == pytest.approx(gold[method] - gold["SFT"], abs=1.5e-3), method
-        assert float(cells["gold - GRPO [95% CI]"]) == pytest.approx(gold[method] - gold["GRPO"], abs=1.5e-3), method
-        if method not in ("base model", "SFT"):
+    for row, cells in table.items():
+        assert float(cells["gold"]) == pytest.approx(gold[row], abs=5e-4), row  # the run's own number
+        if row not in ("base model", "SFT"):
             kl = float(cells["KL to SFT"])
-            assert math.isfinite(kl) and kl >= 0.0, method
+            assert math.isfinite(kl) and kl >= 0.0, row
+    comparisons = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and " - " in line.split(" | ")[1]
+                   and not line.startswith("| claim")]
+    assert len(comparisons) == len(PRIMARY)
+    for (claim, method, control), cells in zip(PRIMARY, comparisons):
+        assert cells[0] == claim and cells[1] == f"{method} - {control}"
+        assert float(cells[2]) == pytest.approx(gold[method] - gold[control], abs=1.5e-3), claim
     for plot in ("curves.png", "lengths.png", "logprobs.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
-    assert first.stdout.count("$ algos/") == 13  # SFT, the GPM and 11 RL runs
+    assert first.stdout.count("$ algos/") == 14  # SFT, the GPM and 12 rows
     again = reproduce(tmp_path)
-    assert "$ " not in again.stdout and (tmp_path / "table.md").read_text().count("\n| ") == len(METHODS) + 1
+    assert "$ " not in again.stdout and (tmp_path / "table.md").read_text().splitlines()[:len(lines) - 2] == lines[:-2]
     # other settings over finished runs: refused up front, the table left as it was
-    table = (tmp_path / "table.md").read_text()
+    table_text = (tmp_path / "table.md").read_text()
     changed = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), *SMALLEST, "--eval-prompts", "8"],
                              cwd=ROOT, capture_output=True, text=True)
     assert changed.returncode != 0 and "holds a run made with other settings (--eval-prompts 16 -> 8)" in changed.stderr
-    assert "$ " not in changed.stdout and (tmp_path / "table.md").read_text() == table
+    assert "$ " not in changed.stdout and (tmp_path / "table.md").read_text() == table_text
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -453,9 +453,40 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     if alarms:
         lines += ["Drift alarms per run: " + "; ".join(f"{row} {mean_std(values)}" for row, values in alarms.items()) +
                   " (monitor off: alarms that fired but were not acted on)."]
+    lines += gprl_diagnostics(run_dirs)
     lines += ["", f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
                   "side by side (per-run wall times include that sharing)."]
     return "\n".join(lines) + "\n"
+
+
+def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
+    """GPRL over training, mean over seeds: held-out gold with the monitor acting and off,
+    and the drift monitor's per-dimension margins of the policy's greedy responses over
+    the reference's on the probe prompts (the GPM's own judgement), at every check."""
+    if "GPRL" not in run_dirs:
+        return []
+    by_step: dict[int, dict[str, list[float]]] = {}
+    for row, column in (("GPRL", "gold"), ("GPRL, monitor off", "gold, monitor off")):
+        for run_dir in run_dirs.get(row, []):
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                values = by_step.setdefault(record["step"], {})
+                if "eval/gold" in record:
+                    values.setdefault(column, []).append(record["eval/gold"])
+                if row == "GPRL":
+                    for key, value in record.items():
+                        if key.startswith("drift/margin/"):
+                            values.setdefault(key[len("drift/margin/"):], []).append(value)
+    columns = ["gold", "gold, monitor off"] + sorted({k for v in by_step.values() for k in v} - {"gold", "gold, monitor off"})
+    lines = ["", "GPRL over training, mean over seeds: held-out gold, and the drift monitor's margin per GPM dimension "
+                 "(the policy's greedy responses scored against the reference's on the probe prompts; > 0: the GPM "
+                 "prefers the policy).", "", "| step | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for step in sorted(by_step):
+        if any(by_step[step].get(c) for c in columns):
+            lines.append(f"| {step} | " + " | ".join(
+                (f"{statistics.mean(by_step[step][c]):.3f}" if c.startswith("gold") else f"{statistics.mean(by_step[step][c]):+.4f}")
+                if by_step[step].get(c) else "" for c in columns) + " |")
+    return lines
 
 
 def write_sweep(commands: list[Run], path: Path) -> dict:

@@ -31,7 +31,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad, sentence_embeddings
+from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
 from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
@@ -450,12 +450,7 @@ if __name__ == "__main__":
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
-                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
-                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
-        with autocast:
-            old_logps = logps_of(model) if args.num_iterations > 1 else None
-            ref_logps = logps_of(ref_model) if args.beta > 0 else None
+        old_logps, ref_logps = old_and_ref_logps(model, ref_model if args.beta > 0 else None, rollouts, args)
         clock.lap("logps")
 
         # ---- optimise: num_iterations passes; each micro-step = one rollout slice (+ one expert slice)

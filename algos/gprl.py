@@ -30,7 +30,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, logps_without_grad
+from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, old_and_ref_logps
 from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
@@ -387,12 +387,7 @@ if __name__ == "__main__":
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
-        logps_of = functools.partial(logps_without_grad, input_ids=input_ids, attention_mask=attention_mask,
-                                     completion_start=prompt_len, micro_batch_size=args.micro_batch_size,
-                                     temperature=args.temperature, chunk_tokens=args.logp_chunk_tokens)
-        with autocast:
-            old_logps = logps_of(model) if args.num_iterations > 1 else None
-            ref_logps = logps_of(ref_model) if beta > 0 else None
+        old_logps, ref_logps = old_and_ref_logps(model, ref_model if beta > 0 else None, rollouts, args)
         clock.lap("logps")
 
         # ---- optimise: PPO-clip (eps) + beta * KL, num_iterations passes over the generation batch

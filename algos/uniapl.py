@@ -34,7 +34,7 @@ from shared import distributed
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, logps_without_grad, sentence_embeddings
+from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
 from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
@@ -391,11 +391,7 @@ if __name__ == "__main__":
         clock.lap("score")
 
         # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)
-        ref_logps = None
-        if args.beta > 0:
-            with torch.no_grad(), autocast:
-                ref_logps = logps_without_grad(ref_model, input_ids, attention_mask, prompt_len, args.micro_batch_size,
-                                               args.temperature, args.logp_chunk_tokens)
+        _, ref_logps = old_and_ref_logps(model, ref_model if args.beta > 0 else None, rollouts, args)
         clock.lap("logps")
 
         # ---- optimise the policy: L_GRPO + (c_sft [+ nu]) * expert NLL, one step

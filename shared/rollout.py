@@ -302,13 +302,22 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 @torch.no_grad()
 @torch.no_grad()
-def logps_without_grad(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
-                       micro_batch_size: int, temperature: float = 1.0, chunk_tokens: int = 0) -> torch.Tensor:
-    """completion_logps of every row, micro_batch_size rows at a time, with no graph:
-    the old (sampling) and reference log-probs of a generation batch. [B, L]."""
-    return torch.cat([completion_logps(model, input_ids[s:s + micro_batch_size], attention_mask[s:s + micro_batch_size],
-                                       completion_start, temperature, chunk_tokens)
-                      for s in range(0, input_ids.size(0), micro_batch_size)])
+def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The no-grad log-probs of a generation batch, [B, L] each, --micro-batch-size rows
+    at a time at the sampling temperature: the sampling (old) policy's when the batch
+    is optimised more than once (--num-iterations > 1; otherwise old = current, detached),
+    and the reference's when ref_model is given (else None)."""
+    autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
+    ids, mask, start = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
+
+    def logps_of(policy):
+        with autocast:
+            return torch.cat([completion_logps(policy, ids[s:s + args.micro_batch_size], mask[s:s + args.micro_batch_size],
+                                               start, args.temperature, args.logp_chunk_tokens)
+                              for s in range(0, ids.size(0), args.micro_batch_size)])
+
+    old = logps_of(model) if getattr(args, "num_iterations", 1) > 1 else None
+    return old, None if ref_model is None else logps_of(ref_model)
 
 
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,

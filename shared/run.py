@@ -29,7 +29,8 @@ RUN_RECORD = "run.json"  # the flags the run was started with
 RUN_OUTPUTS = {".lock", RUN_RECORD, "metrics.jsonl", "tb", "eval.json", "initial_eval.json", CHECKPOINT,
                CHECKPOINT + ".tmp", CHECKPOINT + ".old", "stage1", "discriminator.pt"}
 # flags naming files or folders a run reads (the run folder may not overlap any of them)
-INPUT_FLAGS = ("model", "train_data", "eval_data", "expert_cache", "pairs_data", "disc_path", "disc_encoder", "gpm")
+INPUT_FLAGS = ("model", "train_data", "eval_data", "expert_cache", "expert_pool", "pairs_data", "disc_path", "disc_encoder",
+               "gpm")
 # flags that change how a run is computed or reported, never what it computes: free to differ on --resume
 RUN_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_flag_changes", "stop_at_step", "track", "wandb_project", "device",
                      "compile", "micro_batch_size", "gradient_checkpointing", "logp_chunk_tokens", "output_dir"}

@@ -135,7 +135,10 @@ class Run:
             return [f"{run_record} is damaged"]
         changed = []
         for flag, value in flags.items():
-            old = recorded.get(flag[2:].replace("-", "_"))
+            key = flag[2:].replace("-", "_")
+            if value is True and key.startswith("no_") and key not in recorded and key[3:] in recorded:
+                key, value = key[3:], False  # tyro's --no-X switch sets the field X to False
+            old = recorded.get(key)
             same = old == value if isinstance(value, bool) else (
                 str(old) == value or (isinstance(old, (int, float)) and _number(value) == old))
             if not same:
@@ -374,7 +377,10 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def verdict(mean: float, adjusted_p: float) -> str:
+def verdict(differences: list[float], adjusted_p: float) -> str:
+    if all(d == 0 for d in differences):
+        return "not testable here: the two runs are the same in every seed"
+    mean = statistics.mean(differences)
     if adjusted_p != adjusted_p:
         return "– (one seed: no test)"
     if adjusted_p < 0.05:
@@ -438,7 +444,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     for (claim, method, control, differences), holm_p in zip(primary, adjusted):
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
-                     f"{verdict(statistics.mean(differences), holm_p)} |")
+                     f"{verdict(differences, holm_p)} |")
     if exploratory:
         lines += ["", "Exploratory rows (no verdicts; the intervals are uncorrected): gold minus SFT and minus GRPO, paired by seed.",
                   "", "| row | gold - SFT [95% CI] | gold - GRPO [95% CI] |", "|---|---|---|"]

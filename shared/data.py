@@ -161,7 +161,11 @@ def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str) 
     (a prompt file or hub id; '' = every training prompt), each covered by the expert
     cache. Returns (pool prompts, cache {prompt: response}, cache header)."""
     pool = [row["prompt"] for row in (load_rows(pool_source, required=("prompt",)) if pool_source else train_rows)]
-    cache, header = load_expert_cache(cache_path, pool)
+    try:
+        cache, header = load_expert_cache(cache_path, pool)
+    except ValueError as error:
+        pool_name = f"--expert-pool {pool_source!r}" if pool_source else "the training prompts"
+        raise ValueError(f"{error} (the prompts of {pool_name}; --expert-pool '' uses the training prompts)") from None
     return pool, cache, header
 
 

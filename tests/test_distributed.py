@@ -122,7 +122,7 @@ def pairs(tiny_world, tmp_path_factory):
 def other_algorithms(tiny_world, pairs, gpm):
     """script -> flags(output folder) for the seven other scripts, 2 steps each; GPRL reads
     the GPM checkpoint in `gpm` (GPM runs first)."""
-    expert = ["--expert-cache", tiny_world["expert_cache"], "--steps", "2"]
+    expert = ["--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--steps", "2"]
     pair_flags = ["--model", tiny_world["model"], "--pairs-data", str(pairs), "--steps", "2", "--batch-size", "4",
                   "--micro-batch-size", "2", "--eval-every", "2", "--save-every", "2"]
     runs = {

@@ -127,7 +127,7 @@ def test_micro_batches_and_gradient_checkpointing_leave_training_unchanged(tiny_
 def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint")) + [
-        "--expert-cache", tiny_world["expert_cache"], "--preset", "example", "--mu-warmup", "2", "--mu-decay", "2"]
+        "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--preset", "example", "--mu-warmup", "2", "--mu-decay", "2"]
     run_script("algos/chord.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["train/mu"] for m in metrics if "train/mu" in m] == pytest.approx([0.0, 0.25, 0.5, 0.26])
@@ -192,7 +192,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
     policy trains; stopping inside stage 1 and resuming must equal an uninterrupted run."""
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, tiny_world["model"]) + [
-        "--expert-cache", tiny_world["expert_cache"], "--staged", "--stage1-steps", "2", "--disc-prompts", "64",
+        "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--staged", "--stage1-steps", "2", "--disc-prompts", "64",
         "--disc-holdout", "0.25"]
     run_script("algos/aapa.py", *flags)
     saved = torch.load(full / "discriminator.pt", weights_only=False)
@@ -210,7 +210,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
 def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft_run, tmp_path):
     first = tmp_path / "first"
     flags = grpo_flags(tiny_world, first, str(sft_run / "checkpoint")) + [
-        "--expert-cache", tiny_world["expert_cache"], "--disc-prompts", "32", "--steps", "2"]
+        "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--disc-prompts", "32", "--steps", "2"]
     run_script("algos/aapa.py", *flags)
     for base in ["sft", "chord"]:
         flags[flags.index("--output-dir") + 1] = str(tmp_path / base)
@@ -225,7 +225,7 @@ def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
     del flags[flags.index("--num-iterations"):flags.index("--num-iterations") + 2]
-    flags += ["--expert-cache", tiny_world["expert_cache"], "--epsilon", "0.0", "--disc-steps", "2", "--gradient-penalty", "0.1"]
+    flags += ["--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--epsilon", "0.0", "--disc-steps", "2", "--gradient-penalty", "0.1"]
     run_script("algos/uniapl.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     # epsilon 0 is always violated: the multiplier starts at 0 and grows by the divergence every step
@@ -412,6 +412,7 @@ def test_aapa_grpo_with_anchor_0_is_grpo(tiny_world, sft_run, tmp_path):
     assert_same_weights(tmp_path / "grpo", tmp_path / "aapa")
 
 
+@pytest.mark.slow
 def test_expert_rows_come_only_from_the_expert_pool(tiny_world, sft_run, tmp_path):
     """--expert-pool limits the demonstrations a run may see: a cache holding only the pool's
     responses is enough, and a pool prompt missing from the cache is named."""

@@ -47,7 +47,7 @@ def run(script: str, flags: list[str], out: Path, threads: int) -> float:
 def phases(out: Path) -> dict[str, float]:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "perf/steps_per_sec" in line]
     timed = steps[2:] or steps
-    keys = sorted({k for s in timed for k in s if k.startswith("perf/") and k.endswith("_sec")})
+    keys = sorted({k for s in timed for k in s if k.startswith("perf/") and k.endswith("_sec") and k != "perf/steps_per_sec"})
     return {k[5:-4]: statistics.median(s.get(k, 0.0) for s in timed) for k in keys}
 
 
@@ -90,9 +90,8 @@ if __name__ == "__main__":
         rows.append(record)
     print(f"\n{args.steps} steps per run ({args.steps - 2} timed), {args.threads} thread(s), 16 prompts x G=8 unless "
           "stated; phases in seconds per step (median):\n")
-    print("| run | step | generate | score | old/ref log-probs | update | other | run wall (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | step | generate | score | old/ref log-probs | update | run wall (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        other = r["step_sec"] - sum(r.get(f"{k}_sec", 0.0) for k in ("generate", "score", "logps", "update"))
         print(f"| {r['row']} | {r['step_sec']:.3f} | {r.get('generate_sec', 0):.3f} | {r.get('score_sec', 0):.3f} | "
-              f"{r.get('logps_sec', 0):.3f} | {r.get('update_sec', 0):.3f} | {other:.3f} | {r['run_wall_sec']:.0f} |")
+              f"{r.get('logps_sec', 0):.3f} | {r.get('update_sec', 0):.3f} | {r['run_wall_sec']:.0f} |")

@@ -301,13 +301,12 @@ if __name__ == "__main__":
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
-    # ---- data, expert demonstrations and reward
+    # ---- data, expert demonstrations, reward; policy, frozen reference (KL, default encoder), discriminator encoder
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
-        # ---- policy, frozen reference (KL and default encoder), discriminator encoder
         model_path = str(output_dir / CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)

@@ -301,7 +301,6 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
-@torch.no_grad()
 def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The no-grad log-probs of a generation batch, [B, L] each, --micro-batch-size rows
     at a time at the sampling temperature: the sampling (old) policy's when the batch

@@ -32,9 +32,10 @@ from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, lo
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, save_model, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
+ANCHOR_SCALE_MIN = 0.1  # nats: the floor of the anchor scale, so a D that cannot separate anything amplifies nothing
 
 
 @dataclass
@@ -239,11 +240,20 @@ def sft_phi_loss(logps, mask, detach_phi=True, use_phi=True, num_tokens=None):
     return -(weight * logps * mask).sum() / torch.clamp(torch.as_tensor(num_tokens, dtype=logps.dtype), min=1.0)
 
 
-def aapa_advantages(task_rewards, anchor_scores, group_size, anchor_coef, scale="group", use_task_reward=True):
-    """A = A_task + lambda * A_anchor, each group-normalised on its own (group_advantages),
-    so the anchor's scale never swamps the task reward or vice versa. use_task_reward=False
-    (base SFT) leaves only lambda * A_anchor. All [B*G]."""
-    anchor = group_advantages(anchor_scores, group_size, scale)
+def aapa_advantages(task_rewards, anchor_scores, group_size, anchor_coef, anchor_scale=1.0, scale="group",
+                    use_task_reward=True):
+    """A = A_task + lambda * A_anchor with A_anchor = (s - mean_group s) / anchor_scale.
+
+    The task reward is group-normalised (group_advantages, `scale`); the anchor score s
+    (nats) is only centred per group and divided by a FIXED scale, measured once on the
+    discriminator's held-out responses (the spread of s between expert and policy
+    responses), never by the group's own std: a group whose scores differ by noise
+    (1e-3 nats) then gets a ~1e-3 anchor advantage instead of a unit-scale one, while
+    a gap as large as the expert/policy gap acts at unit scale. use_task_reward=False
+    (base SFT) leaves only lambda * A_anchor. All [B*G]; anchor_scale > 0.
+    """
+    grouped = anchor_scores.view(-1, group_size)
+    anchor = ((grouped - grouped.mean(dim=1, keepdim=True)) / anchor_scale).reshape(-1)
     task = group_advantages(task_rewards, group_size, scale) if use_task_reward else torch.zeros_like(anchor)
     return task + anchor_coef * anchor
 
@@ -262,8 +272,65 @@ def aapa_loss(logps, old_logps, ref_logps, advantages, mask, expert_logps, exper
 
 
 def discriminator_loss(logits, is_expert):
-    """Binary cross-entropy: expert responses (1) against policy rollouts (0). [N] -> scalar."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, is_expert.to(logits.dtype))
+    """Class-balanced binary cross-entropy: the mean over expert responses (label 1) and
+    the mean over policy rollouts (label 0), averaged, so dropping contradictory negatives
+    does not tilt D towards 'expert'. [N] -> scalar."""
+    is_expert = is_expert.to(logits.dtype)
+    per_row = torch.nn.functional.binary_cross_entropy_with_logits(logits, is_expert, reduction="none")
+    positives, negatives = is_expert.sum().clamp(min=1.0), (1 - is_expert).sum().clamp(min=1.0)
+    return 0.5 * ((per_row * is_expert).sum() / positives + (per_row * (1 - is_expert)).sum() / negatives)
+
+
+def binary_auc(expert_logits, policy_logits):
+    """P(logit of a random expert response > logit of a random policy rollout), ties
+    counting half: the area under the ROC curve (0.5 = chance). [N], [M] -> float."""
+    difference = expert_logits[:, None] - policy_logits[None, :]
+    return float((difference > 0).double().mean() + 0.5 * (difference == 0).double().mean())
+
+
+def fit_discriminator(expert_features, policy_features, policy_is_copy, num_holdout, hidden, epochs, learning_rate):
+    """Fit the fixed discriminator head once, full batch, on standardised features.
+
+    expert_features, policy_features: [P, F], row p = prompt p's expert response and the
+    initial policy's rollout; the first num_holdout prompts are held out (a split by
+    prompt: no held-out prompt is in the fit). policy_is_copy [P] bool: rollouts equal
+    to the expert response; they are dropped as negatives (the same text labelled both
+    ways is a contradiction), the expert row stays. The anchor scale is the std of
+    s = log D over the held-out responses of both kinds (at least ANCHOR_SCALE_MIN).
+    Returns (head, record) with the statistics and the held-out accuracy and AUC.
+    """
+    holdout = torch.arange(expert_features.size(0), device=expert_features.device) < num_holdout
+    keep = ~policy_is_copy.to(holdout.device)
+    fit_expert, fit_policy = expert_features[~holdout], policy_features[~holdout & keep]
+    held_expert, held_policy = expert_features[holdout], policy_features[holdout & keep]
+    if fit_policy.size(0) == 0 or held_policy.size(0) == 0:
+        raise ValueError(f"the initial policy reproduces the expert response on {int(policy_is_copy.sum())} of "
+                         f"{policy_is_copy.numel()} discriminator prompts: too few negatives to fit or check D on")
+    fit_x = torch.cat([fit_expert, fit_policy])
+    # standardised features: raw embeddings are tiny (init std 0.02) and the head would barely move
+    feature_mean, feature_std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    fit_y = torch.cat([torch.ones(fit_expert.size(0)), torch.zeros(fit_policy.size(0))]).to(fit_x.device)
+    head = make_discriminator(fit_x.size(1), hidden).to(fit_x.device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    for _ in range(epochs):
+        loss = discriminator_loss(head((fit_x - feature_mean) / feature_std), fit_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        expert_logits = head((held_expert - feature_mean) / feature_std)
+        policy_logits = head((held_policy - feature_mean) / feature_std)
+        fit_logits = head((fit_x - feature_mean) / feature_std)
+    balanced_accuracy = lambda e, p: float(0.5 * ((e > 0).float().mean() + (p <= 0).float().mean()))  # noqa: E731
+    held_scores = anchor_scores(torch.cat([expert_logits, policy_logits]))
+    record = {"state_dict": head.state_dict(), "width": fit_x.size(1), "hidden": hidden, "feature_mean": feature_mean,
+              "feature_std": feature_std, "fit_loss": loss.item(),
+              "fit_accuracy": balanced_accuracy(fit_logits[fit_y == 1], fit_logits[fit_y == 0]),
+              "heldout_accuracy": balanced_accuracy(expert_logits, policy_logits),
+              "heldout_auc": binary_auc(expert_logits, policy_logits),
+              "anchor_scale": max(ANCHOR_SCALE_MIN, float(held_scores.std())),
+              "dropped_copies": int(policy_is_copy.sum()), "heldout_prompts": int(num_holdout)}
+    return head, record
 
 
 def anchor_scores(logits):
@@ -353,12 +420,13 @@ if __name__ == "__main__":
         try:  # weights_only: a user-given file is never unpickled as code
             disc_record = torch.load(args.disc_path, weights_only=True)
             make_discriminator(disc_record["width"], disc_record["hidden"]).load_state_dict(disc_record["state_dict"])
+            float(disc_record["anchor_scale"])  # a discriminator saved before the fixed anchor scale has none: refit
         except Exception as error:
             raise SystemExit(f"error: --disc-path {args.disc_path!r} is not a discriminator saved by algos/aapa.py "
                              f"({type(error).__name__})") from None
         print(f"discriminator from {args.disc_path} (held-out accuracy {disc_record['heldout_accuracy']:.3f})")
     else:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the initial rollouts and the head's initialisation draw from it
         expert_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, [cache[p] for p in disc_prompts],
                                               args.device, args.disc_layers)
         initial_rollouts = [text for s in range(0, len(disc_prompts), 256) for text in generate_rollouts(
@@ -366,31 +434,22 @@ if __name__ == "__main__":
             autocast_bf16=args.autocast_bf16)["texts"]]
         policy_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, initial_rollouts, args.device,
                                               args.disc_layers)
-        # standardised features: raw embeddings are tiny (init std 0.02) and the head would barely move
-        fit_x = torch.cat([expert_features[num_holdout:], policy_features[num_holdout:]])
-        feature_mean, feature_std = fit_x.mean(0), fit_x.std(0) + 1e-6
-        fit_x = (fit_x - feature_mean) / feature_std
-        head = make_discriminator(expert_features.size(1), args.disc_hidden).to(args.device)
-        disc_optimizer = torch.optim.Adam(head.parameters(), lr=args.disc_learning_rate)
-        fit_y = torch.cat([torch.ones(len(fit_prompts)), torch.zeros(len(fit_prompts))]).to(args.device)
-        for _ in range(args.disc_epochs):
-            loss = discriminator_loss(head(fit_x), fit_y)
-            disc_optimizer.zero_grad()
-            loss.backward()
-            disc_optimizer.step()
-        with torch.no_grad():
-            accuracy = 0.5 * ((head((expert_features[:num_holdout] - feature_mean) / feature_std) > 0).float().mean()
-                              + (head((policy_features[:num_holdout] - feature_mean) / feature_std) <= 0).float().mean())
-        disc_record = {"state_dict": head.state_dict(), "width": expert_features.size(1), "hidden": args.disc_hidden,
-                       "feature_mean": feature_mean, "feature_std": feature_std, "layers": args.disc_layers,
-                       "encoder": args.disc_encoder or args.model, "heldout_accuracy": float(accuracy),
-                       "fit_loss": loss.item()}
+        is_copy = torch.tensor([text == cache[p] for p, text in zip(disc_prompts, initial_rollouts)])
+        try:
+            head, disc_record = fit_discriminator(expert_features, policy_features, is_copy, num_holdout, args.disc_hidden,
+                                                  args.disc_epochs, args.disc_learning_rate)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        disc_record.update(layers=args.disc_layers, encoder=args.disc_encoder or args.model)
         if distributed.is_main():  # every rank fitted the same discriminator; one writes it
             torch.save(disc_record, output_dir / (DISCRIMINATOR + ".tmp"))
             os.replace(output_dir / (DISCRIMINATOR + ".tmp"), output_dir / DISCRIMINATOR)
-        print(f"discriminator: held-out accuracy {accuracy:.3f} on {num_holdout} expert + {num_holdout} policy responses "
-              f"(chance 0.5); saved to {output_dir / DISCRIMINATOR}")
-        logger.log(0, {"disc/heldout_accuracy": float(accuracy), "disc/fit_loss": loss.item()})
+        print(f"discriminator: held-out accuracy {disc_record['heldout_accuracy']:.3f}, AUC {disc_record['heldout_auc']:.3f} "
+              f"on {num_holdout} held-out prompts (chance 0.5; fit accuracy {disc_record['fit_accuracy']:.3f}); "
+              f"{disc_record['dropped_copies']} of {len(disc_prompts)} rollouts equal to the expert's dropped as negatives; "
+              f"anchor scale {disc_record['anchor_scale']:.3f} nats; saved to {output_dir / DISCRIMINATOR}")
+        logger.log(0, {f"disc/{key}": disc_record[key] for key in (
+            "heldout_accuracy", "heldout_auc", "fit_accuracy", "fit_loss", "anchor_scale", "dropped_copies")})
     head = make_discriminator(disc_record["width"], disc_record["hidden"]).to(args.device)
     head.load_state_dict(disc_record["state_dict"])
     head.eval().requires_grad_(False)  # frozen: never updated during policy optimisation
@@ -401,9 +460,11 @@ if __name__ == "__main__":
 
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
 
-    def anchor_metrics():
-        """Fresh rollouts on the discriminator's held-out prompts, judged by it."""
+    def anchor_metrics(step):
+        """Fresh rollouts on the discriminator's held-out prompts, judged by it (drawn from their
+        own generators, seeded by -step - 1: no training step's draws, the same after a resume)."""
         fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature,
+                                  seeds=prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
                                   autocast_bf16=args.autocast_bf16)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         return {"anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
@@ -427,7 +488,6 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))  # the evaluation's fresh rollouts draw from the global generator
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
@@ -438,8 +498,8 @@ if __name__ == "__main__":
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
         rollout_logits = distributed.gather(discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"]))
         scores = anchor_scores(rollout_logits).cpu()
-        advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, args.scale_rewards,
-                                                          use_task_reward=base != "sft")).to(args.device)
+        advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, disc_record["anchor_scale"],
+                                                          args.scale_rewards, use_task_reward=base != "sft")).to(args.device)
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it

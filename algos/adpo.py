@@ -32,7 +32,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, generate_rollouts
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -246,7 +246,6 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)

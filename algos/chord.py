@@ -30,7 +30,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, lo
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 # (mu_warmup, mu_decay, mu_peak, mu_valley, phi) of the paper's configurations
 PRESETS = {
@@ -320,7 +320,6 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)

@@ -3,16 +3,21 @@ with per-dimension group-relative advantages and a closed-loop drift monitor.
 
 Per step: G rollouts per prompt; one GPM forward per rollout gives v_i in R^{2k} and
 the prompt's gate lambda(x). For each dimension l, S_l(i) = mean_{j != i} s_l(i, j)
-(group-centred by skew-symmetry) is normalised on its own scale, A_l = S_l / (std(S_l) + 1e-4),
-so that no axis dominates by scale; A = sum_l w_l A_l, w_l proportional to
-lambda_l(x) * rho_l (rho: the drift weights). Loss: PPO-clip + beta * k3 KL to the
-reference. Every N steps the drift monitor measures per-dimension margins of the
-policy's greedy responses against frozen reference responses on a probe set; when one
-dimension takes most of the gain while another falls (single-axis exploitation), it
-shrinks that dimension's rho, tightens the clip range and raises beta; when clear, it
-relaxes them back. Interpretation (the paper's body is not available): the forms of
-S_l, A_l, w_l, the margins and the alarm rule above; every threshold is a flag.
-The GPM is read as algos/gpm.py saved it. docs/algorithms.md#gpm-and-gprl.
+(group-centred by skew-symmetry) is normalised on its own scale,
+A_l = S_l / max(std(S_l), --adv-std-floor), so that no axis dominates by scale and an
+axis tied within noise stays near 0; A = sum_l w_l A_l, w_l proportional to
+lambda_l(x) * rho_l (rho: the drift weights); --judge scalar normalises the weighted
+sum once instead (a scalar judge). Loss: PPO-clip + beta * k3 KL to the reference.
+Every N steps the drift monitor measures per-dimension margins of the policy's greedy
+responses over frozen reference responses on a probe set, cumulatively (against the
+reference, not the last check) and against the probe noise (noise_z standard errors);
+when one dimension holds most of the gain while another has fallen (single-axis
+exploitation), it shrinks that dimension's rho, tightens the clip range and raises
+beta; when clear, it relaxes them back. In the toy world it also logs the GPM's
+agreement with the true per-axis preference on those probe pairs. Interpretation (the
+paper's body is not available): the forms of S_l, A_l, w_l, the margins and the alarm
+rule above; every threshold is a flag. The GPM is read as algos/gpm.py saved it.
+docs/algorithms.md#gpm-and-gprl.
 """
 
 import math
@@ -26,12 +31,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed
+from shared import distributed, toyworld
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, old_and_ref_logps
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
@@ -85,6 +90,11 @@ class Args(RunFlags):
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     num_iterations: int = 1
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
+    judge: Literal["axes", "scalar"] = "axes"
+    """axes: each GPM dimension normalised on its own, then weighted (GPRL); scalar: the weighted GPM score
+    normalised once after summing, as a scalar judge would give GRPO (the ablation; the monitor still acts)"""
+    adv_std_floor: float = 0.01
+    """the smallest group std a dimension (or the scalar score) is divided by, in GPM score units"""
     drift_every: int = 5
     """run the drift monitor every this many steps"""
     drift_adjust: bool = True
@@ -92,9 +102,9 @@ class Args(RunFlags):
     probe_prompts: int = 64
     """probe-set prompts whose reference responses are frozen at the start"""
     dominance: float = 0.7
-    """alarm when one dimension takes at least this share of the positive gain ..."""
-    fall_tolerance: float = 0.01
-    """... while another dimension's margin falls by more than this since the last check"""
+    """alarm when one dimension holds at least this share of the positive margin over the reference ..."""
+    noise_z: float = 3.0
+    """... while another dimension's margin is below -noise_z standard errors (gains count above +noise_z)"""
     rho_shrink: float = 0.5
     """on alarm the dominant dimension's weight rho is multiplied by this"""
     rho_min: float = 0.1
@@ -127,7 +137,7 @@ FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per
                    learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, beta=NON_NEGATIVE,
                    num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
                    logp_chunk_tokens=NON_NEGATIVE, drift_every=AT_LEAST_1, probe_prompts=AT_LEAST_1,
-                   dominance=(0, 1, True, True), fall_tolerance=(None, None, True, True))
+                   dominance=(0, 1, True, True), noise_z=(None, None, True, True), adv_std_floor=POSITIVE)
 
 
 def skew_scores(v_a, v_b):
@@ -148,40 +158,62 @@ def group_dim_scores(v, group_size):
     return (pairwise.sum(dim=2) / (group_size - 1)).reshape(-1, pairwise.size(-1))
 
 
-def gprl_advantages(v, gate, rho, group_size, eps=1e-4):
-    """A = sum_l w_l * S_l / (std_group(S_l) + eps), w_l = gate_l * rho_l / sum_l' gate_l' * rho_l'.
+def gprl_advantages(v, gate, rho, group_size, std_floor=0.05, judge="axes"):
+    """A = sum_l w_l * S_l / max(std_group(S_l), std_floor), w_l = gate_l * rho_l / sum_l' gate_l' * rho_l'.
 
     v: [B*G, 2k] GPM embeddings; gate: [B*G, k] (the prompt's gate, repeated); rho: [k].
     S_l is already group-centred (skew-symmetry), so a dimension whose group scores are
-    all equal contributes 0; eps (GRPO's 1e-4, with Bessel's std) keeps a near-tie from
-    being blown up to unit-scale advantages.
+    all equal contributes 0. Each dimension is normalised by its own group std, but never
+    by less than std_floor (GPM score units, s in [-1, 1]): an axis on which the G
+    responses differ only by noise (1e-4) then stays at ~1e-4 / std_floor instead of being
+    blown up to unit scale, while responses the GPM tells apart act at unit scale.
+    judge="scalar" is the scalar-judge ablation: the same weighted sum S = sum_l w_l S_l
+    normalised once, after summing (so the axis with the largest spread dominates).
     Returns (advantages [B*G], per-dimension normalised advantages [B*G, k]).
     """
-    scores = group_dim_scores(v, group_size).view(-1, group_size, gate.size(-1))
-    per_dim = (scores / (scores.std(dim=1, keepdim=True) + eps)).reshape(-1, gate.size(-1))
+    k = gate.size(-1)
+    scores = group_dim_scores(v, group_size).view(-1, group_size, k)
+    per_dim = scores / scores.std(dim=1, keepdim=True).clamp(min=std_floor)
     weights = gate * rho
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-    return (weights * per_dim).sum(-1), per_dim
+    weights = (weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)).view(-1, group_size, k)
+    if judge == "scalar":
+        total = (weights * scores).sum(-1)
+        advantages = total / total.std(dim=1, keepdim=True).clamp(min=std_floor)
+    else:
+        advantages = (weights * per_dim).sum(-1)
+    return advantages.reshape(-1), per_dim.reshape(-1, k)
 
 
-def drift_update(margins, previous_margins, rho, eps, beta, *, eps0=0.2, beta0=0.04, dominance=0.7, fall_tolerance=0.01,
+def probe_margin_stats(per_prompt_margins):
+    """The drift monitor's reading: the mean over the probe prompts of s_l(policy response,
+    reference response) and its standard error (std over prompts / sqrt(n)), the noise
+    against which a change is judged. [n, k] -> ([k], [k])."""
+    n = per_prompt_margins.size(0)
+    se = per_prompt_margins.std(0) / math.sqrt(n) if n > 1 else torch.zeros(per_prompt_margins.size(1))
+    return per_prompt_margins.mean(0), se
+
+
+def drift_update(margins, margin_se, rho, eps, beta, *, eps0=0.2, beta0=0.04, dominance=0.7, noise_z=3.0,
                  rho_shrink=0.5, rho_min=0.1, eps_shrink=0.5, eps_min=0.05, beta_grow=2.0, beta_alarm=0.04, beta_max=0.5,
                  relax=0.5):
-    """One step of the drift monitor.
+    """One step of the drift monitor, cumulative: the policy against the frozen reference.
 
-    margins, previous_margins: [k] per-dimension margins of the policy over the frozen
-    reference responses, now and at the last check; rho: [k] dimension weights.
-    Alarm: one dimension has >= `dominance` of the positive gain while another fell by
-    more than `fall_tolerance`. On alarm: rho of the dominant dimension shrinks, eps
-    shrinks, beta grows (each within its bound). Otherwise each relaxes back by `relax`.
+    margins, margin_se: [k] per-dimension margins of the policy over the reference
+    responses (0 at the start: the policy is the reference) and their standard errors;
+    rho: [k] dimension weights. A dimension has gained when its margin exceeds
+    noise_z * se, and has fallen when it is below -noise_z * se. Alarm: one dimension
+    holds >= `dominance` of the (significant) positive margin while another has fallen.
+    Slow, steady exploitation adds up until it is seen; noise stays within the band.
+    On alarm: rho of the dominant dimension shrinks, eps shrinks, beta grows (each within
+    its bound). Otherwise each relaxes back by `relax`.
     Returns (rho, eps, beta, event) with event a dict of the numbers behind the decision.
     """
-    gains = margins - previous_margins
-    positive = gains.clamp(min=0.0)
+    band = noise_z * margin_se
+    positive = torch.where(margins > band, margins, torch.zeros_like(margins)).clamp(min=0.0)
     total = positive.sum()
-    shares = positive / total if total > 0 else torch.zeros_like(gains)
+    shares = positive / total if total > 0 else torch.zeros_like(margins)
     dominant = int(shares.argmax())
-    others_falling = [l for l in range(gains.numel()) if l != dominant and gains[l] < -fall_tolerance]
+    others_falling = [l for l in range(margins.numel()) if l != dominant and margins[l] < -band[l]]
     alarm = bool(total > 0 and shares[dominant] >= dominance and others_falling)
     rho = rho.clone()
     if alarm:
@@ -193,8 +225,17 @@ def drift_update(margins, previous_margins, rho, eps, beta, *, eps0=0.2, beta0=0
         eps = eps + relax * (eps0 - eps)
         beta = beta + relax * (beta0 - beta)
     event = {"alarm": alarm, "dominant": dominant, "dominant_share": float(shares[dominant]), "falling": others_falling,
-             "gains": gains.tolist()}
+             "margins": margins.tolist(), "band": band.tolist()}
     return rho, eps, beta, event
+
+
+def axis_agreement(true_preference, scores):
+    """Per dimension, the fraction of pairs on which the GPM's sign agrees with the true
+    preference (1: first response better, 0: second, 0.5: tie), ties excluded; nan where
+    every pair ties. [n, k], [n, k] -> [k]."""
+    decided = true_preference != 0.5
+    right = ((scores > 0) == (true_preference == 1)) & decided
+    return torch.where(decided.sum(0) > 0, right.sum(0) / decided.sum(0).clamp(min=1), torch.full_like(scores[0], float("nan")))
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0,
@@ -341,19 +382,27 @@ if __name__ == "__main__":
 
     # ---- drift monitor: probe prompts with frozen reference responses (the initial policy, greedy)
     probe_order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1))
-    probe_prompts = [train_rows[i]["prompt"] for i in probe_order[: args.probe_prompts].tolist()]
+    probe_rows = [train_rows[i] for i in probe_order[: args.probe_prompts].tolist()]
+    probe_prompts = [row["prompt"] for row in probe_rows]
+    # in the toy world the true per-axis preference is known: the GPM's agreement with it on the policy's own
+    # responses is measured at every check, so an exploited judge is visible (elsewhere there is no such truth)
+    judge_is_checkable = set(dim_names) <= set(toyworld.PREFERENCE_AXES) and all(
+        toyworld.is_toy_instruction(i) for row in probe_rows for i in row["instruction_id_list"])
     reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
                                         autocast_bf16=args.autocast_bf16)["texts"]
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
-        "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "margins": torch.zeros(len(dim_names)), "alarms": 0}
+        "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "alarms": 0}
 
     def probe_margins():
-        """D_l: mean over the probe set of s_l(policy's greedy response, reference response)."""
+        """Per probe prompt, s_l(policy's greedy response, reference response) [n, k], and, in the toy
+        world, the true per-axis preference of the same pairs [n, k] (None elsewhere)."""
         texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
                                   autocast_bf16=args.autocast_bf16)["texts"]
         v, _ = embed(probe_prompts, texts)
-        return skew_scores(v, reference_v).mean(0).cpu()
+        truth = torch.tensor([[toyworld.preference(row, text, reference, axis) for axis in dim_names] for row, text, reference
+                              in zip(probe_rows, texts, reference_texts)]) if judge_is_checkable else None
+        return skew_scores(v, reference_v).cpu(), truth
 
     run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
@@ -369,7 +418,6 @@ if __name__ == "__main__":
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
@@ -379,7 +427,7 @@ if __name__ == "__main__":
         group_rows = [row for row in rows for _ in range(args.group_size)]
         rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # logged only
         v, gate = (distributed.gather(t) for t in embed([r["prompt"] for r in group_rows], rollouts["texts"]))
-        advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size)
+        advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size, args.adv_std_floor, args.judge)
         advantages = distributed.local_share(advantages)
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
@@ -420,25 +468,29 @@ if __name__ == "__main__":
         # ---- drift monitor every drift_every steps: margins vs the frozen reference responses
         drift_log = {}
         if (step + 1) % args.drift_every == 0:
-            margins = probe_margins()
+            per_prompt, truth = probe_margins()
+            margins, margin_se = probe_margin_stats(per_prompt)
             # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
             next_rho, next_eps, next_beta, event = drift_update(
-                margins, monitor["margins"], monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.clip_eps, beta0=args.beta,
-                dominance=args.dominance, fall_tolerance=args.fall_tolerance, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
+                margins, margin_se, monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.clip_eps, beta0=args.beta,
+                dominance=args.dominance, noise_z=args.noise_z, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
                 eps_shrink=args.clip_eps_shrink, eps_min=args.clip_eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
                 beta_max=args.beta_max, relax=args.relax)
             if not args.drift_adjust:  # the alarm is still counted and logged: would it have fired?
                 next_rho, next_eps, next_beta = monitor["rho"], monitor["eps"], monitor["beta"]
-            monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "margins": margins, "alarms": monitor["alarms"] + event["alarm"]}
+            monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "alarms": monitor["alarms"] + event["alarm"]}
             drift_log = {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
                          "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,
                          **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
-                         **{f"drift/gain/{n}": event["gains"][l] for l, n in enumerate(dim_names)},
+                         **{f"drift/band/{n}": event["band"][l] for l, n in enumerate(dim_names)},
+                         **({f"drift/judge_accuracy/{n}": float(a) for n, a in zip(dim_names, axis_agreement(truth, per_prompt))}
+                            if truth is not None else {}),
                          **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
             if event["alarm"]:
-                tqdm.write(f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} took {event['dominant_share']:.0%} "
-                           f"of the gain while {', '.join(dim_names[l] for l in event['falling'])} fell (gains "
-                           f"{', '.join(f'{g:+.4f}' for g in event['gains'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
+                tqdm.write(f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "
+                           f"of the gain over the reference while {', '.join(dim_names[l] for l in event['falling'])} fell (margins "
+                           f"{', '.join(f'{m:+.4f}' for m in event['margins'])}, noise band "
+                           f"{', '.join(f'{b:.4f}' for b in event['band'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
                            f"eps -> {next_eps:.3f}, beta -> {next_beta:.3f}")
 
         # ---- log, evaluate, checkpoint

@@ -35,7 +35,7 @@ from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, lo
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, step_seed, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
+from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
@@ -354,18 +354,21 @@ if __name__ == "__main__":
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         disc_indices = torch.randint(len(expert_pool), (args.prompts_per_step,), generator=generator)  # more expert rows for D
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        torch.manual_seed(step_seed(args.seed, step))
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
                                      args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
         clock.lap("generate")
 
-        # ---- discriminator: k BCE steps, expert responses vs these rollouts (co-trained online)
+        # ---- discriminator: k BCE steps, expert responses vs the current policy's, on the SAME pool prompts
+        # (one fresh sample each), so D cannot tell the sides apart by their prompts (co-trained online)
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        expert_prompts = [expert_pool[i] for i in disc_indices.tolist() + expert_indices.tolist()]
-        mine = distributed.local_share(expert_prompts)  # each rank embeds its share; every rank fits the same head
+        disc_prompts = [expert_pool[i] for i in disc_indices.tolist() + expert_indices.tolist()]
+        mine = distributed.local_share(disc_prompts)  # each rank embeds its share; every rank fits the same head
+        own_samples = generate_rollouts(model, tokenizer, mine, 1, args.max_new_tokens, args.temperature,
+                                        seeds=distributed.local_share(prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
+                                        autocast_bf16=args.autocast_bf16)["texts"]
         expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
-        policy_features = distributed.gather(features([r["prompt"] for r in group_rows], rollouts["texts"]))
+        policy_features = distributed.gather(features(mine, own_samples))
         disc_metrics = {"accuracy": torch.tensor(float("nan")), "penalty": torch.tensor(0.0)}
         for _ in range(args.disc_steps):
             disc_loss, disc_metrics = online_discriminator_loss(head, expert_features, policy_features, args.label_smoothing,
@@ -373,8 +376,9 @@ if __name__ == "__main__":
             disc_optimizer.zero_grad()
             disc_loss.backward()
             disc_optimizer.step()
-        with torch.no_grad():
-            policy_logits, expert_logits = head(policy_features), head(expert_features)
+        with torch.no_grad():  # D's verdict on the training rollouts (their advantages) and on its own batch
+            policy_logits = head(distributed.gather(features([r["prompt"] for r in group_rows], rollouts["texts"])))
+            expert_logits = head(expert_features)
         high = math.log(args.saturation_threshold / (1 - args.saturation_threshold))  # logit of the threshold
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 

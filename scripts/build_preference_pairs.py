@@ -4,7 +4,7 @@ toy world's preference axes (correctness, format, concision).
 
 Each row: prompt, chosen, rejected, label (soft probability that chosen is better:
 the mean of the per-axis labels), and the per-axis labels. Ties on every axis are
-dropped. The columns match the usual chosen/rejected datasets, so the preference
+dropped; trade-off pairs (label 0.5, per-axis labels apart) are kept. The columns match the usual chosen/rejected datasets, so the preference
 scripts (adpo.py pairwise, gpm.py) read this file or a hub dataset alike.
 """
 
@@ -19,7 +19,7 @@ from shared.data import load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
 from shared.run import POSITIVE, check_output_file, check_range
-from shared.toyworld import PREFERENCE_AXES, write_jsonl
+from shared.toyworld import write_jsonl
 
 
 @dataclass
@@ -59,12 +59,10 @@ if __name__ == "__main__":
         texts = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], group_size=2,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature)["texts"]
         for row, a, b in zip(batch, texts[0::2], texts[1::2]):
-            axes = {axis: toyworld.preference(row, a, b, axis) for axis in PREFERENCE_AXES}
-            label = sum(axes.values()) / len(axes)
-            if label == 0.5:
-                continue
-            if label < 0.5:  # store the preferred response as `chosen`
-                a, b, label, axes = b, a, 1 - label, {k: 1 - v for k, v in axes.items()}
-            pairs.append({"prompt": row["prompt"], "chosen": a, "rejected": b, "label": label, "axes": axes})
+            pair = toyworld.preference_pair(row, a, b)
+            if pair is not None:
+                pairs.append(pair)
     write_jsonl(pairs, args.out)
-    print(f"wrote {len(pairs)} pairs ({len(rows) - len(pairs)} ties dropped) to {args.out}")
+    trade_offs = sum(pair["label"] == 0.5 for pair in pairs)
+    print(f"wrote {len(pairs)} pairs ({trade_offs} of them trade-offs: better on one axis, worse on another, label 0.5; "
+          f"{len(rows) - len(pairs)} ties on every axis dropped) to {args.out}")

@@ -107,7 +107,8 @@ def load_eval_rows(source: str, count: int) -> list[dict]:
 def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:
     """Preference pairs (prompt, chosen, rejected, optional soft `label`), each response
     a string or chat messages (the last message's content), as rows with plain-text
-    chosen/rejected and a float label in [0, 1] (1 with hard_labels or no label).
+    chosen/rejected and a float label in [0, 1] (1 with no label; with hard_labels 1, pairs
+    labelled 0.5 dropped with a printed count).
     A pair with chosen == rejected would train on nothing and is refused."""
     rows = load_rows(source, required=("prompt", "chosen", "rejected"))
     for index, row in enumerate(rows):
@@ -120,10 +121,15 @@ def load_pairs(source: str, hard_labels: bool = False) -> list[dict]:
             row[field] = value
         if row["chosen"] == row["rejected"]:
             raise ValueError(f"pairs {source!r} row {index}: 'chosen' and 'rejected' are the same response")
-        label = 1.0 if hard_labels or row.get("label") is None else row["label"]
+        label = 1.0 if row.get("label") is None else row["label"]
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
             raise ValueError(f"pairs {source!r} row {index}: field 'label' must be a probability in [0, 1], got {label!r}")
         row["label"] = float(label)
+    if hard_labels:  # a 0.5 pair (a trade-off) states no overall preference to harden
+        kept = [row for row in rows if row["label"] != 0.5]
+        if len(kept) < len(rows):
+            print(f"{source}: {len(rows) - len(kept)} pairs with label 0.5 dropped (hard labels: no overall preference)")
+        rows = [{**row, "label": 1.0} for row in kept]
     return rows
 
 

@@ -401,10 +401,10 @@ def _kept_checkpoint(output_dir: Path) -> str:
 def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True,
                      extra=None) -> dict:
     """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
-    --eval-fn), plus the metrics extra() returns (an algorithm's own), logged as eval/*
+    --eval-fn), plus the metrics extra(step) returns (an algorithm's own), logged as eval/*
     at `step` and printed in one line."""
     result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
-    own = extra() if extra else {}
+    own = extra(step) if extra else {}
     result.update(own)
     if log:
         logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})

@@ -221,3 +221,17 @@ def preference(row: dict, response_a: str, response_b: str, axis: str) -> float:
         raise ValueError(f"unknown preference axis {axis!r}; choose from {PREFERENCE_AXES}")
     a, b = axis_scores(row, response_a)[axis], axis_scores(row, response_b)[axis]
     return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def preference_pair(row: dict, response_a: str, response_b: str) -> dict | None:
+    """One labelled preference pair, the preferred response (by the mean of the per-axis
+    labels) as `chosen`; None when the two tie on every axis. A trade-off pair (better on
+    one axis, worse on another) is kept: its scalar label is 0.5 but its per-axis labels
+    are what a general preference model learns from."""
+    axes = {axis: preference(row, response_a, response_b, axis) for axis in PREFERENCE_AXES}
+    if all(value == 0.5 for value in axes.values()):
+        return None
+    label = sum(axes.values()) / len(axes)
+    if label < 0.5:  # store the preferred response as `chosen`
+        response_a, response_b, label, axes = response_b, response_a, 1 - label, {k: 1 - v for k, v in axes.items()}
+    return {"prompt": row["prompt"], "chosen": response_a, "rejected": response_b, "label": label, "axes": axes}

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import algos.grpo as grpo
-from algos.aapa import (aapa_advantages, aapa_loss, anchor_coefficient, anchor_scores, discriminator_loss,
-                        group_advantages, make_discriminator)
+from algos.aapa import (ANCHOR_SCALE_MIN, aapa_advantages, aapa_loss, anchor_coefficient, anchor_scores, binary_auc,
+                        discriminator_loss, fit_discriminator, group_advantages, make_discriminator)
 from test_losses import grad_of_logp, toy_policy
 
 
@@ -35,20 +35,32 @@ def test_lambda_zero_equals_grpo_loss_and_gradient():
     assert torch.allclose(grad, theta_b.grad, atol=1e-14)
 
 
-def test_anchored_advantages_normalise_each_signal_on_its_own():
+def test_anchor_advantage_is_centred_and_divided_by_the_fixed_scale_only():
     _, _, _, _, rewards, scores = batch()
-    adv = aapa_advantages(rewards, scores * 1000, 2, 0.5)  # the anchor's scale does not matter
-    expected = group_advantages(rewards, 2) + 0.5 * group_advantages(scores, 2)
-    assert torch.allclose(adv, expected, rtol=1e-3)  # up to the + 1e-4 in the std
-    only_anchor = aapa_advantages(rewards, scores, 2, 0.5, use_task_reward=False)
-    assert torch.allclose(only_anchor, 0.5 * group_advantages(scores, 2))
+    adv = aapa_advantages(rewards, scores, 2, 0.5, anchor_scale=2.0)
+    centred = (scores.view(-1, 2) - scores.view(-1, 2).mean(1, keepdim=True)).reshape(-1)
+    assert torch.allclose(adv, group_advantages(rewards, 2) + 0.5 * centred / 2.0, atol=1e-12)
+    only_anchor = aapa_advantages(rewards, scores, 2, 0.5, anchor_scale=2.0, use_task_reward=False)
+    assert torch.allclose(only_anchor, 0.5 * centred / 2.0, atol=1e-12)
+
+
+def test_noise_level_anchor_stays_small_and_a_real_gap_acts():
+    """Tied task rewards (all right): the anchor is the whole advantage. Scores that differ
+    by 1e-3 nats must give a ~1e-3 push, not a unit-scale one; a 2-nat gap between the
+    group's responses must act at the scale of the expert/policy gap."""
+    tied = torch.ones(8, dtype=torch.float64)
+    noise = -0.7 + 1e-3 * torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert aapa_advantages(tied, noise, 8, 1.0, anchor_scale=1.0).abs().max() < 5e-3
+    gap = torch.tensor([0.0, 0.0, 0.0, 0.0, -2.0, -2.0, -2.0, -2.0], dtype=torch.float64)
+    adv = aapa_advantages(tied, gap, 8, 1.0, anchor_scale=1.0)
+    assert torch.allclose(adv, torch.tensor([1.0] * 4 + [-1.0] * 4, dtype=torch.float64))
 
 
 def test_sft_base_gradient_is_nll_plus_anchor_policy_gradient():
     theta, targets, logps, mask, rewards, scores = batch(seed=1)
     expert_theta, expert_targets, expert_logps = toy_policy(seed=2, batch=2, length=3)
     expert_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    adv = aapa_advantages(rewards, scores, 2, 0.7, use_task_reward=False)
+    adv = aapa_advantages(rewards, scores, 2, 0.7, anchor_scale=1.3, use_task_reward=False)
     loss, _ = aapa_loss(logps, logps.detach(), None, adv, mask, expert_logps, expert_mask, 1.0, 1.0)
     loss.backward()
     m = mask.double()
@@ -83,6 +95,42 @@ def test_discriminator_loss_gradient_and_scores():
     assert s.tolist() == pytest.approx([-0.693147, 0.0, -100.0], abs=1e-5) and torch.isfinite(s).all()
 
 
+def test_discriminator_loss_is_class_balanced():
+    logits = torch.tensor([1.0, -2.0, 0.3, 0.7, -0.4], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 0, 0, 0])
+    bce = lambda z, y: -(y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z)))  # noqa: E731
+    expected = 0.5 * (bce(logits[:1], 1.0).mean() + bce(logits[1:], 0.0).mean())
+    assert discriminator_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_auc_equals_the_pairwise_count():
+    expert, policy = torch.tensor([0.9, 0.2, 0.2, -1.0]), torch.tensor([0.2, -0.5, 1.5])
+    wins = sum((e > p) + 0.5 * (e == p) for e in expert.tolist() for p in policy.tolist())
+    assert binary_auc(expert, policy) == pytest.approx(float(wins) / 12)
+
+
+def test_fit_drops_negatives_equal_to_the_expert_and_reports_held_out_numbers():
+    """Half the initial rollouts are the expert's own text (an SFT policy copies its
+    teacher). Labelled as negatives they contradict the positives: D could not call the
+    expert text expert. Dropped, D separates the classes and judges the copies expert."""
+    g = torch.Generator().manual_seed(0)
+    prompts, width = 200, 6
+    expert = torch.randn(prompts, width, generator=g) + 1.0
+    policy = torch.randn(prompts, width, generator=g) - 1.0
+    is_copy = torch.arange(prompts) % 2 == 0
+    policy[is_copy] = expert[is_copy]
+    torch.manual_seed(0)
+    head, record = fit_discriminator(expert, policy, is_copy, 50, hidden=8, epochs=300, learning_rate=1e-2)
+    assert record["dropped_copies"] == 100 and record["heldout_prompts"] == 50
+    assert record["heldout_accuracy"] > 0.9 and record["heldout_auc"] > 0.95
+    with torch.no_grad():
+        copy_logits = head((expert[is_copy] - record["feature_mean"]) / record["feature_std"])
+    assert (copy_logits > 0).float().mean() > 0.9  # the expert's text is judged expert, also where the policy said it
+    assert record["anchor_scale"] >= ANCHOR_SCALE_MIN
+    with pytest.raises(ValueError, match="too few negatives"):
+        fit_discriminator(expert, expert.clone(), torch.ones(prompts, dtype=torch.bool), 50, 8, 10, 1e-2)
+
+
 def test_discriminator_head_gradcheck():
     torch.manual_seed(0)
     head = make_discriminator(6, 5).double()
@@ -100,7 +148,7 @@ def test_anchor_coefficient_schedules():
 
 
 def test_all_equal_scores_and_extremes_stay_finite():
-    adv = aapa_advantages(torch.full((4,), 0.5), torch.full((4,), -0.69), 2, 1.0)
+    adv = aapa_advantages(torch.full((4,), 0.5), torch.full((4,), -0.69), 2, 1.0, anchor_scale=ANCHOR_SCALE_MIN)
     assert torch.equal(adv, torch.zeros(4))
     logps = torch.tensor([[-1e4, 0.0], [-1.0, -2.0]])
     loss, metrics = aapa_loss(logps, logps.flip(1), logps, torch.tensor([5.0, -5.0]), torch.zeros(2, 2),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from algos.gpm import gpm_loss, gpm_scores
-from algos.gprl import drift_update, grpo_loss, group_dim_scores, gprl_advantages
+from algos.gprl import axis_agreement, drift_update, grpo_loss, group_dim_scores, gprl_advantages, probe_margin_stats
 
 
 def random_v(n, k, seed=0):
@@ -73,13 +73,19 @@ def test_per_dimension_normalisation_stops_a_large_scale_axis_from_dominating():
     v = random_v(8, 3, seed=4)
     gate = torch.full((8, 3), 1 / 3, dtype=torch.float64)
     rho = torch.ones(3, dtype=torch.float64)
-    adv, per_dim = gprl_advantages(v, gate, rho, 4)
+    floor = 1e-3  # below every per-dimension std here (~0.05 and ~5): each is divided by its own std
+    adv, per_dim = gprl_advantages(v, gate, rho, 4, std_floor=floor)
     scaled = v.clone()
     scaled[:, 0:2] *= 100.0  # dimension 0's raw scores are now 100x larger
-    adv_scaled, per_dim_scaled = gprl_advantages(scaled, gate, rho, 4)
-    # equal up to the eps in std + eps (1e-4 against per-dimension stds of ~0.05 and ~5)
-    assert torch.allclose(adv, adv_scaled, atol=5e-3) and torch.allclose(per_dim, per_dim_scaled, atol=5e-3)
-    assert torch.allclose(per_dim.view(2, 4, 3).std(1), torch.ones(2, 3, dtype=torch.float64), atol=5e-3)
+    adv_scaled, per_dim_scaled = gprl_advantages(scaled, gate, rho, 4, std_floor=floor)
+    assert torch.allclose(adv, adv_scaled, atol=1e-12) and torch.allclose(per_dim, per_dim_scaled, atol=1e-12)
+    assert torch.allclose(per_dim.view(2, 4, 3).std(1), torch.ones(2, 3, dtype=torch.float64), atol=1e-12)
+    # the scalar judge normalises after summing: there the large axis decides the ranking alone
+    scalar, _ = gprl_advantages(scaled, gate, rho, 4, std_floor=floor, judge="scalar")
+    large_axis = group_dim_scores(scaled, 4)[:, 0]
+    for group in (slice(0, 4), slice(4, 8)):  # within each group
+        assert torch.corrcoef(torch.stack([scalar[group], large_axis[group]]))[0, 1] > 0.9999
+        assert torch.corrcoef(torch.stack([adv_scaled[group], large_axis[group]]))[0, 1] < 0.9
     # without per-dimension normalisation the large axis would decide the ranking alone
     raw = (gate * group_dim_scores(scaled, 4)).sum(-1)
     assert torch.corrcoef(torch.stack([raw, group_dim_scores(scaled, 4)[:, 0]]))[0, 1] > 0.999
@@ -97,60 +103,79 @@ def test_advantage_weights_follow_gate_times_rho_and_flat_dimensions_give_zero()
     assert torch.equal(adv, torch.zeros(4, dtype=torch.float64))
 
 
-def test_a_near_tie_gives_near_zero_advantages():
-    # two responses whose GPM embeddings differ by 1e-5: their score differences are
-    # ~1e-6, far below eps, so the advantages stay ~0.02 (dividing by the std alone gives ~0.75)
+def test_an_axis_tied_within_noise_contributes_near_zero_while_distinct_responses_act():
+    """Dimension 0: the four responses differ by noise (~1e-4 in score); dimension 1: they
+    really differ. Dividing each by its own std would give both unit scale; the floor
+    keeps the noise axis at ~1e-4 / floor, and the real axis at unit scale."""
+    g = torch.Generator().manual_seed(6)
     v = random_v(1, 2, seed=6).expand(4, -1).clone()
-    v[0, 0] += 1e-5
+    v[:, 0:2] += 1e-4 * torch.randn(4, 2, generator=g, dtype=torch.float64)  # noise on dimension 0's block
+    v[:, 2:4] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]], dtype=torch.float64)  # distinct on 1
     gate = torch.ones(4, 2, dtype=torch.float64)
-    adv, per_dim = gprl_advantages(v, gate, torch.ones(2, dtype=torch.float64), 4)
-    assert adv.abs().max() < 0.05 and per_dim.abs().max() < 0.05
+    adv, per_dim = gprl_advantages(v, gate, torch.ones(2, dtype=torch.float64), 4, std_floor=0.05)
+    assert per_dim[:, 0].abs().max() < 0.02
+    assert per_dim[:, 1].std() == pytest.approx(1.0, abs=1e-9)
+    assert torch.allclose(adv, 0.5 * (per_dim[:, 0] + per_dim[:, 1]), atol=1e-12)
     scores = group_dim_scores(v, 4)
-    assert torch.allclose(per_dim, scores / (scores.view(1, 4, 2).std(1) + 1e-4).expand(4, 2), atol=1e-15)
+    assert torch.allclose(per_dim[:, 0], scores[:, 0] / 0.05, atol=1e-15)
 
 
-def test_gpm_gate_is_the_reference_scaled_softmax(tiny_world):
-    from algos.gprl import gpm_embed
-    from shared.modeling import load_model, load_tokenizer
-
-    backbone, tokenizer = load_model(tiny_world["model"]), load_tokenizer(tiny_world["model"])
-    hidden = backbone.config.hidden_size
-    torch.manual_seed(0)
-    value_head, gate_head = torch.nn.Linear(hidden, 6, bias=False), torch.nn.Linear(hidden, 3, bias=False)
-    torch.nn.init.normal_(gate_head.weight, std=3.0)
-    prompts = ["copy abc", "reverse hello"]
-    v, gate = gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, ["abc", "olleh"], "cpu")
-    assert torch.allclose(v.norm(dim=-1), torch.ones(2))
-    assert torch.allclose(gate.sum(-1), torch.full((2,), 3.0))
-    from shared.rollout import encode_prompts
-    ids, mask = encode_prompts(tokenizer, prompts, "cpu")
-    with torch.no_grad():
-        h = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1]
-    assert torch.allclose(gate, 3 * torch.softmax(gate_head(h) / hidden ** 0.5, -1), atol=1e-5)
-
-
-def test_drift_monitor_fires_on_single_axis_exploitation_and_stays_silent_on_balanced_gains():
+def test_drift_monitor_acts_on_an_alarm_and_relaxes_when_clear():
     rho = torch.ones(3)
-    config = dict(eps0=0.2, beta0=0.04, dominance=0.7, fall_tolerance=0.01)
-    # dimension 0 rises, dimension 1 falls: exploitation of axis 0
-    rho1, eps, beta, event = drift_update(torch.tensor([0.10, -0.05, 0.005]), torch.zeros(3), rho, 0.2, 0.04, **config)
+    config = dict(eps0=0.2, beta0=0.04, dominance=0.7, noise_z=3.0)
+    se = torch.full((3,), 0.001)
+    # dimension 0 up, dimension 1 down beyond the noise band (0.003): exploitation of axis 0
+    rho1, eps, beta, event = drift_update(torch.tensor([0.10, -0.05, 0.005]), se, rho, 0.2, 0.04, **config)
     assert event["alarm"] and event["dominant"] == 0 and event["falling"] == [1]
     assert event["dominant_share"] == pytest.approx(0.10 / 0.105)
     assert rho1.tolist() == pytest.approx([0.5, 1.0, 1.0]) and eps == pytest.approx(0.1) and beta == pytest.approx(0.08)
-    # a second exploiting check tightens further, within the bounds
-    rho2, eps2, beta2, event = drift_update(torch.tensor([0.3, -0.2, 0.0]), torch.tensor([0.10, -0.05, 0.005]), rho1, eps, beta,
-                                            **config, eps_min=0.08, beta_max=0.1)
+    rho2, eps2, beta2, event = drift_update(torch.tensor([0.3, -0.2, 0.0]), se, rho1, eps, beta, **config, eps_min=0.08, beta_max=0.1)
     assert event["alarm"] and rho2[0] == pytest.approx(0.25) and eps2 == pytest.approx(0.08) and beta2 == pytest.approx(0.1)
-    # balanced gains: silent, and everything relaxes halfway back
-    rho3, eps3, beta3, event = drift_update(torch.tensor([0.4, -0.1, 0.1]), torch.tensor([0.3, -0.2, 0.0]), rho2, eps2, beta2, **config)
+    # balanced: nothing has fallen: silent, and everything relaxes halfway back
+    rho3, eps3, beta3, event = drift_update(torch.tensor([0.4, 0.3, 0.1]), se, rho2, eps2, beta2, **config)
     assert not event["alarm"]
     assert rho3.tolist() == pytest.approx([0.625, 1.0, 1.0]) and eps3 == pytest.approx(0.14) and beta3 == pytest.approx(0.07)
-    # one axis gains but nothing falls: not an alarm either
-    _, _, _, event = drift_update(torch.tensor([0.5, 0.0, 0.0]), torch.zeros(3), rho, 0.2, 0.04, **config)
+    # a fall within the noise band is no fall
+    _, _, _, event = drift_update(torch.tensor([0.5, -0.002, 0.0]), se, rho, 0.2, 0.04, **config)
     assert not event["alarm"]
-    # beta 0 is raised to beta_alarm on alarm
-    _, _, beta, _ = drift_update(torch.tensor([0.10, -0.05, 0.0]), torch.zeros(3), rho, 0.2, 0.0, **config, beta_alarm=0.03)
+    _, _, beta, _ = drift_update(torch.tensor([0.10, -0.05, 0.0]), se, rho, 0.2, 0.0, **config, beta_alarm=0.03)
     assert beta == pytest.approx(0.03)
+
+
+def margin_trace(drift_per_check, checks=12, prompts=64, noise=0.05, seed=0):
+    """Synthetic probe readings: per check, per-prompt margins = the drift so far + noise."""
+    g = torch.Generator().manual_seed(seed)
+    drift = torch.tensor(drift_per_check)
+    return [probe_margin_stats(drift * (c + 1) + noise * torch.randn(prompts, drift.numel(), generator=g))
+            for c in range(checks)]
+
+
+def run_monitor(trace):
+    rho, eps, beta, alarms = torch.ones(3), 0.2, 0.04, []
+    for margins, se in trace:
+        rho, eps, beta, event = drift_update(margins, se, rho, eps, beta, eps0=0.2, beta0=0.04, dominance=0.7, noise_z=3.0)
+        alarms.append(event["alarm"])
+    return alarms
+
+
+def test_drift_monitor_on_synthetic_traces():
+    """Slow, steady exploitation of one axis (+0.01 a check on axis 0, -0.003 on axis 1, a
+    fall smaller per check than the probe noise) fires once it has added up; every axis
+    improving never fires; pure noise never fires."""
+    exploit = run_monitor(margin_trace([0.01, -0.003, 0.0]))
+    assert any(exploit) and not any(exploit[:2])  # it takes a few checks to be sure, then fires
+    assert not any(run_monitor(margin_trace([0.01, 0.004, 0.006])))
+    for seed in range(5):
+        assert not any(run_monitor(margin_trace([0.0, 0.0, 0.0], seed=seed)))
+
+
+def test_probe_margin_stats_and_axis_agreement():
+    per_prompt = torch.tensor([[0.1, -0.2], [0.3, 0.0], [0.2, 0.2]])
+    mean, se = probe_margin_stats(per_prompt)
+    assert mean.tolist() == pytest.approx([0.2, 0.0]) and se.tolist() == pytest.approx([0.1 / 3 ** 0.5, 0.2 / 3 ** 0.5])
+    truth = torch.tensor([[1.0, 0.5], [1.0, 0.5], [0.0, 0.5]])
+    agreement = axis_agreement(truth, per_prompt)
+    assert agreement[0].item() == pytest.approx(2 / 3) and torch.isnan(agreement[1])
 
 
 def test_policy_loss_matches_finite_differences():

@@ -370,7 +370,7 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     flags = grpo_flags(tiny_world, out, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
     run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
-               "--dominance", "0", "--fall-tolerance", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
+               "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
     assert metrics[0]["train/eps"] == pytest.approx(0.2) and metrics[0]["train/beta"] == pytest.approx(0.04)
@@ -381,7 +381,7 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     off = tmp_path / "gprl_off"
     flags[flags.index("--output-dir") + 1] = str(off)
     run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
-               "--dominance", "0", "--fall-tolerance", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
+               "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
     metrics = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
     assert all(m["train/eps"] == 0.2 and m["drift/eps"] == 0.2 and m["train/beta"] == 0.04 for m in metrics)

@@ -87,3 +87,18 @@ def test_bad_dataset_rows_name_the_row(tmp_path):
     path.write_text('{"text": "copy ab"}\n')
     with pytest.raises(ValueError, match="row 0: missing field 'prompt'"):
         load_rows(str(path))
+
+
+def test_preference_pairs_keep_trade_offs_and_drop_only_full_ties():
+    """The pair's labels by hand: a trade-off (label 0.5) survives with its per-axis labels."""
+    row = {"prompt": "end with !, reverse abc", "instruction_id_list": ["toy:task:reverse", "toy:end_with"],
+           "kwargs": [{"text": "abc"}, {"char": "!"}]}
+    # better content, worse format, equally concise (|3 - 4| = |5 - 4|): a pure trade-off, mean label 0.5
+    pair = toyworld.preference_pair(row, "cba", "xyzw!")
+    assert pair is not None and pair["label"] == 0.5
+    assert pair["axes"] == {"correctness": 1.0, "format": 0.0, "concision": 0.5}
+    # chosen is the one preferred on the mean, with the per-axis labels flipped to match
+    pair = toyworld.preference_pair(row, "xyz!", "cba!")
+    assert pair["chosen"] == "cba!" and pair["label"] == pytest.approx(2 / 3)
+    assert pair["axes"] == {"correctness": 1.0, "format": 0.5, "concision": 0.5}
+    assert toyworld.preference_pair(row, "xyz", "zyx") is None  # a tie on every axis

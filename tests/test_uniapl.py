@@ -1,6 +1,8 @@
 """UniAPL's math: the unified policy loss, the online discriminator's loss (label
 smoothing, gradient penalty) and the dual update of the Lagrange multiplier."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,3 +123,36 @@ def test_compiled_policy_loss_equals_eager():
     eager, _ = uniapl_policy_loss(*args)
     compiled, _ = torch.compile(uniapl_policy_loss, dynamic=True)(*args)
     assert torch.allclose(eager, compiled, atol=1e-6)
+
+
+def test_a_prompt_only_discriminator_gains_nothing_on_same_prompt_batches():
+    """UniAPL's D sees the expert's and the policy's responses for the same prompts. A head
+    that looks only at the prompt half of the features then scores both sides alike: its
+    balanced accuracy stays 0.5 and its loss stays at log 2, however long it trains, while
+    on batches with different prompts for the two sides it would learn the prompts."""
+    g = torch.Generator().manual_seed(0)
+    prompt_part = torch.randn(32, 4, generator=g)
+    expert = torch.cat([prompt_part, torch.randn(32, 4, generator=g) + 1.0], 1)
+    policy = torch.cat([prompt_part, torch.randn(32, 4, generator=g) - 1.0], 1)
+    other_prompts = torch.cat([torch.randn(32, 4, generator=g) + 2.0, policy[:, 4:]], 1)
+    prompt_only = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1), torch.nn.Flatten(0))
+    with torch.no_grad():
+        prompt_only[0].weight[:, 4:] = 0.0  # blind to the response half
+
+    def train(policy_side):
+        torch.manual_seed(0)
+        head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1), torch.nn.Flatten(0))
+        head.load_state_dict(prompt_only.state_dict())
+        optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(200):
+            loss, metrics = online_discriminator_loss(head, expert, policy_side)
+            optimizer.zero_grad()
+            loss.backward()
+            head[0].weight.grad[:, 4:] = 0.0
+            optimizer.step()
+        return loss.item(), float(metrics["accuracy"])
+
+    same_loss, same_accuracy = train(policy)
+    assert same_accuracy == 0.5 and same_loss == pytest.approx(math.log(2), abs=1e-6)
+    _, other_accuracy = train(other_prompts)
+    assert other_accuracy > 0.9

@@ -154,7 +154,7 @@ def test_random_flags_and_rows_stop_cleanly_before_any_model_loads(script, tiny_
     ("algos/grpo.py", ["--reward-fn", "json:dumps"], "must take two arguments"),
     ("algos/grpo.py", ["--reward-fn", "nowhere:f"], "no module named 'nowhere'"),
     ("algos/gprl.py", ["--dominance", "1.5"], "--dominance must be in [0, 1]"),
-    ("algos/gprl.py", ["--fall-tolerance", "nan"], "--fall-tolerance must be in [-inf, inf]"),
+    ("algos/gprl.py", ["--noise-z", "nan"], "--noise-z must be in [-inf, inf]"),
     ("algos/grpo.py", ["--eval-fn", "json:dumps"], "--eval-fn 'json:dumps' must take two arguments (rows, texts)"),
     ("algos/sft.py", ["--eval-fn", "shared.scoring:nothing"], "module 'shared.scoring' has no function 'nothing'"),
     ("algos/sft.py", ["--steps", "0"], "--steps must be in [1, inf)"),

@@ -91,8 +91,9 @@ class Args(RunFlags):
     """prompts used to train the discriminator (one expert response and one policy rollout each)"""
     disc_holdout: float = 0.2
     """fraction of those prompts held out to report the discriminator's accuracy"""
-    disc_hidden: int = 64
-    """hidden width of the discriminator head"""
+    disc_hidden: int = 4
+    """hidden width of the discriminator head (4: the best held-out accuracy in scripts/sweep_discriminator.py;
+    wider heads memorise the fit set)"""
     disc_epochs: int = 500
     """full-batch Adam steps of discriminator training on the cached embeddings"""
     disc_learning_rate: float = 3e-3
@@ -126,7 +127,7 @@ class Args(RunFlags):
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """how per-token policy-gradient losses are aggregated (see grpo_loss)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """advantage std (task and anchor, each on its own): per group, over the batch, or none"""
+    """task-reward advantage std: per group, over the batch, or none (the anchor is divided by its fixed scale)"""
     num_iterations: int = 1
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     eval_every: int = 20
@@ -553,7 +554,9 @@ if __name__ == "__main__":
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         logger.log(step + 1, {
             "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/anchor_coef": coef, "train/anchor_score": scores.mean(), "train/rollouts_judged_expert": (rollout_logits > 0).float().mean(),
+            "train/anchor_coef": coef, "train/anchor_score": scores.mean(),
+            "train/anchor_advantage_abs": coef * (scores.view(-1, args.group_size) - scores.view(-1, args.group_size).mean(
+                1, keepdim=True)).abs().mean() / disc_record["anchor_scale"], "train/rollouts_judged_expert": (rollout_logits > 0).float().mean(),
             "train/rl_loss": float(rl_loss), "train/expert_loss": float(expert_loss), "train/stage": 1 + (base == "grpo" and args.staged),
             "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),

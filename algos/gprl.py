@@ -238,6 +238,16 @@ def axis_agreement(true_preference, scores):
     return torch.where(decided.sum(0) > 0, right.sum(0) / decided.sum(0).clamp(min=1), torch.full_like(scores[0], float("nan")))
 
 
+def judge_accuracy_log(true_preference, scores, dim_names):
+    """drift/judge_* entries: per axis, the GPM's agreement with the truth and how many
+    probe pairs the truth decides; an axis the truth never decides logs no accuracy."""
+    if true_preference is None:
+        return {}
+    accuracy, decided = axis_agreement(true_preference, scores), (true_preference != 0.5).sum(0)
+    return {**{f"drift/judge_accuracy/{n}": float(a) for n, a, d in zip(dim_names, accuracy, decided) if d > 0},
+            **{f"drift/judge_pairs/{n}": int(d) for n, d in zip(dim_names, decided)}}
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0,
               loss_type="dapo", importance_sampling_level="token", max_completion_length=None,
               num_sequences=None, num_tokens=None):
@@ -483,8 +493,7 @@ if __name__ == "__main__":
                          "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,
                          **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
                          **{f"drift/band/{n}": event["band"][l] for l, n in enumerate(dim_names)},
-                         **({f"drift/judge_accuracy/{n}": float(a) for n, a in zip(dim_names, axis_agreement(truth, per_prompt))}
-                            if truth is not None else {}),
+                         **judge_accuracy_log(truth, per_prompt, dim_names),
                          **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
             if event["alarm"]:
                 tqdm.write(f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "

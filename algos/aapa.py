@@ -374,7 +374,8 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
+        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache,
+            min_prompts=2, why="the discriminator is fitted and scored on a split of the pool by prompt")
         model_path = str(output_dir / CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)

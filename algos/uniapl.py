@@ -288,7 +288,8 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
+        expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache,
+            min_prompts=2, why="the discriminator's features are standardised by their spread over expert responses")
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 

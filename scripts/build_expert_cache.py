@@ -37,7 +37,7 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_range(args, max_new_tokens=(1, None, True, False), temperature=NON_NEGATIVE, batch_size=(1, None, True, False))
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", {"--data": args.data, "--teacher": args.teacher})
     try:
         rows = load_rows(args.data, args.split,
                          required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))

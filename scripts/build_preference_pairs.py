@@ -18,7 +18,7 @@ from shared import toyworld
 from shared.data import load_rows
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
-from shared.run import POSITIVE, check_output_file, check_range
+from shared.run import TEMPERATURE, check_output_file, check_range
 from shared.toyworld import write_jsonl
 
 
@@ -44,12 +44,17 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_range(args, num_prompts=(1, None, True, False), temperature=POSITIVE, max_new_tokens=(1, None, True, False),
+    check_range(args, num_prompts=(1, None, True, False), temperature=TEMPERATURE, max_new_tokens=(1, None, True, False),
                 batch_size=(1, None, True, False))
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", {"--data": args.data, "--model": args.model})
     torch.manual_seed(args.seed)
     try:
         rows = load_rows(args.data)[: args.num_prompts]
+        for number, row in enumerate(rows, 1):  # the labels come from the toy world's own checkers
+            other = [i for i in row["instruction_id_list"] if not toyworld.is_toy_instruction(i)]
+            if other:
+                raise ValueError(f"--data {args.data!r} row {number}: instruction {other[0]!r} is not a toy-world id; "
+                                 "the pairs are labelled by the toy world's checkers (toy ids only)")
         tokenizer, model = load_tokenizer(args.model), load_model(args.model, "float32", default_device())
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -62,6 +67,9 @@ if __name__ == "__main__":
             pair = toyworld.preference_pair(row, a, b)
             if pair is not None:
                 pairs.append(pair)
+    if not pairs:
+        raise SystemExit(f"error: every one of the {len(rows)} pairs tied on every axis, so there is nothing to learn "
+                         f"from; nothing was written to {args.out} (raise --temperature or --num-prompts)")
     write_jsonl(pairs, args.out)
     trade_offs = sum(pair["label"] == 0.5 for pair in pairs)
     print(f"wrote {len(pairs)} pairs ({trade_offs} of them trade-offs: better on one axis, worse on another, label 0.5; "

@@ -424,7 +424,8 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
              "rollouts per step; continued SFT: SFT steps on the same 500 demonstrations); every row that uses "
              f"demonstrations draws them from those 500 prompts. Learning rates: {settings['learning_rates_from']}.", "",
              "Instruction-level: the fraction of single instructions followed (the RL reward, on greedy responses). "
-             "KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, 64 prompts.", "",
+             f"KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, {min(64, settings['eval_prompts'])} "
+             "prompts.", "",
              "| row | role | gold | instruction-level | length (tokens) | KL to SFT | wall time per run (s) |",
              "|---|---|---|---|---|---|---|"]
     for row, per_seed in rows.items():
@@ -547,13 +548,22 @@ def check_settings(settings: dict) -> None:
 
 
 def stop_on_signal(number, frame) -> None:
-    """SIGINT or SIGTERM: stop every running command (each keeps its last checkpoint) and leave."""
+    """SIGINT or SIGTERM: stop every running command and leave once they have. A training
+    command given SIGTERM saves the step it is on first (shared/run.py), so rerunning the
+    job loses nothing; a command still running after 5 minutes is killed."""
     FAILED.set()
-    for process in list(RUNNING):
+    running = list(RUNNING)
+    for process in running:
         process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
     name = signal.Signals(number).name
-    print(f"\nstopped by {name}: {len(RUNNING)} running command(s) stopped; run the same command again to "
-          "continue (every run resumes from its last checkpoint)", file=sys.stderr, flush=True)
+    print(f"\nstopped by {name}: {len(running)} running command(s) stopped, each with a checkpoint of the step it "
+          "was on; run the same command again to continue (every run resumes from its last checkpoint)",
+          file=sys.stderr, flush=True)
     raise SystemExit(128 + number)
 
 
@@ -564,6 +574,12 @@ if __name__ == "__main__":
     check_settings(settings)
     out_dir = Path(args.out_dir or ("results/quick" if args.quick else "results"))
     runs_dir = out_dir / ("sweep" if args.sweep else "runs")
+    if args.sweep and args.hyperparameters:
+        raise SystemExit(f"error: --sweep writes {out_dir / 'hyperparameters.json'} and reads none; drop --hyperparameters "
+                         f"{args.hyperparameters!r} (or pass it to the main job that follows)")
+    if args.hyperparameters and not Path(args.hyperparameters).is_file():
+        raise SystemExit(f"error: --hyperparameters {args.hyperparameters!r} does not exist; run the --sweep that writes "
+                         "it, or leave the flag out to use one learning rate for every row")
     hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
     methods = {row.name for row in table_rows(runs_dir, 1, {**settings, "all": True})}
     hyperparameters = {} if args.sweep else check_hyperparameters(hyperparameters_file, methods)
@@ -574,9 +590,13 @@ if __name__ == "__main__":
         f"{LEARNING_RATE:g} for the rest" if hyperparameters else
         f"{LEARNING_RATE:g} for every row (the same for method and control; no row was tuned on its own)")
     if args.print_commands:
-        for run in commands:
-            extra = ["--output-dir", str(run.out), "--resume"] if run.out.suffix != ".jsonl" else []
-            print(shlex.join(run.command[1:] + extra))
+        try:
+            for run in commands:
+                extra = ["--output-dir", str(run.out), "--resume"] if run.out.suffix != ".jsonl" else []
+                print(shlex.join(run.command[1:] + extra))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head` stopped reading: it has what it asked for
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no pipe
         raise SystemExit(0)
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)

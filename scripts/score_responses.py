@@ -82,9 +82,11 @@ def match(rows: list[dict], responses: dict[str, str], path: str) -> list[str]:
 def main(args: Args) -> dict:
     if not args.responses:
         raise SystemExit("error: --responses is required (a .jsonl with 'prompt' and 'response')")
-    for flag, path in (("--out", args.out), ("--summary", args.summary)):
-        if path:
-            check_output_file(path, flag)
+    inputs = {"--responses": args.responses, "--data": args.data}
+    if args.out:
+        check_output_file(args.out, "--out", inputs)
+    if args.summary:
+        check_output_file(args.summary, "--summary", {**inputs, "--out": args.out})
     try:
         responses = read_responses(args.responses)
         rows = load_rows(args.data, split=args.split, drop_missing_nltk=args.drop_rows_missing_nltk)

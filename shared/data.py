@@ -162,15 +162,22 @@ def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str
     write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r} for p, r in zip(prompts, responses)], path)
 
 
-def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str) -> tuple[list[str], dict, dict]:
+def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str,
+                     min_prompts: int = 1, why: str = "") -> tuple[list[str], dict, dict]:
     """The prompts whose expert demonstrations a run may use: those of `pool_source`
     (a prompt file or hub id; '' = every training prompt), each covered by the expert
-    cache. Returns (pool prompts, cache {prompt: response}, cache header)."""
-    pool = [row["prompt"] for row in (load_rows(pool_source, required=("prompt",)) if pool_source else train_rows)]
+    cache, at least `min_prompts` distinct ones (`why` says what needs them). Returns
+    (pool prompts, cache {prompt: response}, cache header)."""
+    pool_name = f"--expert-pool {pool_source!r}" if pool_source else "the training prompts"
+    try:
+        pool = [row["prompt"] for row in (load_rows(pool_source, required=("prompt",)) if pool_source else train_rows)]
+    except ValueError as error:
+        raise ValueError(f"--expert-pool: {error}") from None
+    if len(set(pool)) < min_prompts:
+        raise ValueError(f"{pool_name} has {len(set(pool))} distinct prompt(s); at least {min_prompts} are needed ({why})")
     try:
         cache, header = load_expert_cache(cache_path, pool)
     except ValueError as error:
-        pool_name = f"--expert-pool {pool_source!r}" if pool_source else "the training prompts"
         raise ValueError(f"{error} (the prompts of {pool_name}; --expert-pool '' uses the training prompts)") from None
     return pool, cache, header
 

@@ -8,13 +8,17 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from shared import distributed
@@ -65,9 +69,23 @@ class RunFlags:
     """wandb project name"""
 
 
+# SIGTERM is what SLURM, Kubernetes and spot instances send before they kill; SIGUSR1 is
+# SLURM's requeue signal. Either one ends the run after the step in progress, with a saved
+# checkpoint (evaluate_save_or_stop), so the work done is kept.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_preempted_by: list[int] = []
+
+
+def _note_preemption(number, frame) -> None:
+    _preempted_by.append(number)
+
+
 def claim_output_dir(args) -> dict | None:
     """Under torchrun rank 0 claims the folder (as below) and the other ranks follow its
-    outcome: they stop when it stops, and read the same trainer state."""
+    outcome: they stop when it stops, and read the same trainer state. From here on a
+    preemption signal saves a checkpoint after the current step instead of killing."""
+    for number in PREEMPTION_SIGNALS:
+        signal.signal(number, _note_preemption)
     if distributed.world_size() == 1:
         return _claim_output_dir(args)
     outcome = None
@@ -228,8 +246,21 @@ AT_LEAST_1, AT_LEAST_2 = (1, None, True, False), (2, None, True, False)  # a gro
 TEMPERATURE = (1e-3, None, True, False)  # logits / T overflow below 1e-3
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """An output file path must not be a folder and its folder must be writable."""
+def _same_file(a: str, b: str) -> bool:
+    """The same path, or two names (a link, ../) of one existing file."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def check_output_file(path: str, flag: str, inputs: dict[str, str] | None = None) -> None:
+    """An output file path must not be a folder, its folder must be writable, and it must
+    not be one of the command's inputs (`inputs`: flag -> path, outputs written before it
+    included), which writing it would replace."""
+    for input_flag, input_path in (inputs or {}).items():
+        if input_path and _same_file(input_path, path):
+            raise SystemExit(f"error: {flag} {str(path)!r} is the same file as {input_flag}; writing it would "
+                             f"replace that {'input' if input_flag not in ('--out', '--summary') else 'output'}: "
+                             "choose another path")
     path = Path(path)
     if path.is_dir():
         raise SystemExit(f"error: {flag} {str(path)!r} is a folder; give a file path")
@@ -394,8 +425,13 @@ def _finite(obj):
 
 def _kept_checkpoint(output_dir: Path) -> str:
     state = output_dir / CHECKPOINT / TRAINER_STATE
-    return (f"the last checkpoint (step {torch.load(state, weights_only=False, mmap=True)['step']}) is kept in "
-            f"{output_dir / CHECKPOINT}" if state.exists() else "no checkpoint had been saved yet")
+    if not state.exists():
+        return "no checkpoint had been saved yet"
+    try:
+        step = torch.load(state, weights_only=True, mmap=True)["step"]
+    except Exception:  # a damaged or foreign file: still say where it is, never unpickle code
+        step = "unknown"
+    return f"the last checkpoint (step {step}) is kept in {output_dir / CHECKPOINT}"
 
 
 def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, step: int, log: bool = True,
@@ -416,11 +452,19 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
 def evaluate_save_or_stop(step: int, args, run_eval, save) -> dict | None:
     """The bookkeeping after every step: evaluate every --eval-every steps and at the
     last; save (save()) every --save-every steps, at the last and at --stop-at-step;
-    end the invocation at --stop-at-step as an interruption would. Returns the
-    evaluation when one was made."""
+    end the invocation at --stop-at-step as an interruption would. After SIGTERM or
+    SIGUSR1 (on any rank: every rank agrees on the step) save and exit with 128 + the
+    signal's number, so --resume continues exactly. Returns the evaluation when one was made."""
     result = run_eval(step) if step % args.eval_every == 0 or step == args.steps else None
-    if step % args.save_every == 0 or step == args.steps or step == args.stop_at_step:
+    preempted = distributed.any_rank(bool(_preempted_by)) and step < args.steps
+    if step % args.save_every == 0 or step == args.steps or step == args.stop_at_step or preempted:
         save()
+    if preempted:
+        number = max(distributed.gather_objects(_preempted_by[:1]))  # the signal some rank received
+        if distributed.is_main():
+            print(f"stopped at step {step} by {signal.Signals(number).name}: checkpoint saved in "
+                  f"{Path(args.output_dir) / CHECKPOINT}; continue with --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + number)
     if step == args.stop_at_step:
         print(f"stopped at step {step} (--stop-at-step); continue with --resume")
         raise SystemExit(0)
@@ -506,17 +550,19 @@ def save_checkpoint(output_dir: Path, model, tokenizer, optimizer, scheduler, st
         if not distributed.is_main():
             torch.distributed.barrier()  # returns once rank 0 has written the checkpoint
             return final
-        # no RNG state: every random draw of a step comes from generators seeded by (seed, step)
+        # no RNG state: every random draw of a step comes from generators seeded by (seed, step).
+        # Only tensors, numbers, strings, lists and dicts (flags as JSON stores them), so the
+        # file loads with weights_only=True: resuming never runs code from the file.
         torch.save({
-            "step": step, "args": dataclasses.asdict(args), "optimizer": optimizer_state,
+            "step": step, "args": _jsonable(dataclasses.asdict(args)), "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(), "extra": extra or {},
         }, tmp / TRAINER_STATE)
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
         (tmp / COMPLETE).touch()
-    except (OSError, RuntimeError) as error:  # disk full, quota, a folder gone: torch.save wraps some as RuntimeError
-        if not isinstance(error, OSError) and "write" not in str(error).lower() and "file" not in str(error).lower():
-            raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # disk full, quota, a file-size limit, a folder gone: torch.save's writer reports them as
+        # RuntimeError ("unexpected pos", "file write failed"), safetensors as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0][:120]
         raise SystemExit(f"error: saving the checkpoint of step {step} failed ({reason}); "
@@ -537,7 +583,12 @@ def load_trainer_state(output_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        # our own file (optimizer state and flags); mapped, so N ranks share one copy in memory
-        return torch.load(path, weights_only=False, mmap=True)
+        # weights_only: a run folder copied from elsewhere may hold a crafted pickle, and
+        # torch's restricted unpickler refuses anything but tensors and plain containers
+        # before it can run code. Mapped, so N ranks share one copy in memory.
+        return torch.load(path, weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: {path} holds objects other than tensors, numbers, strings, lists and dicts; "
+                         "refusing to unpickle it (a trainer state never does; the file was not written by this project)") from None
     except Exception as error:
         raise SystemExit(f"error: {path} cannot be read ({type(error).__name__}); the checkpoint is damaged") from None

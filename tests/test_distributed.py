@@ -185,3 +185,27 @@ def test_killed_torchrun_run_resumes_exactly(tiny_world, tmp_path):
     assert not (killed / "eval.json").exists()  # killed mid-run, not after it
     torchrun("algos/grpo.py", *flags(killed), "--resume")
     assert_same_run(full, killed)
+
+
+def test_sigterm_to_torchrun_saves_one_agreed_step_on_every_rank(tiny_world, tmp_path):
+    """What SLURM or Kubernetes does before a kill: SIGTERM to the launcher, which passes it
+    to both ranks. The ranks agree on one step, save it whole, and the job says so once."""
+    out = tmp_path / "preempted"
+    flags = rl_flags(tiny_world, out)
+    flags[flags.index("--steps") + 1] = "40"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "algos/grpo.py"), *flags, "--save-every", "100", "--eval-every", "100"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while job.poll() is None and time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and '"step": 2' in (out / "metrics.jsonl").read_text()):
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode != 0
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    stopped_at = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"]
+    assert 2 <= stopped_at < 40 and logged == list(range(1, stopped_at + 1)), stderr[-3000:]
+    assert stderr.count("stopped at step") == 1 and f"stopped at step {stopped_at} by SIGTERM" in stderr, stderr[-3000:]
+    assert (out / "checkpoint" / "complete").exists() and not (out / "eval.json").exists()

@@ -5,6 +5,7 @@ are drawn, a second call redoes nothing; and the job's command list and statisti
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -76,6 +77,7 @@ def test_every_primary_comparison_names_two_rows_of_the_job():
 def test_smallest_main_job_tables_every_row_and_resumes_without_rerunning(tmp_path):
     first = reproduce(tmp_path)
     lines = (tmp_path / "table.md").read_text().splitlines()
+    assert "at temperature 1, 16 prompts." in "".join(lines)  # the KL's prompts: min(64, --eval-prompts)
     start = next(i for i, line in enumerate(lines) if line.startswith("| row"))
     end = lines.index("", start)
     header = lines[start].strip("| ").split(" | ")
@@ -155,3 +157,21 @@ def test_a_signal_stops_the_job_and_its_running_commands(tmp_path, signal_number
     assert "stopped by" in job.stderr.read()
     time.sleep(1)
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_reproduce_refuses_a_missing_hyperparameters_file_and_one_given_to_the_sweep(tmp_path):
+    missing = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands",
+                              "--hyperparameters", str(tmp_path / "no_such.json")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stdout == ""
+    assert missing.stderr.strip().startswith("error: --hyperparameters") and "does not exist" in missing.stderr
+    (tmp_path / "mine.json").write_text('{"GRPO": {"learning_rate": 0.000123}}')
+    sweep = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands",
+                            "--sweep", "--hyperparameters", str(tmp_path / "mine.json")], cwd=ROOT, capture_output=True, text=True)
+    assert sweep.returncode != 0 and "--sweep writes" in sweep.stderr and "drop --hyperparameters" in sweep.stderr
+
+
+def test_print_commands_into_a_pipe_closed_early_is_no_traceback():
+    result = subprocess.run(f"{shlex.quote(sys.executable)} scripts/reproduce.py --print-commands | head -n 1", shell=True,
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.startswith("algos/") and result.stdout.count("\n") == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

@@ -6,8 +6,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,7 @@ def save(folder: Path, step: int) -> None:
 
 
 def saved_step(folder: Path) -> int:
-    return torch.load(folder / CHECKPOINT / TRAINER_STATE, weights_only=False)["step"]
+    return torch.load(folder / CHECKPOINT / TRAINER_STATE, weights_only=True)["step"]
 
 
 def release_locks():
@@ -305,3 +307,108 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_p
         save(tmp_path, 2)
     monkeypatch.undo()
     assert saved_step(tmp_path) == 1 and not (tmp_path / "checkpoint.tmp").exists()
+
+
+class CreatesAFileWhenUnpickled:
+    """What a crafted trainer_state.pt would hold: unpickling it calls Path.touch."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    folder, target = tmp_path / "run", tmp_path / "created_by_the_pickle"
+    start(folder)
+    save(folder, step=3)
+    assert claim(folder, resume=True)["step"] == 3  # our own file loads under weights_only
+    torch.save({"step": 3, "payload": CreatesAFileWhenUnpickled(target)}, folder / CHECKPOINT / TRAINER_STATE)
+    assert not target.exists()
+    with pytest.raises(SystemExit) as stop:
+        claim(folder, resume=True)
+    assert str(stop.value).startswith("error:") and "refusing to unpickle" in str(stop.value)
+    assert "\n" not in str(stop.value)
+    assert not target.exists()
+    # the message that names the kept checkpoint (after a non-finite loss) never unpickles it either
+    assert "step unknown" in run._kept_checkpoint(folder) and not target.exists()
+
+
+def wait_for_logged_step(out: Path, process: subprocess.Popen, step: int) -> None:
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and step in metric_steps(out):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or hung before logging step {step}: {process.communicate()}")
+
+
+def test_sigusr1_saves_the_step_in_progress_and_resume_continues_exactly(tiny_world, tmp_path):
+    """SLURM's requeue signal (SIGTERM takes the same path; tested under torchrun) mid-run:
+    the run saves the step it was on, says so in one line and exits 128 + 10; --resume
+    then ends exactly where the uninterrupted run ends."""
+    long_run = ("--steps", "12", "--save-every", "100", "--eval-every", "100")
+    assert grpo(tiny_world, tiny_world["model"], tmp_path / "full", *long_run).returncode == 0
+    out = tmp_path / "preempted"
+    command = [sys.executable, str(ROOT / "algos/grpo.py"), "--model", tiny_world["model"], "--train-data", tiny_world["train"],
+               "--eval-data", tiny_world["eval"], "--output-dir", str(out), "--prompts-per-step", "2", "--group-size", "2",
+               "--max-new-tokens", "6", "--eval-prompts", "4", *long_run]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TQDM_DISABLE": "1"})
+    wait_for_logged_step(out, process, 2)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
+    stopped_at = saved_step(out)
+    assert 2 <= stopped_at < 12 and metric_steps(out) == list(range(1, stopped_at + 1))  # nothing since the save lost
+    assert stderr.count("stopped at step") == 1 and f"stopped at step {stopped_at} by SIGUSR1" in stderr
+    assert "Traceback" not in stderr and not (out / "eval.json").exists()
+    assert grpo(tiny_world, tiny_world["model"], out, *long_run, "--resume").returncode == 0
+    assert metric_steps(out) == list(range(1, 13))
+    assert json.loads((out / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+    full_losses = [json.loads(line)["train/loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in line]
+    assert [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == pytest.approx(full_losses, rel=1e-5, abs=1e-7)
+
+
+FILE_SIZE_LIMITED_SAVE = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from shared.modeling import load_model, load_tokenizer
+from shared.run import save_checkpoint
+from test_run_folder import Flags, SavesAFile
+folder, which = Path({folder!r}), {which!r}
+if which == "model":  # the real safetensors writer
+    model, tokenizer = load_model({model!r}, "float32", "cpu"), load_tokenizer({model!r})
+    parameters = list(model.parameters())
+else:  # the real torch.save writer: a small model file, a large optimizer state
+    model = tokenizer = SavesAFile()
+    parameters = [torch.nn.Parameter(torch.zeros(200_000))]
+optimizer = torch.optim.AdamW(parameters, lr=0.1)
+parameters[0].grad = torch.ones_like(parameters[0])
+optimizer.step()
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+save_checkpoint(folder, model, tokenizer, optimizer, scheduler, 1, Flags(str(folder)))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+save_checkpoint(folder, model, tokenizer, optimizer, scheduler, 2, Flags(str(folder)))
+"""
+
+
+@pytest.mark.parametrize("which", ["model", "trainer_state"])
+def test_a_real_writer_failing_mid_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_world, tmp_path, which):
+    """Not a mocked OSError: the real safetensors and torch.save writers hit a file-size
+    limit (the kernel's EFBIG, as a full disk gives ENOSPC) partway through a file."""
+    folder = tmp_path / "run"
+    code = FILE_SIZE_LIMITED_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), folder=str(folder), which=which,
+                                         model=tiny_world["model"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: saving the checkpoint of step 2 failed (") and "step 1) is kept" in last, last
+    assert saved_step(folder) == 1 and (folder / CHECKPOINT / COMPLETE).exists()
+    assert not (folder / "checkpoint.tmp").exists()

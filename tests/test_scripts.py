@@ -198,9 +198,9 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
         "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--staged", "--stage1-steps", "2", "--disc-prompts", "64",
         "--disc-holdout", "0.25"]
     run_script("algos/aapa.py", *flags)
-    saved = torch.load(full / "discriminator.pt", weights_only=False)
+    saved = torch.load(full / "discriminator.pt", weights_only=True)
     assert saved["heldout_accuracy"] > 0.75
-    final = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=False)["extra"]["discriminator"]
+    final = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=True)["extra"]["discriminator"]
     assert all(torch.equal(saved["state_dict"][k], final["state_dict"][k]) for k in saved["state_dict"])
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["train/stage"] for m in metrics if "train/stage" in m] == [1, 1, 2, 2]
@@ -254,7 +254,7 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
                "--micro-batch-size", "3", "--gradient-checkpointing")
     assert losses(gpm_small) == pytest.approx(losses(gpm), rel=1e-5, abs=1e-7)
     assert_same_weights(gpm_small, gpm)
-    heads, small_heads = (torch.load(d / "checkpoint" / "gpm_heads.pt", weights_only=False) for d in (gpm, gpm_small))
+    heads, small_heads = (torch.load(d / "checkpoint" / "gpm_heads.pt", weights_only=True) for d in (gpm, gpm_small))
     for name in ("value_head", "gate_head"):
         for key, value in heads[name].items():
             assert torch.allclose(value, small_heads[name][key], atol=1e-6), (name, key)

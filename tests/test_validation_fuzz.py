@@ -219,7 +219,7 @@ def test_each_class_of_bad_expert_cache_line_names_the_line(line, expected, tiny
     ("scripts/build_expert_cache.py", ["--data", "missing.jsonl"], "does not exist"),
     ("scripts/build_expert_cache.py", ["--batch-size", "0"], "--batch-size must be in [1, inf)"),
     ("scripts/build_preference_pairs.py", ["--num-prompts", "0"], "--num-prompts must be in [1, inf)"),
-    ("scripts/build_preference_pairs.py", ["--temperature", "0"], "--temperature must be in (0, inf)"),
+    ("scripts/build_preference_pairs.py", ["--temperature", "0"], "--temperature must be in [0.001, inf)"),
 ])
 def test_data_building_scripts_validate_their_input(script, argv, expected, tmp_path):
     outcome, message = run_until_model_loading(script, ["--out", str(tmp_path / "out.jsonl"), *argv])

@@ -77,6 +77,9 @@ class Args:
     """choose each row's learning rate on the validation split instead, seeds 101-102 (writes <out-dir>/hyperparameters.json)"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
+    rows: tuple[str, ...] = ()
+    """only these table rows (by name, e.g. --rows "AAPA staged" "AAPA staged, anchor 0") and the runs they need
+    (SFT, AAPA-GRPO's discriminator, the GPM); the table and the comparisons hold only them (default: every row)"""
     seeds: int | None = None
     """seeds per row, each its own SFT checkpoint (main job: 6; --quick: 1)"""
     sft_steps: int | None = None
@@ -231,13 +234,24 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                                                 "--train-data", "data/toy/sft_prompts.jsonl",
                                                 "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
                             sft_dir, method="SFT", seed=seed))
+        rows = table_rows(runs_dir, seed, {**settings, "all": settings["all"] or bool(settings["rows"])})
+        if settings["rows"]:
+            wanted = {row.name for row in rows if row.name in settings["rows"]}
+            needed = {need for row in rows if row.name in wanted for need in row.needs}
+            rows = [row for row in rows if row.name in wanted or slug(row.name) in needed]
+        else:
+            needed = {"pairs", "gpm"}
         commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model", str(sft_dir / "checkpoint"),
                                                   "--data", "data/toy/sft_prompts.jsonl", "--out", str(pairs), "--seed", str(seed),
                                                   "--num-prompts", str(settings["side_prompts"])], pairs, [f"sft_seed{seed}"], seed=seed))
         commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
                                                 str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
                             runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
-        for row in table_rows(runs_dir, seed, settings):
+        if not needed & {"pairs", "gpm"}:
+            del commands[-2:]  # no selected row reads the preference pairs or the GPM
+        elif "gpm" not in needed:
+            del commands[-1]
+        for row in rows:
             if sweep and row.rate_of:
                 continue
             if row.script == "algos/sft.py" or row.script == "algos/adpo_pairwise.py":
@@ -446,17 +460,19 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
                      f"{verdict(differences, holm_p)} |")
-    if exploratory:
+    if exploratory & set(gold) and "GRPO" in gold:
         lines += ["", "Exploratory rows (no verdicts; the intervals are uncorrected): gold minus SFT and minus GRPO, paired by seed.",
                   "", "| row | gold - SFT [95% CI] | gold - GRPO [95% CI] |", "|---|---|---|"]
         for row in sorted(exploratory & set(gold)):
             lines.append(f"| {row} | {paired([a - b for a, b in zip(gold[row], gold['SFT'])])[0]} | "
                          f"{paired([a - b for a, b in zip(gold[row], gold['GRPO'])])[0]} |")
-    gpm = [json.loads((runs_dir / f"gpm_seed{s}" / "eval.json").read_text())["heldout_accuracy"] for s in seeds]
+    gpm = [json.loads((runs_dir / f"gpm_seed{s}" / "eval.json").read_text())["heldout_accuracy"] for s in seeds
+           if (runs_dir / f"gpm_seed{s}" / "eval.json").exists()]
     alarms = {row: [rows[row][s].get("drift_alarms", float("nan")) for s in seeds] for row in ("GPRL", "GPRL, monitor off")
               if row in rows}
-    lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm)} on the SFT model's sampled "
-                  "pairs (chance 0.5)."]
+    if gpm:
+        lines += ["", f"The GPM that GPRL optimises: held-out pairwise accuracy {mean_std(gpm)} on the SFT model's sampled "
+                      "pairs (chance 0.5)."]
     if alarms:
         lines += ["Drift alarms per run: " + "; ".join(f"{row} {mean_std(values)}" for row, values in alarms.items()) +
                   " (monitor off: alarms that fired but were not acted on)."]
@@ -582,6 +598,9 @@ if __name__ == "__main__":
                          "it, or leave the flag out to use one learning rate for every row")
     hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
     methods = {row.name for row in table_rows(runs_dir, 1, {**settings, "all": True})}
+    unknown = [name for name in args.rows if name not in methods]
+    if unknown:
+        raise SystemExit(f"error: --rows {unknown[0]!r} is not a row of the job; rows: {', '.join(sorted(methods))}")
     hyperparameters = {} if args.sweep else check_hyperparameters(hyperparameters_file, methods)
     eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)

@@ -108,6 +108,10 @@ if __name__ == "__main__":
         train_rows = load_rows(args.train_data, required=("prompt",))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
+        if any(r["prompt"] not in cache for r in train_rows):  # answers the teacher did not finish
+            print(f"note: {sum(r['prompt'] not in cache for r in train_rows)} training prompt(s) skipped: the expert "
+                  "cache dropped their answers (the teacher was cut at its token limit)")
+            train_rows = [r for r in train_rows if r["prompt"] in cache]
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 

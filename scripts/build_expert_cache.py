@@ -32,6 +32,9 @@ class Args:
     """prompts per teacher generate call"""
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
     """teacher weights dtype"""
+    keep_truncated: bool = False
+    """keep answers the teacher was cut off at --max-new-tokens (default: dropped, since imitating them teaches the
+    policy to stop mid-answer; the training scripts then skip those prompts)"""
 
 
 if __name__ == "__main__":
@@ -48,12 +51,25 @@ if __name__ == "__main__":
             tokenizer, model = load_tokenizer(args.teacher), load_model(args.teacher, args.dtype, default_device())
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    finish_reasons, dropped = None, []
     if args.teacher != "oracle":
-        responses = []
+        responses, finish_reasons = [], []
         for i in tqdm(range(0, len(prompts), args.batch_size), desc="teacher generate"):
             out = generate_rollouts(model, tokenizer, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
                                     temperature=max(args.temperature, 1e-5), do_sample=args.temperature > 0)
             responses += out["texts"]
+            finish_reasons += ["length" if cut else "stop" for cut in out["truncated"].tolist()]
         generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    write_expert_cache(args.out, prompts, responses, teacher=args.teacher, generation=generation)
+        truncated = sum(reason == "length" for reason in finish_reasons)
+        if not args.keep_truncated:
+            dropped = [p for p, reason in zip(prompts, finish_reasons) if reason == "length"]
+            kept = [k for k, reason in enumerate(finish_reasons) if reason == "stop"]
+            prompts, responses, finish_reasons = ([values[k] for k in kept] for values in (prompts, responses, finish_reasons))
+        print(f"{truncated} of {len(finish_reasons) + len(dropped)} teacher answers reached --max-new-tokens "
+              f"{args.max_new_tokens} without ending: " + ("kept (--keep-truncated)" if args.keep_truncated else "dropped"))
+        if not responses:
+            raise SystemExit(f"error: every teacher answer was cut at --max-new-tokens {args.max_new_tokens}; nothing "
+                             "was written (raise --max-new-tokens, or pass --keep-truncated)")
+    write_expert_cache(args.out, prompts, responses, teacher=args.teacher, generation=generation,
+                       finish_reasons=finish_reasons, dropped_truncated=dropped)
     print(f"wrote {len(responses)} expert responses from {args.teacher!r} to {args.out}")

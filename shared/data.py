@@ -156,10 +156,16 @@ def keep_short_prompts(rows: list[dict], tokenizer, max_prompt_tokens: int, on_l
 
 
 def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str], teacher: str,
-                       generation: dict) -> None:
-    """One JSONL line per prompt; the first line records who wrote the responses and how."""
-    header = {"teacher": teacher, "generation": generation, "num_responses": len(responses)}
-    write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r} for p, r in zip(prompts, responses)], path)
+                       generation: dict, finish_reasons: list[str] | None = None,
+                       dropped_truncated: list[str] = ()) -> None:
+    """One JSONL line per prompt (with its finish reason, "stop" or "length", when the
+    teacher generated it); the first line records who wrote the responses, how, and
+    the prompts whose answers were dropped because the teacher was cut at its token limit."""
+    header = {"teacher": teacher, "generation": generation, "num_responses": len(responses),
+              "dropped_truncated": list(dropped_truncated)}
+    reasons = finish_reasons or [None] * len(responses)
+    write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r, **({"finish_reason": f} if f else {})}
+                                             for p, r, f in zip(prompts, responses, reasons)], path)
 
 
 def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str,
@@ -179,12 +185,20 @@ def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str,
         cache, header = load_expert_cache(cache_path, pool)
     except ValueError as error:
         raise ValueError(f"{error} (the prompts of {pool_name}; --expert-pool '' uses the training prompts)") from None
-    return pool, cache, header
+    covered = [prompt for prompt in pool if prompt in cache]
+    if len(covered) < len(pool):
+        print(f"note: {len(pool) - len(covered)} prompt(s) of {pool_name} skipped: the expert cache dropped their "
+              "answers (the teacher was cut at its token limit)")
+    if len(set(covered)) < min_prompts:
+        raise ValueError(f"{pool_name} has {len(set(covered))} prompt(s) with an expert answer; at least {min_prompts} "
+                         f"are needed ({why})")
+    return covered, cache, header
 
 
 def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tuple[dict[str, str], dict]:
     """The cache as {prompt: response} and its header; checks that every prompt in
-    `prompts` is covered and names the missing ones otherwise."""
+    `prompts` is covered (or listed in the header as dropped, its teacher answer cut at
+    the token limit) and names the missing ones otherwise."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"expert cache {str(path)!r} does not exist; build it with scripts/build_expert_cache.py")
@@ -208,7 +222,8 @@ def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tup
                                  "appears earlier with a different response")
             else:
                 cache[record["prompt"]] = record["response"]
-    missing = [p for p in (prompts or []) if p not in cache]
+    dropped = set(header.get("dropped_truncated", []))  # deliberately absent: the callers skip them
+    missing = [p for p in (prompts or []) if p not in cache and p not in dropped]
     if missing:
         raise ValueError(f"expert cache {str(path)!r} misses {len(missing)} of {len(prompts)} prompts, "
                          f"for example {missing[0]!r}; rebuild it for this dataset")

@@ -102,3 +102,33 @@ def test_an_expert_pool_is_named_in_its_errors_and_needs_two_prompts_where_a_spr
                             tiny_world["eval"], "--expert-cache", tiny_world["expert_cache"], "--expert-pool", str(one),
                             "--output-dir", str(tmp_path / script), expect_ok=False)
         assert "has 1 distinct prompt(s); at least 2 are needed" in one_line_error(result), script
+
+
+def test_a_teacher_cut_at_its_token_limit_is_recorded_and_dropped_unless_kept(tiny_world, tmp_path):
+    """The untrained tiny model almost never samples eos within 1 token: every answer is
+    truncated. By default none may be imitated (nothing written, one line); with
+    --keep-truncated they are written, each with finish_reason "length"."""
+    out = tmp_path / "cache.jsonl"
+    flags = ["--data", tiny_world["train"], "--out", str(out), "--teacher", tiny_world["model"], "--max-new-tokens", "1"]
+    result = run_script("scripts/build_expert_cache.py", *flags, expect_ok=False)
+    assert "every teacher answer was cut at --max-new-tokens 1" in one_line_error(result) and not out.exists()
+    assert "64 of 64 teacher answers reached --max-new-tokens 1 without ending: dropped" in result.stdout
+    kept = run_script("scripts/build_expert_cache.py", *flags, "--keep-truncated")
+    assert "kept (--keep-truncated)" in kept.stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["__header__"]["dropped_truncated"] == []
+    assert len(lines) == 65 and all(line["finish_reason"] == "length" for line in lines[1:])
+
+
+def test_prompts_whose_teacher_answer_was_dropped_are_skipped_by_the_runs_not_refused(tiny_world, tmp_path):
+    from shared.data import write_expert_cache
+    rows = load_rows(tiny_world["train"])
+    prompts = [row["prompt"] for row in rows]
+    cache_path = tmp_path / "cache.jsonl"
+    write_expert_cache(cache_path, prompts[1:], ["answer"] * (len(prompts) - 1), teacher="t", generation={},
+                       finish_reasons=["stop"] * (len(prompts) - 1), dropped_truncated=prompts[:1])
+    pool, cache, header = load_expert_pool("", rows, str(cache_path))
+    assert pool == prompts[1:] and prompts[0] not in cache and header["dropped_truncated"] == prompts[:1]
+    write_expert_cache(cache_path, prompts[1:], ["answer"] * (len(prompts) - 1), teacher="t", generation={})
+    with pytest.raises(ValueError, match="misses 1 of 64 prompts"):  # absent without being dropped: an error still
+        load_expert_pool("", rows, str(cache_path))

@@ -66,6 +66,12 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag()
     # two seeds the table never uses; every row with its own rate (9: the three twins take their method's) x 4 rates
     assert len(sweep) == 2 * (3 + 9 * 4) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
     assert all(" --seed 10" in line for line in sweep)
+    # --rows: the named rows and only what they read (AAPA staged loads AAPA-GRPO's discriminator; GPRL the GPM)
+    only = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--rows", "AAPA staged",
+                           "GPRL"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    assert [line.split()[0] for line in only] == ["algos/sft.py", "scripts/build_preference_pairs.py", "algos/gpm.py",
+                                                  "algos/aapa.py", "algos/aapa.py", "algos/gprl.py"]
+    assert "aapa-grpo_seed1 --resume" in only[3] and "--staged" in only[4] and "--anchor-coef" not in only[4]
 
 
 def test_every_primary_comparison_names_two_rows_of_the_job():
@@ -74,6 +80,7 @@ def test_every_primary_comparison_names_two_rows_of_the_job():
     assert len({(method, control) for _, method, control in PRIMARY}) == len(PRIMARY)
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores; it also rebuilds data/toy, which other tests read
 def test_smallest_main_job_tables_every_row_and_resumes_without_rerunning(tmp_path):
     first = reproduce(tmp_path)
     lines = (tmp_path / "table.md").read_text().splitlines()

@@ -26,17 +26,16 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed
+from shared import distributed, run
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-from shared.run import AT_LEAST_1, CHECKPOINT, NON_NEGATIVE, POSITIVE, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
 
 @dataclass
-class Args(RunFlags):
+class Args(run.RunFlags):
     model: str = "runs/sft/checkpoint"
     """backbone: any causal LM id or folder (the tiny SFT model offline)"""
     pairs_data: str = "data/toy/pairs.jsonl"
@@ -78,10 +77,10 @@ class Args(RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
-                   micro_batch_size=AT_LEAST_1, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
-                   max_grad_norm=POSITIVE, eval_every=AT_LEAST_1, save_every=AT_LEAST_1,
-                   dims=AT_LEAST_1, score_temperature=POSITIVE, holdout=(0, 1, False, False))
+FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, batch_size=run.AT_LEAST_1,
+                   micro_batch_size=run.AT_LEAST_1, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
+                   max_grad_norm=run.POSITIVE, eval_every=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
+                   dims=run.AT_LEAST_1, score_temperature=run.POSITIVE, holdout=(0, 1, False, False))
 
 
 def skew_scores(v_a, v_b):
@@ -131,16 +130,16 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_flags(args, FLAG_RANGES)
+    run.check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
     distributed.check_divisible(args.batch_size, "--batch-size")
-    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    seed_everything(args.seed)
+    run.seed_everything(args.seed)
 
     # ---- pairs: text, soft labels, per-axis labels; a held-out split
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
         tokenizer = load_tokenizer(model_path)
@@ -169,7 +168,7 @@ if __name__ == "__main__":
     for head in (value_head, gate_head):
         torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))  # the reference's initialisation
     if state:
-        heads = torch.load(output_dir / CHECKPOINT / GPM_HEADS, weights_only=True)
+        heads = torch.load(output_dir / run.CHECKPOINT / GPM_HEADS, weights_only=True)
         value_head.load_state_dict(heads["value_head"])
         gate_head.load_state_dict(heads["gate_head"])
     parameters = [*backbone.parameters(), *value_head.parameters(), *gate_head.parameters()]
@@ -178,10 +177,10 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(gpm_loss, dynamic=True) if args.compile else gpm_loss
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
-    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     backbone.train()
 
     def heads_record():
@@ -217,14 +216,14 @@ if __name__ == "__main__":
         return result
 
     if start_step == 0:
-        write_json(output_dir / "initial_eval.json", run_eval(0))
+        run.write_json(output_dir / "initial_eval.json", run_eval(0))
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gpm",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
         step_start = time.time()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
-        part = [train[i] for i in torch.randint(len(train), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()]
+        part = [train[i] for i in torch.randint(len(train), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()]
         part = distributed.local_share(part)
         loss, metrics, gate_entropy = 0.0, {}, 0.0
         for start in range(0, len(part), args.micro_batch_size):
@@ -247,9 +246,9 @@ if __name__ == "__main__":
         loss, gate_entropy = distributed.all_sum(loss), distributed.all_sum(gate_entropy)
         metrics = {key: distributed.all_sum(value) for key, value in metrics.items()}
         grad_norm = distributed.sum_gradients_and_clip(parameters, args.max_grad_norm)
-        stop_if_not_finite(loss, step + 1, output_dir, grad_norm)
+        run.stop_if_not_finite(loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        stop_if_weights_not_finite(backbone, step + 1, output_dir)
+        run.stop_if_weights_not_finite(backbone, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -258,12 +257,12 @@ if __name__ == "__main__":
                               **{f"train/{k}": v for k, v in metrics.items()}, "train/gate_entropy": gate_entropy,
                               "perf/steps_per_sec": 1 / (time.time() - step_start)})
         progress.set_postfix(loss=f"{loss:.3f}")
-        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, backbone, tokenizer, optimizer, scheduler, step + 1, args, extra_files={GPM_HEADS: heads_record()})) or final_eval
 
     if not (output_dir / "eval.json").exists() or json.loads((output_dir / "eval.json").read_text()).get("step") != args.steps:
         final_eval = final_eval or run_eval(args.steps, log=False)
-        write_json(output_dir / "eval.json", {"step": args.steps, **final_eval,
+        run.write_json(output_dir / "eval.json", {"step": args.steps, **final_eval,
                                               "initial_heldout_accuracy": json.loads((output_dir / "initial_eval.json").read_text())["heldout_accuracy"]})
     logger.close()
-    print(f"done: GPM checkpoint in {output_dir / CHECKPOINT}")
+    print(f"done: GPM checkpoint in {output_dir / run.CHECKPOINT}")

@@ -20,8 +20,8 @@ rule above; every threshold is a flag. The GPM is read as algos/gpm.py saved it.
 docs/algorithms.md#gpm-and-gprl.
 """
 
-import math
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +31,17 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, toyworld
+from shared import distributed, run, toyworld
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, old_and_ref_logps
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
 
 @dataclass
-class Args(RunFlags):
+class Args(run.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (and reference): hub id or local folder, e.g. the SFT checkpoint"""
     gpm: str = "runs/gpm/checkpoint"
@@ -132,12 +131,12 @@ class Args(RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
-                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
-                   learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, beta=NON_NEGATIVE,
-                   num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1,
-                   logp_chunk_tokens=NON_NEGATIVE, drift_every=AT_LEAST_1, probe_prompts=AT_LEAST_1,
-                   dominance=(0, 1, True, True), noise_z=(None, None, True, True), adv_std_floor=POSITIVE)
+FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
+                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
+                   learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE,
+                   num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
+                   logp_chunk_tokens=run.NON_NEGATIVE, drift_every=run.AT_LEAST_1, probe_prompts=run.AT_LEAST_1,
+                   dominance=(0, 1, True, True), noise_z=(None, None, True, True), adv_std_floor=run.POSITIVE)
 
 
 def skew_scores(v_a, v_b):
@@ -345,13 +344,13 @@ def load_gpm(path: str, dtype: str, device: str):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_flags(args, FLAG_RANGES)
+    run.check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
-    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    seed_everything(args.seed)
+    run.seed_everything(args.seed)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data and the preference model
@@ -368,7 +367,7 @@ if __name__ == "__main__":
         return gpm_embed(gpm_backbone, value_head, gate_head, gpm_tokenizer, prompts, responses, args.device)
 
     # ---- policy, reference (always: the monitor may raise beta), optimizer, schedule
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
@@ -383,11 +382,11 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(gprl_advantages, dynamic=True) if args.compile else gprl_advantages
     # eps and beta change only at drift checks, so a compiled loss recompiles at most once per check
     loss_fn = torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss
-    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     # ---- drift monitor: probe prompts with frozen reference responses (the initial policy, greedy)
@@ -414,22 +413,22 @@ if __name__ == "__main__":
                               in zip(probe_rows, texts, reference_texts)]) if judge_is_checkable else None
         return skew_scores(v, reference_v).cpu(), truth
 
-    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
-        write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gprl",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = PhaseTimer()
+        clock = run.PhaseTimer()
         eps, beta, rho = monitor["eps"], monitor["beta"], monitor["rho"]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
+        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
         clock.lap("generate")
 
@@ -468,9 +467,9 @@ if __name__ == "__main__":
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = distributed.all_sum(float(total_loss))
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-            stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+            run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
             optimizer.step()
-            stop_if_weights_not_finite(model, step + 1, output_dir)
+            run.stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         clock.lap("update")
@@ -514,9 +513,9 @@ if __name__ == "__main__":
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
-        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args, extra={"monitor": monitor})) or final_eval
 
-    write_final_eval(output_dir, args.steps, final_eval, run_eval, drift_alarms=monitor["alarms"])
+    run.write_final_eval(output_dir, args.steps, final_eval, run_eval, drift_alarms=monitor["alarms"])
     logger.close()
-    print(f"done: checkpoint in {output_dir / CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")

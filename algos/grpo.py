@@ -18,16 +18,15 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed
+from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, generate_rollouts, old_and_ref_logps
-from shared.run import AT_LEAST_1, AT_LEAST_2, CHECKPOINT, FRACTION, NON_NEGATIVE, POSITIVE, TEMPERATURE, PhaseTimer, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, prompt_seeds, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
-class Args(RunFlags):
+class Args(run.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (and reference): hub id or local folder, e.g. the SFT checkpoint"""
     train_data: str = "data/toy/train.jsonl"
@@ -90,11 +89,11 @@ class Args(RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, prompts_per_step=AT_LEAST_1, group_size=AT_LEAST_2,
-                   micro_batch_size=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=TEMPERATURE,
-                   learning_rate=POSITIVE, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, beta=NON_NEGATIVE,
-                   eps_low=FRACTION, eps_high=NON_NEGATIVE, num_iterations=AT_LEAST_1, eval_every=AT_LEAST_1,
-                   eval_prompts=AT_LEAST_1, save_every=AT_LEAST_1, logp_chunk_tokens=NON_NEGATIVE)
+FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
+                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
+                   learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE,
+                   eps_low=run.FRACTION, eps_high=run.NON_NEGATIVE, num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1,
+                   eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -171,13 +170,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_flags(args, FLAG_RANGES)
+    run.check_flags(args, FLAG_RANGES)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     output_dir = Path(args.output_dir)
-    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    seed_everything(args.seed)
+    run.seed_everything(args.seed)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data, reward, policy and reference (only when beta > 0)
@@ -185,7 +184,7 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        model_path = str(output_dir / CHECKPOINT) if state else args.model
+        model_path = str(output_dir / run.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
@@ -201,30 +200,30 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
     loss_fn = functools.partial(torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 importance_sampling_level=args.importance_sampling_level,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
-    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
-    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
-        write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="grpo",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = PhaseTimer()
+        clock = run.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=step_generator(args.seed, step)).tolist()
+        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(prompt_seeds(args.seed, step, len(indices))),
+                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
                                      autocast_bf16=args.autocast_bf16)
         clock.lap("generate")
 
@@ -260,9 +259,9 @@ if __name__ == "__main__":
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = distributed.all_sum(float(total_loss))
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-            stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+            run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
             optimizer.step()
-            stop_if_weights_not_finite(model, step + 1, output_dir)
+            run.stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         clock.lap("update")
@@ -276,9 +275,9 @@ if __name__ == "__main__":
             "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
             **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
-        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval
 
-    write_final_eval(output_dir, args.steps, final_eval, run_eval)
+    run.write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
-    print(f"done: checkpoint in {output_dir / CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")

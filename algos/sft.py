@@ -17,16 +17,15 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed
+from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn
 from shared.rollout import completion_logps, encode_prompt_response
-from shared.run import AT_LEAST_1, CHECKPOINT, NON_NEGATIVE, POSITIVE, RunFlags, RunLogger, check_flags, claim_output_dir, evaluate_and_log, evaluate_save_or_stop, save_checkpoint, seed_everything, step_generator, stop_if_not_finite, stop_if_weights_not_finite, write_final_eval, write_json
 
 
 @dataclass
-class Args(RunFlags):
+class Args(run.RunFlags):
     model: str = "data/tiny-qwen3"
     """policy to fine-tune: hub id (Qwen/Qwen3-0.6B) or local folder"""
     train_data: str = "data/toy/train.jsonl"
@@ -72,10 +71,10 @@ class Args(RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=NON_NEGATIVE, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
-                   micro_batch_size=AT_LEAST_1, learning_rate=POSITIVE, weight_decay=NON_NEGATIVE,
-                   max_grad_norm=POSITIVE, eval_every=AT_LEAST_1, eval_prompts=AT_LEAST_1, max_new_tokens=AT_LEAST_1,
-                   save_every=AT_LEAST_1, logp_chunk_tokens=NON_NEGATIVE)
+FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, batch_size=run.AT_LEAST_1,
+                   micro_batch_size=run.AT_LEAST_1, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
+                   max_grad_norm=run.POSITIVE, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1,
+                   save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE)
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -92,15 +91,15 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor |
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_flags(args, FLAG_RANGES)
+    run.check_flags(args, FLAG_RANGES)
     if args.batch_size % args.micro_batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
     distributed.check_divisible(args.batch_size, "--batch-size")
     output_dir = Path(args.output_dir)
-    state = claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    seed_everything(args.seed)
+    run.seed_everything(args.seed)
 
     # ---- data: prompts and their expert responses
     eval_fn = load_eval_fn(args.eval_fn)
@@ -116,7 +115,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
 
     # ---- model, optimizer, schedule
-    model_path = str(output_dir / CHECKPOINT) if state else args.model
+    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
@@ -131,24 +130,24 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(sft_loss, dynamic=True) if args.compile else sft_loss
-    logger = RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations "
           f"from {cache_header.get('teacher', '?')!r}")
 
-    run_eval = functools.partial(evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
 
     if start_step == 0:
-        write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sft",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
         step_start = time.time()
         # ---- sample a batch (depends only on seed and step: resumable)
-        indices = torch.randint(len(train_rows), (args.batch_size,), generator=step_generator(args.seed, step)).tolist()
+        indices = torch.randint(len(train_rows), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
         indices = distributed.local_share(indices)
         batch_prompts = [train_rows[i]["prompt"] for i in indices]
         batch_responses = [responses[i] for i in indices]
@@ -169,9 +168,9 @@ if __name__ == "__main__":
             total_loss += loss.detach()
         total_loss = distributed.all_sum(float(total_loss))
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-        stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+        run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        stop_if_weights_not_finite(model, step + 1, output_dir)
+        run.stop_if_weights_not_finite(model, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -179,9 +178,9 @@ if __name__ == "__main__":
         logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm),
                               "train/lr": scheduler.get_last_lr()[0], "perf/steps_per_sec": 1 / (time.time() - step_start)})
         progress.set_postfix(loss=f"{total_loss:.3f}")
-        final_eval = evaluate_save_or_stop(step + 1, args, run_eval, lambda: save_checkpoint(
+        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval
 
-    write_final_eval(output_dir, args.steps, final_eval, run_eval)
+    run.write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
-    print(f"done: checkpoint in {output_dir / CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tyro
+from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
 from scipy.stats import t as student_t
 
-from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
 from shared.run import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

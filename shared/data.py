@@ -11,7 +11,6 @@ from shared.modeling import chat_prompt
 from shared.scoring import instruction_problem
 from shared.toyworld import write_jsonl
 
-
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.data import load_rows, write_expert_cache
 from shared.modeling import build_tiny_model
 from shared.toyworld import oracle, write_splits
-from shared.data import load_rows, write_expert_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,21 @@ discriminator's loss and score, and the lambda schedules."""
 
 import pytest
 import torch
+from test_losses import grad_of_logp, toy_policy
 
 import algos.grpo as grpo
-from algos.aapa import (ANCHOR_SCALE_MIN, aapa_advantages, aapa_loss, anchor_coefficient, anchor_scores, binary_auc,
-                        discriminator_loss, fit_discriminator, group_advantages, make_discriminator)
-from test_losses import grad_of_logp, toy_policy
+from algos.aapa import (
+    ANCHOR_SCALE_MIN,
+    aapa_advantages,
+    aapa_loss,
+    anchor_coefficient,
+    anchor_scores,
+    binary_auc,
+    discriminator_loss,
+    fit_discriminator,
+    group_advantages,
+    make_discriminator,
+)
 
 
 def batch(seed=0):

@@ -4,10 +4,10 @@ closed-form gradients, the DPO special case and the adaptive temperature."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_losses import grad_of_logp, toy_policy
 
 from algos.adpo import adaptive_tau, adpo_listwise_loss, group_advantages, group_entropy, sequence_logps
 from algos.adpo_pairwise import adpo_pairwise_loss
-from test_losses import grad_of_logp, toy_policy
 
 
 def listwise_batch(seed=0):

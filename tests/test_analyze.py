@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from shared.modeling import build_tiny_model, load_model, load_tokenizer
 from shared.rollout import generate_rollouts, naive_completion_logps
 from shared.toyworld import make_split, oracle

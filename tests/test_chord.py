@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from test_losses import grad_of_logp, toy_policy
 
 from algos.chord import chord_loss, grpo_loss, mu_schedule, sft_phi_loss
-from test_losses import grad_of_logp, toy_policy
 
 
 def test_mu_schedule_boundaries_and_midpoints():

@@ -14,10 +14,9 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import ROOT, run_script
 from test_scripts import common_flags, grpo_flags, losses
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 

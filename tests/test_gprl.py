@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from algos.gpm import gpm_loss, gpm_scores
-from algos.gprl import axis_agreement, drift_update, grpo_loss, group_dim_scores, gprl_advantages, probe_margin_stats
+from algos.gprl import axis_agreement, drift_update, gprl_advantages, group_dim_scores, grpo_loss, probe_margin_stats
 
 
 def random_v(n, k, seed=0):

@@ -7,8 +7,8 @@ import os
 import sys
 
 import pytest
-
 from conftest import ROOT, run_script
+
 from shared.data import load_expert_pool, load_rows
 from shared.run import check_output_file
 

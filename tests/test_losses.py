@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from algos.grpo import grpo_loss, group_advantages
+from algos.grpo import group_advantages, grpo_loss
 from algos.sft import sft_loss
 
 

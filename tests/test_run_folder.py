@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 
 import shared.run as run
-from conftest import ROOT, run_script
 from shared.run import CHECKPOINT, COMPLETE, TRAINER_STATE, RunLogger, claim_output_dir, recover_checkpoint, save_checkpoint
 
 

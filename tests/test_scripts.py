@@ -4,15 +4,14 @@ import dataclasses
 import json
 import math
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, run_script
 from shared.rewards import reward_scores
 from shared.scoring import gold
 

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-
-from algos.uniapl import online_discriminator_loss, dual_update, group_advantages, uniapl_advantages, uniapl_policy_loss
 from test_losses import grad_of_logp, toy_policy
+
+from algos.uniapl import dual_update, group_advantages, online_discriminator_loss, uniapl_advantages, uniapl_policy_loss
 
 
 def test_policy_loss_gradient_closed_form():

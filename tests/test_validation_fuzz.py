@@ -14,10 +14,10 @@ import sys
 import traceback
 
 import pytest
+from conftest import ROOT
 
 import shared.modeling
 import shared.run
-from conftest import ROOT
 
 
 class ReachedModelLoading(Exception):

@@ -71,6 +71,8 @@ def test_rows_needing_missing_nltk_data_are_refused_or_dropped_by_flag(tmp_path,
     ("extra", "has 1 prompt(s) that are not in --data"),
     ("bad json", "line 2: not valid JSON"),
     ("no response field", "line 1: needs a string 'prompt' and a string 'response'"),
+    ("conflicting duplicate", "line 4: a second, different response for the prompt 'Two bullets.'"),
+    ("identical duplicate", None),
 ])
 def test_a_response_file_that_does_not_match_gets_one_error_line(tmp_path, change, expected, no_nltk_data):
     responses = {p: RESPONSES[p] for p in [r["prompt"] for r in ROWS[:3]]}
@@ -83,6 +85,12 @@ def test_a_response_file_that_does_not_match_gets_one_error_line(tmp_path, chang
         Path(answers).write_text(Path(answers).read_text().replace('{"prompt": "Write', '{"prompt: "Write'))
     if change == "no response field":
         Path(answers).write_text(json.dumps({"prompt": "Two bullets.", "text": "x"}) + "\n")
+    if change.endswith("duplicate"):
+        again = RESPONSES["Two bullets."] + ("" if change == "identical duplicate" else " (edited)")
+        Path(answers).write_text(Path(answers).read_text() + json.dumps({"prompt": "Two bullets.", "response": again}) + "\n")
+    if expected is None:  # the same response twice is one response
+        assert score_responses.main(score_responses.Args(data=data, responses=answers))["rows"] == 3
+        return
     with pytest.raises(SystemExit) as stop:
         score_responses.main(score_responses.Args(data=data, responses=answers))
     assert str(stop.value).startswith("error: ") and expected in str(stop.value) and "\n" not in str(stop.value)

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -362,9 +363,12 @@ class RunLogger:
         of it when there was none: the run starts again at step 0, initial evaluation included)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if step > 0 and _step_of(line) is not None and _step_of(line) <= step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        text = self.metrics_path.read_text()
+        lines = text.splitlines()
+        steps = [_step_of(line) for line in lines] if step > 0 else []
+        kept = [line for line, logged in zip(lines, steps) if logged is not None and logged <= step]
+        if len(kept) < len(lines) or not text.endswith("\n") and lines:
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))  # a long run's resume skips this
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -387,9 +391,15 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
+_LOGGED_LINE = re.compile(r'\{"step": (\d+), "time": -?[0-9.e+-]+, "[^"]+": ')
+
+
 def _step_of(line: str) -> int | None:
     """The step a metrics line records; None for a line cut short by a crash or edited
     into something else (it is dropped on resume)."""
+    ours = _LOGGED_LINE.match(line)  # the lines RunLogger.log writes, read without a JSON parse (a long run's resume)
+    if ours and line.endswith("}"):
+        return int(ours.group(1))
     try:
         record = json.loads(line)
     except json.JSONDecodeError:

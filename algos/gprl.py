@@ -83,7 +83,7 @@ class Args(run.RunFlags):
     beta: float = 0.04
     """initial k3 KL coefficient to the reference (the monitor raises it on alarm)"""
     clip_eps: float = 0.2
-    """initial clip range, rho in [1 - clip_eps, 1 + clip_eps] (GRPO's --eps-low = --eps-high); the monitor tightens it on alarm"""
+    """initial clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps] (GRPO's --eps-low = --eps-high); the monitor tightens it on alarm"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""

@@ -91,6 +91,9 @@ def test_an_expert_pool_is_named_in_its_errors_and_needs_two_prompts_where_a_spr
     train_rows = load_rows(tiny_world["train"])
     with pytest.raises(ValueError, match="^--expert-pool: .*no_such.jsonl"):
         load_expert_pool(str(tmp_path / "no_such.jsonl"), train_rows, tiny_world["expert_cache"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="^--expert-pool: .*empty.jsonl.* has no rows"):
+        load_expert_pool(str(tmp_path / "empty.jsonl"), train_rows, tiny_world["expert_cache"])
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"prompt": train_rows[0]["prompt"]}) + "\n")
     pool, _, _ = load_expert_pool(str(one), train_rows, tiny_world["expert_cache"])  # CHORD can use one prompt

@@ -9,7 +9,14 @@ default goes through exactly the same `from_pretrained` path as Qwen/Qwen3-0.6B.
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 # One special token per role: the tiny model reads bytes, so every template byte costs compute.
 TINY_CHAT_TEMPLATE = (
@@ -78,7 +85,21 @@ def load_tokenizer(name_or_path: str):
         tokenizer.pad_token = tokenizer.eos_token  # completions are masked after eos, so sharing it is safe
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat checkpoint")
+    tokenizer.stop_token_ids = stop_token_ids(name_or_path, tokenizer)
     return tokenizer
+
+
+def stop_token_ids(name_or_path: str, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's eos and the model's
+    generation_config eos list. Qwen3 ends a chat turn with <|im_end|> (151645, its
+    tokenizer's eos) and a document with <|endoftext|> (151643); its generation_config
+    lists both, and sampling, masks and the expert cache stop on either."""
+    try:
+        listed = GenerationConfig.from_pretrained(name_or_path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({tokenizer.eos_token_id, *listed})
 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",

@@ -33,10 +33,17 @@ def encode_prompt_response(tokenizer, prompts: list[str], responses: list[str], 
             response_mask, prompt_ids.size(1))
 
 
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [B, L] that is 1 up to and including the first eos, and a truncation flag
-    [B] that is True where no eos was produced."""
-    is_eos = completion_ids == eos_token_id
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens that end a response (shared/modeling.py:stop_token_ids, set by
+    load_tokenizer); a tokenizer made elsewhere stops on its eos."""
+    return getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id]
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, L] that is 1 up to and including the first eos (any of a list of stop
+    tokens), and a truncation flag [B] that is True where none was produced."""
+    stop = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, stop)
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.size(1))
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
@@ -73,7 +80,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
             generators = None if seeds is None else [torch.Generator(device).manual_seed(seed) for seed in seeds]
             with autocast:
                 completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
-                                                                    temperature, do_sample, tokenizer.eos_token_id,
+                                                                    temperature, do_sample, stop_ids(tokenizer),
                                                                     tokenizer.pad_token_id, generators, output_scores)
         else:
             if seeds is not None:
@@ -84,7 +91,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
                                                    temperature, do_sample, output_scores)
     finally:
         model.train(was_training)
-    completion_mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
+    completion_mask, truncated = completion_mask_from_ids(completion_ids, stop_ids(tokenizer))
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, dim=0), prompt_mask.repeat_interleave(group_size, dim=0)
@@ -106,6 +113,7 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     forward) or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when
     not do_sample), nothing else: the distribution every log-prob, ratio and KL assumes;
     with `generators` (one per prompt) each group draws from its own.
+    eos_token_id: one stop token or a list (Qwen3: <|im_end|> and <|endoftext|>).
     Returns completion ids [B*G, L] (pad after a row's eos) and, with output_scores, the
     logits / T [B*G, L, V] (else None: at Qwen3's vocabulary they would be 0.6 MB per
     row and token, 40 GB for 64 rows x 1,024 tokens)."""
@@ -120,6 +128,7 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     next_position = attention_mask.sum(1, keepdim=True)
     finished = torch.zeros(attention_mask.size(0), dtype=torch.bool, device=prompt_ids.device)
+    stop = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=prompt_ids.device)
     tokens, scores = [], []
     for _ in range(max_new_tokens):
         scaled = logits.float() / temperature if do_sample else logits.float()
@@ -134,7 +143,7 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
         tokens.append(token)
         if output_scores:
             scores.append(scaled)
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stop)
         if not any_rank(not finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -164,7 +173,7 @@ def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, tempera
     would otherwise change what is sampled. generate() fills every field left unset from
     model.generation_config, so an empty one stands in for it during the call."""
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
                               pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
     saved_config, model.generation_config = model.generation_config, GenerationConfig()
     try:

@@ -61,15 +61,21 @@ if __name__ == "__main__":
             finish_reasons += ["length" if cut else "stop" for cut in out["truncated"].tolist()]
         generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
         truncated = sum(reason == "length" for reason in finish_reasons)
+        empty = [k for k, text in enumerate(responses) if not text.strip()]
+        if empty:  # nothing to imitate: the training scripts would refuse the cache
+            print(f"{len(empty)} teacher answers were empty (only whitespace or special tokens): dropped")
+            dropped += [prompts[k] for k in empty]
+            prompts, responses, finish_reasons = ([v for k, v in enumerate(values) if k not in set(empty)]
+                                                  for values in (prompts, responses, finish_reasons))
         if not args.keep_truncated:
-            dropped = [p for p, reason in zip(prompts, finish_reasons) if reason == "length"]
+            dropped += [p for p, reason in zip(prompts, finish_reasons) if reason == "length"]
             kept = [k for k, reason in enumerate(finish_reasons) if reason == "stop"]
             prompts, responses, finish_reasons = ([values[k] for k in kept] for values in (prompts, responses, finish_reasons))
-        print(f"{truncated} of {len(finish_reasons) + len(dropped)} teacher answers reached --max-new-tokens "
+        print(f"{truncated} of {len(prompts) + len(dropped)} teacher answers reached --max-new-tokens "
               f"{args.max_new_tokens} without ending: " + ("kept (--keep-truncated)" if args.keep_truncated else "dropped"))
         if not responses:
-            raise SystemExit(f"error: every teacher answer was cut at --max-new-tokens {args.max_new_tokens}; nothing "
+            raise SystemExit(f"error: every teacher answer was cut at --max-new-tokens {args.max_new_tokens} or empty; nothing "
                              "was written (raise --max-new-tokens, or pass --keep-truncated)")
     write_expert_cache(args.out, prompts, responses, teacher=args.teacher, generation=generation,
-                       finish_reasons=finish_reasons, dropped_truncated=dropped)
+                       finish_reasons=finish_reasons, dropped_prompts=dropped)
     print(f"wrote {len(responses)} expert responses from {args.teacher!r} to {args.out}")

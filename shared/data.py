@@ -156,12 +156,12 @@ def keep_short_prompts(rows: list[dict], tokenizer, max_prompt_tokens: int, on_l
 
 def write_expert_cache(path: str | Path, prompts: list[str], responses: list[str], teacher: str,
                        generation: dict, finish_reasons: list[str] | None = None,
-                       dropped_truncated: list[str] = ()) -> None:
+                       dropped_prompts: list[str] = ()) -> None:
     """One JSONL line per prompt (with its finish reason, "stop" or "length", when the
     teacher generated it); the first line records who wrote the responses, how, and
-    the prompts whose answers were dropped because the teacher was cut at its token limit."""
+    the prompts whose answers were dropped (the teacher was cut at its token limit, or said nothing)."""
     header = {"teacher": teacher, "generation": generation, "num_responses": len(responses),
-              "dropped_truncated": list(dropped_truncated)}
+              "dropped_prompts": list(dropped_prompts)}
     reasons = finish_reasons or [None] * len(responses)
     write_jsonl([{"__header__": header}] + [{"prompt": p, "response": r, **({"finish_reason": f} if f else {})}
                                              for p, r, f in zip(prompts, responses, reasons)], path)
@@ -221,7 +221,7 @@ def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tup
                                  "appears earlier with a different response")
             else:
                 cache[record["prompt"]] = record["response"]
-    dropped = set(header.get("dropped_truncated", []))  # deliberately absent: the callers skip them
+    dropped = set(header.get("dropped_prompts", []))  # deliberately absent: the callers skip them
     missing = [p for p in (prompts or []) if p not in cache and p not in dropped]
     if missing:
         raise ValueError(f"expert cache {str(path)!r} misses {len(missing)} of {len(prompts)} prompts, "

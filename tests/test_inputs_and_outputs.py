@@ -119,7 +119,7 @@ def test_a_teacher_cut_at_its_token_limit_is_recorded_and_dropped_unless_kept(ti
     kept = run_script("scripts/build_expert_cache.py", *flags, "--keep-truncated")
     assert "kept (--keep-truncated)" in kept.stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0]["__header__"]["dropped_truncated"] == []
+    assert lines[0]["__header__"]["dropped_prompts"] == []
     assert len(lines) == 65 and all(line["finish_reason"] == "length" for line in lines[1:])
 
 
@@ -129,9 +129,9 @@ def test_prompts_whose_teacher_answer_was_dropped_are_skipped_by_the_runs_not_re
     prompts = [row["prompt"] for row in rows]
     cache_path = tmp_path / "cache.jsonl"
     write_expert_cache(cache_path, prompts[1:], ["answer"] * (len(prompts) - 1), teacher="t", generation={},
-                       finish_reasons=["stop"] * (len(prompts) - 1), dropped_truncated=prompts[:1])
+                       finish_reasons=["stop"] * (len(prompts) - 1), dropped_prompts=prompts[:1])
     pool, cache, header = load_expert_pool("", rows, str(cache_path))
-    assert pool == prompts[1:] and prompts[0] not in cache and header["dropped_truncated"] == prompts[:1]
+    assert pool == prompts[1:] and prompts[0] not in cache and header["dropped_prompts"] == prompts[:1]
     write_expert_cache(cache_path, prompts[1:], ["answer"] * (len(prompts) - 1), teacher="t", generation={})
     with pytest.raises(ValueError, match="misses 1 of 64 prompts"):  # absent without being dropped: an error still
         load_expert_pool("", rows, str(cache_path))

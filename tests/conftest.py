@@ -1,4 +1,5 @@
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,30 @@ def run_script(script: str, *flags: str, expect_ok: bool = True) -> subprocess.C
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_main(script: str, *flags: str):
+    """A script's `__main__` block run in this process (runpy), for the paths that end
+    before any model loads: no new interpreter importing torch again. Returns the code
+    or message of the SystemExit it ended with (None when it returned). The signal
+    handlers and folder locks a training script installs are undone afterwards."""
+    import signal
+
+    import shared.run
+
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    handlers = {number: signal.getsignal(number) for number in shared.run.PREEMPTION_SIGNALS}
+    sys.argv = [str(ROOT / script), *flags]
+    sys.path.insert(0, str((ROOT / script).parent))  # as `python scripts/x.py` puts scripts/ first
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for lock in shared.run._held_locks:
+            lock.close()
+        shared.run._held_locks.clear()
+    return None

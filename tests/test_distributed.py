@@ -58,15 +58,16 @@ def rl_flags(world, out):
     return flags
 
 
-def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path):
-    for script, make_flags in (("algos/sft.py", sft_flags), ("algos/grpo.py", rl_flags)):
-        single, dist = tmp_path / f"{script}-single", tmp_path / f"{script}-dist"
-        run_script(script, *make_flags(tiny_world, single))
-        torchrun(script, *make_flags(tiny_world, dist))
-        assert_same_run(single, dist)
-        # one metrics line per step and evaluation: only rank 0 wrote
-        steps = [json.loads(line)["step"] for line in (dist / "metrics.jsonl").read_text().splitlines()]
-        assert steps == [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("script, make_flags", [pytest.param("algos/sft.py", sft_flags, marks=pytest.mark.slow),
+                                               ("algos/grpo.py", rl_flags)])
+def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path, script, make_flags):
+    single, dist = tmp_path / f"{script}-single", tmp_path / f"{script}-dist"
+    run_script(script, *make_flags(tiny_world, single))
+    torchrun(script, *make_flags(tiny_world, dist))
+    assert_same_run(single, dist)
+    # one metrics line per step and evaluation: only rank 0 wrote
+    steps = [json.loads(line)["step"] for line in (dist / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -7,9 +7,12 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, run_script
+import torch
+from conftest import ROOT, run_main, run_script
+from transformers import AutoModelForCausalLM
 
 from shared.data import load_expert_pool, load_rows
+from shared.modeling import load_tokenizer
 from shared.run import check_output_file
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -17,6 +20,10 @@ import score_responses  # noqa: E402
 
 
 def one_line_error(result) -> str:
+    """The error line of a command run as a process (CompletedProcess) or in this one (run_main's exit message)."""
+    if isinstance(result, str):
+        assert result.startswith("error:") and "\n" not in result, result
+        return result
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:"), result.stderr[-2000:]
@@ -58,7 +65,7 @@ def test_data_builders_never_write_over_their_data(tiny_world, tmp_path, script)
     data.write_bytes(open(tiny_world["train"], "rb").read())
     before = data.read_bytes()
     flags = ["--data", str(data), "--out", str(data)] + (["--model", tiny_world["model"]] if "pairs" in script else [])
-    assert "is the same file as --data" in one_line_error(run_script(script, *flags, expect_ok=False))
+    assert "is the same file as --data" in one_line_error(run_main(script, *flags))
     assert data.read_bytes() == before
 
 
@@ -66,12 +73,12 @@ def test_preference_pairs_refuse_a_low_temperature_ids_the_toy_world_cannot_labe
     out = tmp_path / "pairs.jsonl"
     base = ["--model", tiny_world["model"], "--data", tiny_world["train"], "--out", str(out), "--max-new-tokens", "4"]
     assert "--temperature must be in [0.001" in one_line_error(
-        run_script("scripts/build_preference_pairs.py", *base, "--temperature", "1e-4", expect_ok=False))
+        run_main("scripts/build_preference_pairs.py", *base, "--temperature", "1e-4"))
     official = tmp_path / "official.jsonl"
     official.write_text(json.dumps({"key": 1, "prompt": "Answer.", "instruction_id_list": ["punctuation:no_comma"],
                                     "kwargs": [{}]}) + "\n")
     base[base.index("--data") + 1] = str(official)
-    message = one_line_error(run_script("scripts/build_preference_pairs.py", *base, expect_ok=False))
+    message = one_line_error(run_main("scripts/build_preference_pairs.py", *base))
     assert "row 1" in message and "'punctuation:no_comma' is not a toy-world id" in message
     assert not out.exists()
 
@@ -81,9 +88,8 @@ def test_zero_preference_pairs_is_an_error_and_writes_nothing(tiny_world, tmp_pa
     prompt: every pair ties on every axis, so no file is written and the GPM is not
     left to fail later on an empty one."""
     out = tmp_path / "pairs.jsonl"
-    result = run_script("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
-                        "--out", str(out), "--num-prompts", "4", "--max-new-tokens", "4", "--temperature", "0.001",
-                        expect_ok=False)
+    result = run_main("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
+                      "--out", str(out), "--num-prompts", "4", "--max-new-tokens", "4", "--temperature", "0.001")
     assert "tied on every axis" in one_line_error(result) and not out.exists()
 
 
@@ -101,18 +107,23 @@ def test_an_expert_pool_is_named_in_its_errors_and_needs_two_prompts_where_a_spr
     with pytest.raises(ValueError, match="--expert-pool .*one.jsonl' has 1 distinct prompt.*at least 2 are needed"):
         load_expert_pool(str(one), train_rows, tiny_world["expert_cache"], min_prompts=2, why="a spread")
     for script in ("algos/aapa.py", "algos/uniapl.py"):  # both ask for two, before any model loads
-        result = run_script(script, "--model", tiny_world["model"], "--train-data", tiny_world["train"], "--eval-data",
-                            tiny_world["eval"], "--expert-cache", tiny_world["expert_cache"], "--expert-pool", str(one),
-                            "--output-dir", str(tmp_path / script), expect_ok=False)
+        result = run_main(script, "--model", tiny_world["model"], "--train-data", tiny_world["train"], "--eval-data",
+                          tiny_world["eval"], "--expert-cache", tiny_world["expert_cache"], "--expert-pool", str(one),
+                          "--output-dir", str(tmp_path / script))
         assert "has 1 distinct prompt(s); at least 2 are needed" in one_line_error(result), script
 
 
 def test_a_teacher_cut_at_its_token_limit_is_recorded_and_dropped_unless_kept(tiny_world, tmp_path):
-    """The untrained tiny model almost never samples eos within 1 token: every answer is
+    """A teacher that never picks a special token cannot end within 1 token: every answer is
     truncated. By default none may be imitated (nothing written, one line); with
     --keep-truncated they are written, each with finish_reason "length"."""
-    out = tmp_path / "cache.jsonl"
-    flags = ["--data", tiny_world["train"], "--out", str(out), "--teacher", tiny_world["model"], "--max-new-tokens", "1"]
+    out, teacher = tmp_path / "cache.jsonl", tmp_path / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
+    with torch.no_grad():  # logit 0 for the special tokens (eos among them), below the best of ~250 random ones
+        model.lm_head.weight[load_tokenizer(tiny_world["model"]).all_special_ids] = 0.0
+    model.save_pretrained(teacher)
+    load_tokenizer(tiny_world["model"]).save_pretrained(teacher)
+    flags = ["--data", tiny_world["train"], "--out", str(out), "--teacher", str(teacher), "--max-new-tokens", "1"]
     result = run_script("scripts/build_expert_cache.py", *flags, expect_ok=False)
     assert "every teacher answer was cut at --max-new-tokens 1" in one_line_error(result) and not out.exists()
     assert "64 of 64 teacher answers reached --max-new-tokens 1 without ending: dropped" in result.stdout

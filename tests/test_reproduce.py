@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from reproduce import PRIMARY, check_hyperparameters, holm, paired, slug  # noqa: E402
@@ -47,28 +47,31 @@ def test_holm_adjustment_against_a_hand_computation():
     assert holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])
 
 
-def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag():
-    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--rl-steps", "8"],
-                            cwd=ROOT, capture_output=True, text=True)
-    lines = result.stdout.splitlines()
-    assert result.returncode == 0 and len(lines) == 3 + 12  # one seed: SFT, pairs, GPM, then 12 rows
+def printed_commands(capsys, *flags) -> list[str]:
+    """`python scripts/reproduce.py --print-commands FLAGS`, in this process; its printed lines."""
+    capsys.readouterr()
+    assert run_main("scripts/reproduce.py", "--print-commands", *flags) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the job's paths are relative to the project
+    lines = printed_commands(capsys, "--quick", "--rl-steps", "8")
+    assert len(lines) == 3 + 12  # one seed: SFT, pairs, GPM, then 12 rows
     assert lines[0].startswith("algos/sft.py --seed 1 --steps 150 ")  # --quick's SFT length
     assert all("--steps 8 " in line for line in lines[3:])  # the given --rl-steps, not --quick's
     assert all("--learning-rate 0.0002 " in line for line in lines[3:])  # one rate for method and control
     assert lines.index(next(l for l in lines if "gpm.py" in l)) < lines.index(next(l for l in lines if "gprl.py" in l))
     # every demonstration comes from SFT's pool: the pairs, and the scripts' default --expert-pool
     assert "--data data/toy/sft_prompts.jsonl" in lines[1] and not any("--expert-pool" in line for line in lines)
-    everything = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--all"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.splitlines()
+    everything = printed_commands(capsys, "--quick", "--all")
     assert len(everything) == 3 + 16
-    sweep = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--sweep"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.splitlines()
+    sweep = printed_commands(capsys, "--sweep")
     # two seeds the table never uses; every row with its own rate (9: the three twins take their method's) x 4 rates
     assert len(sweep) == 2 * (3 + 9 * 4) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
     assert all(" --seed 10" in line for line in sweep)
     # --rows: the named rows and only what they read (AAPA staged loads AAPA-GRPO's discriminator; GPRL the GPM)
-    only = subprocess.run([sys.executable, "scripts/reproduce.py", "--print-commands", "--quick", "--rows", "AAPA staged",
-                           "GPRL"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    only = printed_commands(capsys, "--quick", "--rows", "AAPA staged", "GPRL")
     assert [line.split()[0] for line in only] == ["algos/sft.py", "scripts/build_preference_pairs.py", "algos/gpm.py",
                                                   "algos/aapa.py", "algos/aapa.py", "algos/gprl.py"]
     assert "aapa-grpo_seed1 --resume" in only[3] and "--staged" in only[4] and "--anchor-coef" not in only[4]
@@ -131,10 +134,10 @@ def test_a_bad_hyperparameters_file_is_one_line_before_anything_runs(tmp_path, c
     assert str(stop.value).startswith("error: ") and expected in str(stop.value) and "\n" not in str(stop.value)
 
 
-def test_the_sweeps_choices_are_read_from_the_same_out_dir(tmp_path):
+def test_the_sweeps_choices_are_read_from_the_same_out_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     (tmp_path / "hyperparameters.json").write_text('{"GRPO": {"learning_rate": 0.000123}}')
-    lines = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands"],
-                           cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    lines = printed_commands(capsys, "--out-dir", str(tmp_path))
     assert "--learning-rate 0.000123" in next(line for line in lines if line.startswith("algos/grpo.py"))
 
 
@@ -166,15 +169,15 @@ def test_a_signal_stops_the_job_and_its_running_commands(tmp_path, signal_number
     assert processes_mentioning(str(tmp_path)) == []
 
 
-def test_reproduce_refuses_a_missing_hyperparameters_file_and_one_given_to_the_sweep(tmp_path):
-    missing = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands",
-                              "--hyperparameters", str(tmp_path / "no_such.json")], cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode != 0 and missing.stdout == ""
-    assert missing.stderr.strip().startswith("error: --hyperparameters") and "does not exist" in missing.stderr
+def test_reproduce_refuses_a_missing_hyperparameters_file_and_one_given_to_the_sweep(tmp_path, capsys):
+    missing = run_main("scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands",
+                       "--hyperparameters", str(tmp_path / "no_such.json"))
+    assert missing.startswith("error: --hyperparameters") and "does not exist" in missing and "\n" not in missing
+    assert capsys.readouterr().out == ""  # nothing printed, nothing run
     (tmp_path / "mine.json").write_text('{"GRPO": {"learning_rate": 0.000123}}')
-    sweep = subprocess.run([sys.executable, "scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands",
-                            "--sweep", "--hyperparameters", str(tmp_path / "mine.json")], cwd=ROOT, capture_output=True, text=True)
-    assert sweep.returncode != 0 and "--sweep writes" in sweep.stderr and "drop --hyperparameters" in sweep.stderr
+    sweep = run_main("scripts/reproduce.py", "--out-dir", str(tmp_path), "--print-commands", "--sweep",
+                     "--hyperparameters", str(tmp_path / "mine.json"))
+    assert sweep.startswith("error: --sweep writes") and "drop --hyperparameters" in sweep
 
 
 def test_print_commands_into_a_pipe_closed_early_is_no_traceback():

@@ -247,6 +247,7 @@ def metric_steps(out: Path) -> list[int]:
             if "train/loss" in json.loads(line)]
 
 
+@pytest.mark.slow  # five GRPO runs; the recovery itself is tested in process at every step of the save above
 def test_kill_between_the_renames_then_resume_and_a_missing_final_eval(tiny_world, tmp_path):
     out = tmp_path / "run"
     assert grpo(tiny_world, tiny_world["model"], out, "--stop-at-step", "2").returncode == 0

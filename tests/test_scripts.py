@@ -302,6 +302,7 @@ def test_grpo_on_ifeval_style_data(tiny_world, tmp_path):
     assert all(f"eval/{name}" in metrics[-1] for name in ("gold", "gold_loose", "instruction_strict", "instruction_loose"))
 
 
+@pytest.mark.slow  # five processes; tests/test_validation_fuzz.py checks the same paths in process
 def test_bad_inputs_give_one_line_errors(tiny_world, tmp_path):
     other_prompts = tmp_path / "other.jsonl"
     other_prompts.write_text('{"prompt": "copy zz", "instruction_id_list": ["toy:task:copy"], "kwargs": [{"text": "zz"}]}\n')

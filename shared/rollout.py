@@ -218,6 +218,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
             entropies[s:s + chunk_tokens] = lse - (logits.softmax(-1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        # backward recomputes the logits: under the forward's autocast, so it differentiates
+        # the same bf16 logits (autograd runs backward outside autocast)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.mark_non_differentiable(entropies)
         return logps, entropies
 
@@ -228,9 +232,12 @@ class ChunkedTokenLogps(torch.autograd.Function):
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights: accumulate in fp32
         grad_weight = torch.zeros_like(weight, dtype=accumulate) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if bias is not None and ctx.needs_input_grad[2] else None
+        device, autocast_dtype, autocast_on = ctx.autocast
         for s in range(0, hidden.size(0), ctx.chunk_tokens):
             h, g = hidden[s:s + ctx.chunk_tokens], grad_logps[s:s + ctx.chunk_tokens]
-            grad_logits = _chunk_logits(h, weight, bias, ctx.temperature).softmax(-1).mul_(-g[:, None])
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+                logits = _chunk_logits(h, weight, bias, ctx.temperature)
+            grad_logits = logits.softmax(-1).mul_(-g[:, None])
             grad_logits.scatter_add_(-1, targets[s:s + ctx.chunk_tokens, None], g[:, None])
             grad_logits = grad_logits.div_(ctx.temperature)
             if grad_hidden is not None:

@@ -105,3 +105,30 @@ def test_loaded_models_have_dropout_off(tmp_path):
     first = completion_logps(model, ids, mask, 4)
     second = completion_logps(model, ids, mask, 4)
     assert torch.equal(first, second)
+
+
+def test_the_chunked_backward_recomputes_the_logits_in_the_forwards_autocast_dtype(monkeypatch):
+    """Autograd runs a custom Function's backward outside autocast: without care the
+    recomputed logits would be float32 while the forward's were bfloat16, so the gradient
+    would belong to another function. Every logits matmul, forward and backward, must
+    run in the same dtype (bf16 under autocast, float32 without)."""
+    from shared.rollout import token_logps_from_hidden
+
+    seen, linear = [], torch.nn.functional.linear
+
+    def recording_linear(*args, **kwargs):
+        out = linear(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    torch.manual_seed(0)
+    for autocast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        seen.clear()
+        hidden = torch.randn(2, 3, 16, requires_grad=True)
+        weight = torch.randn(50, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logps, _ = token_logps_from_hidden(hidden, weight, None, torch.randint(50, (2, 3)), chunk_tokens=4)
+        logps.sum().backward()
+        assert len(seen) == 4 and set(seen) == {expected}, seen  # 2 chunks forward, 2 recomputed in backward
+        assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32

@@ -110,7 +110,8 @@ class Args(run.RunFlags):
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
     expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
+    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0 (stage 2 with --staged)"""
     weight_decay: float = 0.0
@@ -140,13 +141,30 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   expert_temperature=run.NON_NEGATIVE, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
-                   max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE, eps_low=run.FRACTION, eps_high=run.NON_NEGATIVE,
-                   num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
-                   logp_chunk_tokens=run.NON_NEGATIVE, expert_data_ratio=(0, 1, False, False),
-                   disc_holdout=(0, 1, False, False), disc_prompts=(10, None, True, False))
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    expert_temperature=run.NON_NEGATIVE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    beta=run.NON_NEGATIVE,
+    eps_low=run.FRACTION,
+    eps_high=run.NON_NEGATIVE,
+    num_iterations=run.AT_LEAST_1,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    expert_data_ratio=(0, 1, False, False),
+    disc_holdout=(0, 1, False, False),
+    disc_prompts=(10, None, True, False),
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -349,7 +367,9 @@ def anchor_coefficient(step: int, steps: int, coef: float, schedule: str) -> flo
 
 def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
     """The lightweight head: [N, width] sentence features -> [N] logits."""
-    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0))
+    return torch.nn.Sequential(
+        torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)
+    )
 
 
 if __name__ == "__main__":
@@ -396,7 +416,9 @@ if __name__ == "__main__":
         length = args.stage1_steps if stage1 else args.steps - (args.stage1_steps if args.staged else 0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.stage1_learning_rate if stage1 else args.learning_rate,
                                       weight_decay=args.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (length * args.num_iterations)))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: max(0.0, 1 - s / (length * args.num_iterations))
+        )
 
     optimizer, scheduler = make_optimizer(start_step)
     if state:
@@ -468,11 +490,17 @@ if __name__ == "__main__":
                                   seeds=run.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
                                   autocast_bf16=args.autocast_bf16)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
-        return {"anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
-                "anchor_score_expert": float(anchor_scores(holdout_expert_logits).mean()),
-                "disc_accuracy_fresh": float(0.5 * ((holdout_expert_logits > 0).float().mean() + (fresh_logits <= 0).float().mean()))}
+        return {
+            "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
+            "anchor_score_expert": float(anchor_scores(holdout_expert_logits).mean()),
+            "disc_accuracy_fresh": float(
+                0.5 * ((holdout_expert_logits > 0).float().mean() + (fresh_logits <= 0).float().mean())
+            ),
+        }
 
-    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics)
+    run_eval = functools.partial(
+        run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics
+    )
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -489,9 +517,16 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
@@ -506,7 +541,9 @@ if __name__ == "__main__":
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()] \
             if expert_weight > 0 else []
-        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        expert_batches, num_expert_tokens = expert_micro_batches(
+            tokenizer, expert_prompts, cache, len(micro_starts), args.device
+        )
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
@@ -552,15 +589,29 @@ if __name__ == "__main__":
         # ---- log, evaluate, stage switch, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/anchor_coef": coef, "train/anchor_score": scores.mean(),
-            "train/anchor_advantage_abs": coef * (scores.view(-1, args.group_size) - scores.view(-1, args.group_size).mean(
-                1, keepdim=True)).abs().mean() / disc_record["anchor_scale"], "train/rollouts_judged_expert": (rollout_logits > 0).float().mean(),
-            "train/rl_loss": float(rl_loss), "train/expert_loss": float(expert_loss), "train/stage": 1 + (base == "grpo" and args.staged),
-            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/anchor_coef": coef,
+                "train/anchor_score": scores.mean(),
+                "train/anchor_advantage_abs": coef
+                * (scores.view(-1, args.group_size) - scores.view(-1, args.group_size).mean(1, keepdim=True)).abs().mean()
+                / disc_record["anchor_scale"],
+                "train/rollouts_judged_expert": (rollout_logits > 0).float().mean(),
+                "train/rl_loss": float(rl_loss),
+                "train/expert_loss": float(expert_loss),
+                "train/stage": 1 + (base == "grpo" and args.staged),
+                "train/reward": rewards.mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **clock.metrics(),
+            },
+        )
         progress.set_postfix(reward=f"{rewards.mean():.3f}", anchor=f"{scores.mean():.3f}")
         if args.staged and step + 1 == args.stage1_steps:
             run.save_model(output_dir / "stage1", model, tokenizer)

@@ -103,12 +103,28 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE,
-                   num_iterations=run.AT_LEAST_1, beta=run.NON_NEGATIVE, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1,
-                   save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE,
-                   tau0=run.POSITIVE, beta_r=run.POSITIVE, tau_min=run.POSITIVE, tau_max=run.POSITIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    num_iterations=run.AT_LEAST_1,
+    beta=run.NON_NEGATIVE,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    tau0=run.POSITIVE,
+    beta_r=run.POSITIVE,
+    tau_min=run.POSITIVE,
+    tau_max=run.POSITIVE,
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -243,11 +259,20 @@ if __name__ == "__main__":
     for step in progress:
         clock = run.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)).tolist()
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)
+        ).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- score and compute group-relative advantages
@@ -261,9 +286,18 @@ if __name__ == "__main__":
 
         # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
         with torch.no_grad(), autocast:
-            anchor = [completion_logps(model, input_ids[s:s + args.micro_batch_size], attention_mask[s:s + args.micro_batch_size],
-                                       prompt_len, args.temperature, args.logp_chunk_tokens, with_entropy=True)
-                      for s in micro_starts]
+            anchor = [
+                completion_logps(
+                    model,
+                    input_ids[s : s + args.micro_batch_size],
+                    attention_mask[s : s + args.micro_batch_size],
+                    prompt_len,
+                    args.temperature,
+                    args.logp_chunk_tokens,
+                    with_entropy=True,
+                )
+                for s in micro_starts
+            ]
         anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
         normalized_entropy = distributed.gather(group_entropy(entropies, completion_mask, args.group_size) / log_vocab)
         group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
@@ -278,7 +312,10 @@ if __name__ == "__main__":
         for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
             for s in micro_starts:
-                sl, groups = slice(s, s + args.micro_batch_size), slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size)
+                sl, groups = (
+                    slice(s, s + args.micro_batch_size),
+                    slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size),
+                )
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
                                              args.temperature, args.logp_chunk_tokens).float()
@@ -301,13 +338,24 @@ if __name__ == "__main__":
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            "train/tau_mean": tau.mean(), "train/tau_min": tau.min(), "train/tau_max": tau.max(),
-            "train/normalized_entropy": normalized_entropy.mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/reward": rewards.mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                "train/tau_mean": tau.mean(),
+                "train/tau_min": tau.min(),
+                "train/tau_max": tau.max(),
+                "train/normalized_entropy": normalized_entropy.mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **clock.metrics(),
+            },
+        )
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

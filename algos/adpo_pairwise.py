@@ -36,7 +36,8 @@ class Args(run.RunFlags):
     pairs_data: str = "data/toy/pairs.jsonl"
     """prompt, chosen, rejected and optional soft `label` (scripts/build_preference_pairs.py, or a hub id)"""
     max_prompt_tokens: int = 512
-    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts
+    (0: no limit)"""
     long_prompts: Literal["drop", "error"] = "drop"
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     eval_data: str = "data/toy/eval.jsonl"
@@ -78,10 +79,21 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, batch_size=run.AT_LEAST_1,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, learning_rate=run.POSITIVE,
-                   weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1,
-                   save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE, tau=run.POSITIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    batch_size=run.AT_LEAST_1,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    tau=run.POSITIVE,
+)
 
 
 def sequence_logps(logps, mask, length_normalize=False):
@@ -196,9 +208,16 @@ if __name__ == "__main__":
         scheduler.step()
 
         # ---- log, evaluate, checkpoint
-        logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-                              **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-                              "perf/steps_per_sec": 1 / (time.time() - step_start)})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                "perf/steps_per_sec": 1 / (time.time() - step_start),
+            },
+        )
         progress.set_postfix(loss=f"{total_loss:.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

@@ -93,7 +93,8 @@ class Args(run.RunFlags):
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
+    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -125,12 +126,28 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   expert_temperature=run.NON_NEGATIVE, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
-                   max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE, eps_low=run.FRACTION, eps_high=run.NON_NEGATIVE,
-                   num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
-                   logp_chunk_tokens=run.NON_NEGATIVE, expert_data_ratio=(0, 1, False, False))
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    expert_temperature=run.NON_NEGATIVE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    beta=run.NON_NEGATIVE,
+    eps_low=run.FRACTION,
+    eps_high=run.NON_NEGATIVE,
+    num_iterations=run.AT_LEAST_1,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    expert_data_ratio=(0, 1, False, False),
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -282,7 +299,11 @@ if __name__ == "__main__":
         tokenizer = load_tokenizer(model_path)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
-        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) if args.beta > 0 else None
+        ref_model = (
+            distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
+            if args.beta > 0
+            else None
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -294,10 +315,18 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    loss_fn = functools.partial(torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
-                                use_phi=use_phi, detach_phi=args.detach_phi, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
-                                importance_sampling_level=args.importance_sampling_level,
-                                max_completion_length=args.max_new_tokens, num_sequences=batch_size)
+    loss_fn = functools.partial(
+        torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
+        use_phi=use_phi,
+        detach_phi=args.detach_phi,
+        eps_low=args.eps_low,
+        eps_high=args.eps_high,
+        beta=args.beta,
+        loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level,
+        max_completion_length=args.max_new_tokens,
+        num_sequences=batch_size,
+    )
     logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "
@@ -319,9 +348,16 @@ if __name__ == "__main__":
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- score and compute group-relative advantages; expert rows split over the same micro-steps
@@ -332,7 +368,9 @@ if __name__ == "__main__":
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()]
-        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        expert_batches, num_expert_tokens = expert_micro_batches(
+            tokenizer, expert_prompts, cache, len(micro_starts), args.device
+        )
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
@@ -378,13 +416,24 @@ if __name__ == "__main__":
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/mu": mu, "train/rl_loss": float(rl_loss), "train/expert_loss": float(expert_loss),
-            "train/expert_token_prob": float(expert_prob),
-            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/mu": mu,
+                "train/rl_loss": float(rl_loss),
+                "train/expert_loss": float(expert_loss),
+                "train/expert_token_prob": float(expert_prob),
+                "train/reward": rewards.mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **clock.metrics(),
+            },
+        )
         progress.set_postfix(reward=f"{rewards.mean():.3f}", mu=f"{mu:.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

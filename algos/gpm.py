@@ -41,7 +41,8 @@ class Args(run.RunFlags):
     pairs_data: str = "data/toy/pairs.jsonl"
     """prompt, chosen, rejected, optional soft `label` and per-axis `axes` (scripts/build_preference_pairs.py, or a hub id)"""
     max_prompt_tokens: int = 512
-    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts (0: no limit)"""
+    """pairs whose prompt is longer than this (chat-templated tokens) are dropped or stop the run, see --long-prompts
+    (0: no limit)"""
     long_prompts: Literal["drop", "error"] = "drop"
     """what to do with prompts over --max-prompt-tokens: drop them with a printed count, or stop with an error"""
     output_dir: str = "runs/gpm"
@@ -163,7 +164,9 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
-    value_head = torch.nn.Linear(hidden_size, 2 * args.dims, bias=False).to(args.device)  # heads without bias, as the reference
+    value_head = torch.nn.Linear(hidden_size, 2 * args.dims, bias=False).to(
+        args.device
+    )  # heads without bias, as the reference
     gate_head = torch.nn.Linear(hidden_size, args.dims, bias=False).to(args.device)
     for head in (value_head, gate_head):
         torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))  # the reference's initialisation
@@ -223,7 +226,10 @@ if __name__ == "__main__":
     for step in progress:
         step_start = time.time()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
-        part = [train[i] for i in torch.randint(len(train), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()]
+        part = [
+            train[i]
+            for i in torch.randint(len(train), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
+        ]
         part = distributed.local_share(part)
         loss, metrics, gate_entropy = 0.0, {}, 0.0
         for start in range(0, len(part), args.micro_batch_size):
@@ -257,12 +263,34 @@ if __name__ == "__main__":
                               **{f"train/{k}": v for k, v in metrics.items()}, "train/gate_entropy": gate_entropy,
                               "perf/steps_per_sec": 1 / (time.time() - step_start)})
         progress.set_postfix(loss=f"{loss:.3f}")
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
-            output_dir, backbone, tokenizer, optimizer, scheduler, step + 1, args, extra_files={GPM_HEADS: heads_record()})) or final_eval
+        final_eval = (
+            run.evaluate_save_or_stop(
+                step + 1,
+                args,
+                run_eval,
+                lambda: run.save_checkpoint(
+                    output_dir,
+                    backbone,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    step + 1,
+                    args,
+                    extra_files={GPM_HEADS: heads_record()},
+                ),
+            )
+            or final_eval
+        )
 
     if not (output_dir / "eval.json").exists() or json.loads((output_dir / "eval.json").read_text()).get("step") != args.steps:
         final_eval = final_eval or run_eval(args.steps, log=False)
-        run.write_json(output_dir / "eval.json", {"step": args.steps, **final_eval,
-                                              "initial_heldout_accuracy": json.loads((output_dir / "initial_eval.json").read_text())["heldout_accuracy"]})
+        run.write_json(
+            output_dir / "eval.json",
+            {
+                "step": args.steps,
+                **final_eval,
+                "initial_heldout_accuracy": json.loads((output_dir / "initial_eval.json").read_text())["heldout_accuracy"],
+            },
+        )
     logger.close()
     print(f"done: GPM checkpoint in {output_dir / run.CHECKPOINT}")

@@ -83,7 +83,8 @@ class Args(run.RunFlags):
     beta: float = 0.04
     """initial k3 KL coefficient to the reference (the monitor raises it on alarm)"""
     clip_eps: float = 0.2
-    """initial clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps] (GRPO's --eps-low = --eps-high); the monitor tightens it on alarm"""
+    """initial clip range: the ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps] (GRPO's --eps-low =
+    --eps-high); the monitor tightens it on alarm"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
@@ -131,12 +132,29 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE,
-                   num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
-                   logp_chunk_tokens=run.NON_NEGATIVE, drift_every=run.AT_LEAST_1, probe_prompts=run.AT_LEAST_1,
-                   dominance=(0, 1, True, True), noise_z=(None, None, True, True), adv_std_floor=run.POSITIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    beta=run.NON_NEGATIVE,
+    num_iterations=run.AT_LEAST_1,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    drift_every=run.AT_LEAST_1,
+    probe_prompts=run.AT_LEAST_1,
+    dominance=(0, 1, True, True),
+    noise_z=(None, None, True, True),
+    adv_std_floor=run.POSITIVE,
+)
 
 
 def skew_scores(v_a, v_b):
@@ -234,7 +252,9 @@ def axis_agreement(true_preference, scores):
     every pair ties. [n, k], [n, k] -> [k]."""
     decided = true_preference != 0.5
     right = ((scores > 0) == (true_preference == 1)) & decided
-    return torch.where(decided.sum(0) > 0, right.sum(0) / decided.sum(0).clamp(min=1), torch.full_like(scores[0], float("nan")))
+    return torch.where(
+        decided.sum(0) > 0, right.sum(0) / decided.sum(0).clamp(min=1), torch.full_like(scores[0], float("nan"))
+    )
 
 
 def judge_accuracy_log(true_preference, scores, dim_names):
@@ -325,7 +345,10 @@ def load_gpm(path: str, dtype: str, device: str):
     if not heads_path.exists():
         raise SystemExit(f"error: --gpm {path!r} has no {GPM_HEADS}; train one with algos/gpm.py")
     try:
-        tokenizer, backbone = load_tokenizer(path), distributed.shard(load_model(path, dtype, device).eval().requires_grad_(False))
+        tokenizer, backbone = (
+            load_tokenizer(path),
+            distributed.shard(load_model(path, dtype, device).eval().requires_grad_(False)),
+        )
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     hidden_size = backbone.config.hidden_size
@@ -425,11 +448,20 @@ if __name__ == "__main__":
         clock = run.PhaseTimer()
         eps, beta, rho = monitor["eps"], monitor["beta"], monitor["rho"]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)).tolist()
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)
+        ).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages
@@ -481,10 +513,24 @@ if __name__ == "__main__":
             margins, margin_se = probe_margin_stats(per_prompt)
             # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
             next_rho, next_eps, next_beta, event = drift_update(
-                margins, margin_se, monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.clip_eps, beta0=args.beta,
-                dominance=args.dominance, noise_z=args.noise_z, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
-                eps_shrink=args.clip_eps_shrink, eps_min=args.clip_eps_min, beta_grow=args.beta_grow, beta_alarm=args.beta_alarm,
-                beta_max=args.beta_max, relax=args.relax)
+                margins,
+                margin_se,
+                monitor["rho"],
+                monitor["eps"],
+                monitor["beta"],
+                eps0=args.clip_eps,
+                beta0=args.beta,
+                dominance=args.dominance,
+                noise_z=args.noise_z,
+                rho_shrink=args.rho_shrink,
+                rho_min=args.rho_min,
+                eps_shrink=args.clip_eps_shrink,
+                eps_min=args.clip_eps_min,
+                beta_grow=args.beta_grow,
+                beta_alarm=args.beta_alarm,
+                beta_max=args.beta_max,
+                relax=args.relax,
+            )
             if not args.drift_adjust:  # the alarm is still counted and logged: would it have fired?
                 next_rho, next_eps, next_beta = monitor["rho"], monitor["eps"], monitor["beta"]
             monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "alarms": monitor["alarms"] + event["alarm"]}
@@ -495,23 +541,36 @@ if __name__ == "__main__":
                          **judge_accuracy_log(truth, per_prompt, dim_names),
                          **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
             if event["alarm"]:
-                tqdm.write(f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "
-                           f"of the gain over the reference while {', '.join(dim_names[l] for l in event['falling'])} fell (margins "
-                           f"{', '.join(f'{m:+.4f}' for m in event['margins'])}, noise band "
-                           f"{', '.join(f'{b:.4f}' for b in event['band'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
-                           f"eps -> {next_eps:.3f}, beta -> {next_beta:.3f}")
+                tqdm.write(
+                    f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "
+                    f"of the gain over the reference while {', '.join(dim_names[l] for l in event['falling'])} fell (margins "
+                    f"{', '.join(f'{m:+.4f}' for m in event['margins'])}, noise band "
+                    f"{', '.join(f'{b:.4f}' for b in event['band'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
+                    f"eps -> {next_eps:.3f}, beta -> {next_beta:.3f}"
+                )
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/eps": eps, "train/beta": beta,
-            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            **{f"train/advantage_abs/{n}": float(per_dim[:, l].abs().mean()) for l, n in enumerate(dim_names)},
-            **{f"train/gate/{n}": float(gate[:, l].mean()) for l, n in enumerate(dim_names)},
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **drift_log, **clock.metrics()})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/eps": eps,
+                "train/beta": beta,
+                "train/reward": rewards.mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                **{f"train/advantage_abs/{n}": float(per_dim[:, l].abs().mean()) for l, n in enumerate(dim_names)},
+                **{f"train/gate/{n}": float(gate[:, l].mean()) for l, n in enumerate(dim_names)},
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **drift_log,
+                **clock.metrics(),
+            },
+        )
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args, extra={"monitor": monitor})) or final_eval

@@ -89,11 +89,26 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE, max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE,
-                   eps_low=run.FRACTION, eps_high=run.NON_NEGATIVE, num_iterations=run.AT_LEAST_1, eval_every=run.AT_LEAST_1,
-                   eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    beta=run.NON_NEGATIVE,
+    eps_low=run.FRACTION,
+    eps_high=run.NON_NEGATIVE,
+    num_iterations=run.AT_LEAST_1,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -220,11 +235,20 @@ if __name__ == "__main__":
     for step in progress:
         clock = run.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)).tolist()
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)
+        ).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- score and compute group-relative advantages
@@ -269,11 +293,20 @@ if __name__ == "__main__":
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/reward": rewards.mean(), "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/reward": rewards.mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **clock.metrics(),
+            },
+        )
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

@@ -71,10 +71,20 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, batch_size=run.AT_LEAST_1,
-                   micro_batch_size=run.AT_LEAST_1, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
-                   max_grad_norm=run.POSITIVE, eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1,
-                   save_every=run.AT_LEAST_1, logp_chunk_tokens=run.NON_NEGATIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    batch_size=run.AT_LEAST_1,
+    micro_batch_size=run.AT_LEAST_1,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+)
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -93,7 +103,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     run.check_flags(args, FLAG_RANGES)
     if args.batch_size % args.micro_batch_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}"
+        )
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
     distributed.check_divisible(args.batch_size, "--batch-size")
     output_dir = Path(args.output_dir)
@@ -126,7 +138,11 @@ if __name__ == "__main__":
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps))))
+        optimizer,
+        lambda s: min(
+            (s + 1) / max(1, args.warmup_steps), max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps))
+        ),
+    )
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

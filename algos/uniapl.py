@@ -105,7 +105,8 @@ class Args(run.RunFlags):
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
     expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and expert rows in one pass; 1: the raw model)"""
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
+    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -133,14 +134,31 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, prompts_per_step=run.AT_LEAST_1, group_size=run.AT_LEAST_2,
-                   micro_batch_size=run.AT_LEAST_1, max_new_tokens=run.AT_LEAST_1, temperature=run.TEMPERATURE,
-                   expert_temperature=run.NON_NEGATIVE, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
-                   max_grad_norm=run.POSITIVE, beta=run.NON_NEGATIVE, eps_low=run.FRACTION, eps_high=run.NON_NEGATIVE,
-                   eval_every=run.AT_LEAST_1, eval_prompts=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
-                   logp_chunk_tokens=run.NON_NEGATIVE, expert_data_ratio=(0, 1, False, False),
-                   label_smoothing=(0, 0.5, True, False), disc_steps=run.NON_NEGATIVE, dual_lr=run.NON_NEGATIVE,
-                   initial_multiplier=run.NON_NEGATIVE)
+FLAG_RANGES = dict(
+    max_prompt_tokens=run.NON_NEGATIVE,
+    steps=run.AT_LEAST_1,
+    prompts_per_step=run.AT_LEAST_1,
+    group_size=run.AT_LEAST_2,
+    micro_batch_size=run.AT_LEAST_1,
+    max_new_tokens=run.AT_LEAST_1,
+    temperature=run.TEMPERATURE,
+    expert_temperature=run.NON_NEGATIVE,
+    learning_rate=run.POSITIVE,
+    weight_decay=run.NON_NEGATIVE,
+    max_grad_norm=run.POSITIVE,
+    beta=run.NON_NEGATIVE,
+    eps_low=run.FRACTION,
+    eps_high=run.NON_NEGATIVE,
+    eval_every=run.AT_LEAST_1,
+    eval_prompts=run.AT_LEAST_1,
+    save_every=run.AT_LEAST_1,
+    logp_chunk_tokens=run.NON_NEGATIVE,
+    expert_data_ratio=(0, 1, False, False),
+    label_smoothing=(0, 0.5, True, False),
+    disc_steps=run.NON_NEGATIVE,
+    dual_lr=run.NON_NEGATIVE,
+    initial_multiplier=run.NON_NEGATIVE,
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -223,7 +241,9 @@ def uniapl_policy_loss(logps, old_logps, ref_logps, advantages, mask, expert_log
     rl_loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, mask, **grpo_kwargs)
     expert_mask = expert_mask.to(expert_logps.dtype)
     num_expert_tokens = expert_mask.sum() if num_expert_tokens is None else num_expert_tokens
-    nll = -(expert_logps * expert_mask).sum() / torch.clamp(torch.as_tensor(num_expert_tokens, dtype=expert_logps.dtype), min=1.0)
+    nll = -(expert_logps * expert_mask).sum() / torch.clamp(
+        torch.as_tensor(num_expert_tokens, dtype=expert_logps.dtype), min=1.0
+    )
     return rl_loss + expert_coef * nll, {**metrics, "rl_loss": rl_loss.detach(), "expert_nll": nll.detach()}
 
 
@@ -265,7 +285,9 @@ def dual_update(multiplier: float, divergence: float, epsilon: float, lr: float)
 
 def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
     """The lightweight head: [N, width] sentence features -> [N] logits."""
-    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0))
+    return torch.nn.Sequential(
+        torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)
+    )
 
 
 if __name__ == "__main__":
@@ -319,9 +341,18 @@ if __name__ == "__main__":
     if state:
         disc_state = state["extra"]["discriminator"]
     else:
-        probe = [expert_pool[i] for i in torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[:256].tolist()]
-        probe_features = sentence_embeddings(encoder, encoder_tokenizer, probe, [cache[p] for p in probe], args.device, args.disc_layers)
-        disc_state = {"feature_mean": probe_features.mean(0), "feature_std": probe_features.std(0) + 1e-6, "multiplier": args.initial_multiplier}
+        probe = [
+            expert_pool[i]
+            for i in torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[:256].tolist()
+        ]
+        probe_features = sentence_embeddings(
+            encoder, encoder_tokenizer, probe, [cache[p] for p in probe], args.device, args.disc_layers
+        )
+        disc_state = {
+            "feature_mean": probe_features.mean(0),
+            "feature_std": probe_features.std(0) + 1e-6,
+            "multiplier": args.initial_multiplier,
+        }
     head = make_discriminator(disc_state["feature_mean"].numel(), args.disc_hidden).to(args.device)
     disc_optimizer = torch.optim.Adam(head.parameters(), lr=args.disc_learning_rate)
     multiplier = disc_state["multiplier"]
@@ -354,9 +385,16 @@ if __name__ == "__main__":
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         disc_indices = torch.randint(len(expert_pool), (args.prompts_per_step,), generator=generator)  # more expert rows for D
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
-        rollouts = generate_rollouts(model, tokenizer, [r["prompt"] for r in rows], args.group_size, args.max_new_tokens,
-                                     args.temperature, seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
-                                     autocast_bf16=args.autocast_bf16)
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            args.group_size,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            autocast_bf16=args.autocast_bf16,
+        )
         clock.lap("generate")
 
         # ---- discriminator: k BCE steps, expert responses vs the current policy's, on the SAME pool prompts
@@ -364,9 +402,16 @@ if __name__ == "__main__":
         group_rows = [row for row in rows for _ in range(args.group_size)]
         disc_prompts = [expert_pool[i] for i in disc_indices.tolist() + expert_indices.tolist()]
         mine = distributed.local_share(disc_prompts)  # each rank embeds its share; every rank fits the same head
-        own_samples = generate_rollouts(model, tokenizer, mine, 1, args.max_new_tokens, args.temperature,
-                                        seeds=distributed.local_share(run.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
-                                        autocast_bf16=args.autocast_bf16)["texts"]
+        own_samples = generate_rollouts(
+            model,
+            tokenizer,
+            mine,
+            1,
+            args.max_new_tokens,
+            args.temperature,
+            seeds=distributed.local_share(run.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
+            autocast_bf16=args.autocast_bf16,
+        )["texts"]
         expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
         policy_features = distributed.gather(features(mine, own_samples))
         disc_metrics = {"accuracy": torch.tensor(float("nan")), "penalty": torch.tensor(0.0)}
@@ -391,7 +436,9 @@ if __name__ == "__main__":
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()]
-        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts), args.device)
+        expert_batches, num_expert_tokens = expert_micro_batches(
+            tokenizer, expert_prompts, cache, len(micro_starts), args.device
+        )
         clock.lap("score")
 
         # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)
@@ -424,7 +471,10 @@ if __name__ == "__main__":
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * share
         total_loss = distributed.all_sum(float(total_loss))
-        rl_loss, expert_nll = distributed.all_sum(rl_loss), distributed.all_sum(expert_nll)  # the dual step needs the whole batch's
+        rl_loss, expert_nll = (
+            distributed.all_sum(rl_loss),
+            distributed.all_sum(expert_nll),
+        )  # the dual step needs the whole batch's
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
         run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
@@ -434,25 +484,45 @@ if __name__ == "__main__":
         clock.lap("update")
 
         # ---- dual ascent on the constraint divergence <= epsilon
-        divergence = float(expert_nll) if args.divergence == "nll" else float(-torch.nn.functional.logsigmoid(policy_logits).mean())
+        divergence = (
+            float(expert_nll) if args.divergence == "nll" else float(-torch.nn.functional.logsigmoid(policy_logits).mean())
+        )
         multiplier_used, multiplier = multiplier, dual_update(multiplier, divergence, args.epsilon, args.dual_lr)
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
-        logger.log(step + 1, {
-            "train/loss": total_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "train/rl_loss": float(rl_loss), "train/expert_nll": float(expert_nll),
-            "constraint/divergence": divergence, "constraint/epsilon": args.epsilon, "constraint/violation": divergence - args.epsilon,
-            "constraint/multiplier": multiplier_used, "constraint/next_multiplier": multiplier,
-            "disc/loss": disc_loss.item() if args.disc_steps else float("nan"), "disc/accuracy": float(disc_metrics["accuracy"]),
-            "disc/gradient_penalty": float(disc_metrics["penalty"]), "disc/saturated": float(saturated),
-            "disc/expert_prob": float(torch.sigmoid(expert_logits).mean()), "disc/policy_prob": float(torch.sigmoid(policy_logits).mean()),
-            "train/reward": rewards.mean(), "train/log_d": torch.nn.functional.logsigmoid(policy_logits).mean(),
-            "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
-            "train/completion_length": lengths.mean(), "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
-            **{f"train/{k}": float(v) for k, v in metric_sums.items()}, **clock.metrics()})
-        progress.set_postfix(reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}", d_acc=f"{float(disc_metrics['accuracy']):.2f}")
+        logger.log(
+            step + 1,
+            {
+                "train/loss": total_loss,
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/rl_loss": float(rl_loss),
+                "train/expert_nll": float(expert_nll),
+                "constraint/divergence": divergence,
+                "constraint/epsilon": args.epsilon,
+                "constraint/violation": divergence - args.epsilon,
+                "constraint/multiplier": multiplier_used,
+                "constraint/next_multiplier": multiplier,
+                "disc/loss": disc_loss.item() if args.disc_steps else float("nan"),
+                "disc/accuracy": float(disc_metrics["accuracy"]),
+                "disc/gradient_penalty": float(disc_metrics["penalty"]),
+                "disc/saturated": float(saturated),
+                "disc/expert_prob": float(torch.sigmoid(expert_logits).mean()),
+                "disc/policy_prob": float(torch.sigmoid(policy_logits).mean()),
+                "train/reward": rewards.mean(),
+                "train/log_d": torch.nn.functional.logsigmoid(policy_logits).mean(),
+                "train/reward_std": rewards.view(-1, args.group_size).std(1).mean(),
+                "train/completion_length": lengths.mean(),
+                "train/truncated": distributed.gather(rollouts["truncated"].float()).mean(),
+                **{f"train/{k}": float(v) for k, v in metric_sums.items()},
+                **clock.metrics(),
+            },
+        )
+        progress.set_postfix(
+            reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}", d_acc=f"{float(disc_metrics['accuracy']):.2f}"
+        )
         discriminator_state = {**disc_state, "head": head.state_dict(), "optimizer": disc_optimizer.state_dict(),
                                "multiplier": multiplier}
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(

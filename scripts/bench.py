@@ -159,8 +159,9 @@ def bench_grpo_steps(args, models: dict[str, Path]) -> None:
         params = sum(p.numel() for p in load_model(str(path)).parameters())
         for shape in args.shapes:
             rows, max_new_tokens = shape_rows(shape, args)
-            prompt_tokens = statistics.mean(len(tokenizer(chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"])
-                                            for r in rows)
+            prompt_tokens = statistics.mean(
+                len(tokenizer(chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows
+            )
             results = {}
             for share_prompts in (True, False):
                 torch.manual_seed(0)  # the same untrained weights and samples for both
@@ -169,7 +170,9 @@ def bench_grpo_steps(args, models: dict[str, Path]) -> None:
                 grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens, share_prompts)  # warm-up
                 timers = [grpo_step(model, ref_model, tokenizer, optimizer, rows, args, max_new_tokens, share_prompts)
                           for _ in range(args.steps)]
-                split = {k: round(statistics.median(t[k] for t in timers), 4) for k in ("generate", "score", "logps", "update")}
+                split = {
+                    k: round(statistics.median(t[k] for t in timers), 4) for k in ("generate", "score", "logps", "update")
+                }
                 results[share_prompts] = {"step_s": round(sum(split.values()), 4), **{f"{k}_s": v for k, v in split.items()},
                                           "completion_tokens": timers[-1]["tokens"]}
             ours = {"bench": "grpo_step", "model": label, "params_m": round(params / 1e6, 2), "shape": shape,
@@ -206,7 +209,9 @@ def bench_trl(args, label: str, path: Path, rows: list[dict], ours: dict, max_ne
         def on_step_end(self, *_, **__):
             self.times.append(time.perf_counter() - self.start)
 
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "row_id": i} for i, r in enumerate(rows)] * 50)
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "row_id": i} for i, r in enumerate(rows)] * 50
+    )
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group_size,

@@ -68,9 +68,11 @@ if __name__ == "__main__":
         print(line)
         results[path] = json.loads(line)
     logits_mib = args.tokens * args.vocab * 4 / 2**20
-    summary = {"float32_logits_mib": logits_mib,
-               "chunked_over_naive": results["chunked"]["peak_extra_mib"] / results["naive"]["peak_extra_mib"],
-               "chunked_over_logits": results["chunked"]["peak_extra_mib"] / logits_mib,
-               "max_rel_diff_grad_weight": abs(results["chunked"]["grad_weight_abs_sum"] - results["naive"]["grad_weight_abs_sum"])
-               / results["naive"]["grad_weight_abs_sum"]}
+    summary = {
+        "float32_logits_mib": logits_mib,
+        "chunked_over_naive": results["chunked"]["peak_extra_mib"] / results["naive"]["peak_extra_mib"],
+        "chunked_over_logits": results["chunked"]["peak_extra_mib"] / logits_mib,
+        "max_rel_diff_grad_weight": abs(results["chunked"]["grad_weight_abs_sum"] - results["naive"]["grad_weight_abs_sum"])
+        / results["naive"]["grad_weight_abs_sum"],
+    }
     print(json.dumps({"summary": summary}))

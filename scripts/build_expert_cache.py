@@ -74,8 +74,10 @@ if __name__ == "__main__":
         print(f"{truncated} of {len(prompts) + len(dropped)} teacher answers reached --max-new-tokens "
               f"{args.max_new_tokens} without ending: " + ("kept (--keep-truncated)" if args.keep_truncated else "dropped"))
         if not responses:
-            raise SystemExit(f"error: every teacher answer was cut at --max-new-tokens {args.max_new_tokens} or empty; nothing "
-                             "was written (raise --max-new-tokens, or pass --keep-truncated)")
+            raise SystemExit(
+                f"error: every teacher answer was cut at --max-new-tokens {args.max_new_tokens} or empty; nothing "
+                "was written (raise --max-new-tokens, or pass --keep-truncated)"
+            )
     write_expert_cache(args.out, prompts, responses, teacher=args.teacher, generation=generation,
                        finish_reasons=finish_reasons, dropped_prompts=dropped)
     print(f"wrote {len(responses)} expert responses from {args.teacher!r} to {args.out}")

@@ -4,8 +4,9 @@ toy world's preference axes (correctness, format, concision).
 
 Each row: prompt, chosen, rejected, label (soft probability that chosen is better:
 the mean of the per-axis labels), and the per-axis labels. Ties on every axis are
-dropped; trade-off pairs (label 0.5, per-axis labels apart) are kept. The columns match the usual chosen/rejected datasets, so the preference
-scripts (adpo.py pairwise, gpm.py) read this file or a hub dataset alike.
+dropped; trade-off pairs (label 0.5, per-axis labels apart) are kept. The columns
+match the usual chosen/rejected datasets, so the preference scripts (adpo.py
+pairwise, gpm.py) read this file or a hub dataset alike.
 """
 
 from dataclasses import dataclass

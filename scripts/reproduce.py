@@ -65,7 +65,8 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 @dataclass
 class Args:
     out_dir: str | None = None
-    """where runs/, table.md and the plots go (results; --quick: results/quick, so a smoke run never mixes with the main job's runs)"""
+    """where runs/, table.md and the plots go (results; --quick: results/quick, so a smoke run never mixes with the
+    main job's runs)"""
     hyperparameters: str | None = None
     """the learning rates chosen by --sweep (default <out-dir>/hyperparameters.json, where --sweep --out-dir writes
     them; methods it does not list keep their script's default)"""
@@ -74,7 +75,8 @@ class Args:
     all: bool = False
     """add the exploratory rows (CHORD-phi, AAPA-SFT, AAPA-CHORD, ADPO pairwise), reported without verdicts"""
     sweep: bool = False
-    """choose each row's learning rate on the validation split instead, seeds 101-102 (writes <out-dir>/hyperparameters.json)"""
+    """choose each row's learning rate on the validation split instead, seeds 101-102 (writes
+    <out-dir>/hyperparameters.json)"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
     rows: tuple[str, ...] = ()
@@ -241,9 +243,28 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
             rows = [row for row in rows if row.name in wanted or slug(row.name) in needed]
         else:
             needed = {"pairs", "gpm"}
-        commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model", str(sft_dir / "checkpoint"),
-                                                  "--data", "data/toy/sft_prompts.jsonl", "--out", str(pairs), "--seed", str(seed),
-                                                  "--num-prompts", str(settings["side_prompts"])], pairs, [f"sft_seed{seed}"], seed=seed))
+        commands.append(
+            Run(
+                f"pairs_seed{seed}",
+                [
+                    py,
+                    "scripts/build_preference_pairs.py",
+                    "--model",
+                    str(sft_dir / "checkpoint"),
+                    "--data",
+                    "data/toy/sft_prompts.jsonl",
+                    "--out",
+                    str(pairs),
+                    "--seed",
+                    str(seed),
+                    "--num-prompts",
+                    str(settings["side_prompts"]),
+                ],
+                pairs,
+                [f"sft_seed{seed}"],
+                seed=seed,
+            )
+        )
         commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
                                                 str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
                             runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
@@ -271,7 +292,10 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                 if row.name.startswith("AAPA staged"):  # both stages at the row's rate
                     rate_flags += ["--stage1-learning-rate", f"{rate:g}"]
                 name = f"{slug(row.name)}_seed{seed}{suffix}"
-                needs = [f"sft_seed{seed}", *[f"{need}_seed{seed}" + (suffix if need == "aapa-grpo" else "") for need in row.needs]]
+                needs = [
+                    f"sft_seed{seed}",
+                    *[f"{need}_seed{seed}" + (suffix if need == "aapa-grpo" else "") for need in row.needs],
+                ]
                 commands.append(Run(name, [py, row.script, "--model", str(sft_dir / "checkpoint"), "--seed", str(seed),
                                            *budget, *eval_flags, *rate_flags, *flags],
                                     runs_dir / name, needs, row.name, seed))
@@ -431,17 +455,21 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
             return "exploratory"
         return " and ".join(name for name, members in (("method", methods), ("control", controls)) if row in members) or "–"
 
-    lines = [f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
-             f"toy-world prompts (data/toy/eval.jsonl), mean ± std over {n} seed(s), each seed its own SFT checkpoint "
-             f"({settings['sft_steps']} steps on the demonstrations of 500 prompts). Every other row starts from that "
-             f"checkpoint: {settings['rl_steps']} steps ({settings['prompts_per_step']} prompts x G={settings['group_size']} "
-             "rollouts per step; continued SFT: SFT steps on the same 500 demonstrations); every row that uses "
-             f"demonstrations draws them from those 500 prompts. Learning rates: {settings['learning_rates_from']}.", "",
-             "Instruction-level: the fraction of single instructions followed (the RL reward, on greedy responses). "
-             f"KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, {min(64, settings['eval_prompts'])} "
-             "prompts.", "",
-             "| row | role | gold | instruction-level | length (tokens) | KL to SFT | wall time per run (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
+        f"toy-world prompts (data/toy/eval.jsonl), mean ± std over {n} seed(s), each seed its own SFT checkpoint "
+        f"({settings['sft_steps']} steps on the demonstrations of 500 prompts). Every other row starts from that "
+        f"checkpoint: {settings['rl_steps']} steps ({settings['prompts_per_step']} prompts x G={settings['group_size']} "
+        "rollouts per step; continued SFT: SFT steps on the same 500 demonstrations); every row that uses "
+        f"demonstrations draws them from those 500 prompts. Learning rates: {settings['learning_rates_from']}.",
+        "",
+        "Instruction-level: the fraction of single instructions followed (the RL reward, on greedy responses). "
+        f"KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, {min(64, settings['eval_prompts'])} "
+        "prompts.",
+        "",
+        "| row | role | gold | instruction-level | length (tokens) | KL to SFT | wall time per run (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row, per_seed in rows.items():
         kl = mean_std([a["kl"] for a in analyses[row]]) if row in analyses and row != "SFT" else "–"
         lines.append(f"| {row} | {role(row) if row != 'base model' else '–'} | {mean_std(gold[row])} | "
@@ -461,8 +489,13 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
                      f"{verdict(differences, holm_p)} |")
     if exploratory & set(gold) and "GRPO" in gold:
-        lines += ["", "Exploratory rows (no verdicts; the intervals are uncorrected): gold minus SFT and minus GRPO, paired by seed.",
-                  "", "| row | gold - SFT [95% CI] | gold - GRPO [95% CI] |", "|---|---|---|"]
+        lines += [
+            "",
+            "Exploratory rows (no verdicts; the intervals are uncorrected): gold minus SFT and minus GRPO, paired by seed.",
+            "",
+            "| row | gold - SFT [95% CI] | gold - GRPO [95% CI] |",
+            "|---|---|---|",
+        ]
         for row in sorted(exploratory & set(gold)):
             lines.append(f"| {row} | {paired([a - b for a, b in zip(gold[row], gold['SFT'])])[0]} | "
                          f"{paired([a - b for a, b in zip(gold[row], gold['GRPO'])])[0]} |")
@@ -506,9 +539,20 @@ def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
                  "prefers the policy).", "", "| step | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for step in sorted(by_step):
         if any(by_step[step].get(c) for c in columns):
-            lines.append(f"| {step} | " + " | ".join(
-                (f"{statistics.mean(by_step[step][c]):.3f}" if c.startswith("gold") else f"{statistics.mean(by_step[step][c]):+.4f}")
-                if by_step[step].get(c) else "" for c in columns) + " |")
+            lines.append(
+                f"| {step} | "
+                + " | ".join(
+                    (
+                        f"{statistics.mean(by_step[step][c]):.3f}"
+                        if c.startswith("gold")
+                        else f"{statistics.mean(by_step[step][c]):+.4f}"
+                    )
+                    if by_step[step].get(c)
+                    else ""
+                    for c in columns
+                )
+                + " |"
+            )
     return lines
 
 
@@ -524,7 +568,10 @@ def write_sweep(commands: list[Run], path: Path) -> dict:
     for row, by_rate in scores.items():
         means = {rate: statistics.mean(values) for rate, values in by_rate.items()}
         best = max(sorted(means), key=lambda rate: means[rate])
-        choice[row] = {"learning_rate": best, "validation_gold": {f"{rate:g}": round(g, 4) for rate, g in sorted(means.items())}}
+        choice[row] = {
+            "learning_rate": best,
+            "validation_gold": {f"{rate:g}": round(g, 4) for rate, g in sorted(means.items())},
+        }
     write_json(path, choice)
     return choice
 
@@ -537,7 +584,9 @@ def check_hyperparameters(path: Path, methods: set[str]) -> dict:
     try:
         choices = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SystemExit(f"error: {path} is not valid JSON ({getattr(error, 'msg', error)}); fix it, or rerun --sweep") from None
+        raise SystemExit(
+            f"error: {path} is not valid JSON ({getattr(error, 'msg', error)}); fix it, or rerun --sweep"
+        ) from None
     if not isinstance(choices, dict):
         raise SystemExit(f"error: {path} must map method names to {{\"learning_rate\": ...}}")
     for method, record in choices.items():
@@ -596,7 +645,9 @@ if __name__ == "__main__":
     if args.hyperparameters and not Path(args.hyperparameters).is_file():
         raise SystemExit(f"error: --hyperparameters {args.hyperparameters!r} does not exist; run the --sweep that writes "
                          "it, or leave the flag out to use one learning rate for every row")
-    hyperparameters_file = out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
+    hyperparameters_file = (
+        out_dir / "hyperparameters.json" if args.sweep or not args.hyperparameters else Path(args.hyperparameters)
+    )
     methods = {row.name for row in table_rows(runs_dir, 1, {**settings, "all": True})}
     unknown = [name for name in args.rows if name not in methods]
     if unknown:

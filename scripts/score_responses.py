@@ -55,7 +55,11 @@ def read_responses(path: str) -> dict[str, str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"--responses {path!r} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prompt"), str)
+            or not isinstance(record.get("response"), str)
+        ):
             raise ValueError(f"--responses {path!r} line {number}: needs a string 'prompt' and a string 'response'")
         if record["prompt"] in responses and responses[record["prompt"]] != record["response"]:
             raise ValueError(f"--responses {path!r} line {number}: a second, different response for the prompt "

@@ -73,5 +73,7 @@ if __name__ == "__main__":
             for epochs in args.epochs:
                 torch.manual_seed(args.seed)
                 _, record = fit_discriminator(expert, policy, is_copy, num_holdout, hidden, epochs, args.learning_rate)
-                print(f"| {layer_text} | {hidden} | {epochs} | {record['fit_accuracy']:.3f} | {record['heldout_accuracy']:.3f} "
-                      f"| {record['heldout_auc']:.3f} | {record['anchor_scale']:.3f} |")
+                print(
+                    f"| {layer_text} | {hidden} | {epochs} | {record['fit_accuracy']:.3f} | {record['heldout_accuracy']:.3f} "
+                    f"| {record['heldout_auc']:.3f} | {record['anchor_scale']:.3f} |"
+                )

@@ -146,7 +146,9 @@ def keep_short_prompts(rows: list[dict], tokenizer, max_prompt_tokens: int, on_l
                          f"--max-prompt-tokens {max_prompt_tokens} ({len(too_long)} such rows); raise the limit or "
                          f"pass --long-prompts drop")
     if len(too_long) == len(rows):
-        raise ValueError(f"dataset {source!r}: all {len(rows)} prompts are longer than --max-prompt-tokens {max_prompt_tokens}")
+        raise ValueError(
+            f"dataset {source!r}: all {len(rows)} prompts are longer than --max-prompt-tokens {max_prompt_tokens}"
+        )
     if too_long:
         print(f"dropped {len(too_long)} of {len(rows)} prompts of {source!r} longer than "
               f"--max-prompt-tokens {max_prompt_tokens}")

@@ -35,7 +35,9 @@ NLTK_DATA = {
 }
 NLTK_DATA_PATHS = {"punkt_tab": "tokenizers/punkt_tab/english/", "stopwords": "corpora/stopwords",
                    "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng/"}
-INSTALL_HINT = "install it once on a machine with internet: python -m nltk.downloader {names} (then copy ~/nltk_data, or set NLTK_DATA)"
+INSTALL_HINT = (
+    "install it once on a machine with internet: python -m nltk.downloader {names} (then copy ~/nltk_data, or set NLTK_DATA)"
+)
 
 
 @functools.cache
@@ -173,11 +175,17 @@ RLVR_FUNCTIONS = {
     "validate_no_commas": ("punctuation:no_comma", {}),
     "validate_lowercase": ("change_case:english_lowercase", {}),
     "validate_uppercase": ("change_case:english_capital", {}),
-    "validate_frequency_capital_words": ("change_case:capital_word_frequency", {"N": "capital_frequency", "quantifier": "capital_relation"}),
+    "validate_frequency_capital_words": (
+        "change_case:capital_word_frequency",
+        {"N": "capital_frequency", "quantifier": "capital_relation"},
+    ),
     "validate_word_constraint": ("length_constraints:number_words", {"N": "num_words", "quantifier": "relation"}),
     "verify_sentence_constraint": ("length_constraints:number_sentences", {"N": "num_sentences", "quantifier": "relation"}),
     "verify_paragraph_count": ("length_constraints:number_paragraphs", {"N": "num_paragraphs"}),
-    "validate_paragraphs": ("length_constraints:nth_paragraph_first_word", {"N": "num_paragraphs", "i": "nth_paragraph", "first_word": "first_word"}),
+    "validate_paragraphs": (
+        "length_constraints:nth_paragraph_first_word",
+        {"N": "num_paragraphs", "i": "nth_paragraph", "first_word": "first_word"},
+    ),
     "validate_placeholders": ("detectable_content:number_placeholders", {"N": "num_placeholders"}),
     "verify_postscript": ("detectable_content:postscript", {"postscript_marker": "postscript_marker"}),
     "verify_bullet_points": ("detectable_format:number_bullet_lists", {"N": "num_bullets"}),
@@ -193,7 +201,10 @@ RLVR_FUNCTIONS = {
     "verify_keywords": ("keywords:existence", {"keyword_list": "keywords"}),
     "validate_forbidden_words": ("keywords:forbidden_words", {"forbidden_words": "forbidden_words"}),
     "verify_keyword_frequency": ("keywords:frequency", {"word": "keyword", "N": "frequency", "quantifier": "relation"}),
-    "verify_letter_frequency": ("keywords:letter_frequency", {"letter": "letter", "N": "let_frequency", "quantifier": "let_relation"}),
+    "verify_letter_frequency": (
+        "keywords:letter_frequency",
+        {"letter": "letter", "N": "let_frequency", "quantifier": "let_relation"},
+    ),
 }
 
 

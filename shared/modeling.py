@@ -113,8 +113,10 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(device)
     except Exception as error:  # missing, unreachable, or a damaged weights file (safetensors' own error type)
-        raise ValueError(f"cannot load a model from {name_or_path!r}: not a readable saved model folder, and not "
-                         f"reachable as a hub id ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})") from None
+        raise ValueError(
+            f"cannot load a model from {name_or_path!r}: not a readable saved model folder, and not "
+            f"reachable as a hub id ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+        ) from None
     disable_dropout(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

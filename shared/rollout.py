@@ -288,8 +288,13 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         return hidden[:, completion_start - 1:-1]  # position t predicts token t+1
     # the cache is the 4th positional argument and the 2nd output: transformers 5.x renamed it
     # (past_key_values -> cache), positions work with both names
-    prompt_hidden, cache = model.base_model(input_ids[first_rows, :completion_start], attention_mask[first_rows, :completion_start],
-                                            position_ids[first_rows, :completion_start], None, use_cache=True)[:2]
+    prompt_hidden, cache = model.base_model(
+        input_ids[first_rows, :completion_start],
+        attention_mask[first_rows, :completion_start],
+        position_ids[first_rows, :completion_start],
+        None,
+        use_cache=True,
+    )[:2]
     cache.batch_select_indices(group_of_row)  # [K, ...] -> [B, ...]; its backward sums each group's gradients
     completion_hidden_states = model.base_model(input_ids[:, completion_start:], attention_mask,
                                                 position_ids[:, completion_start:], cache, use_cache=True)[0]
@@ -382,7 +387,9 @@ def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[
     (AAPA's and UniAPL's features)."""
     features = []
     for s in range(0, len(prompts), batch_size):
-        ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts[s:s + batch_size], responses[s:s + batch_size], device)
+        ids, mask, response_mask, prompt_len = encode_prompt_response(
+            tokenizer, prompts[s : s + batch_size], responses[s : s + batch_size], device
+        )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                            output_hidden_states=True).hidden_states

@@ -150,8 +150,11 @@ def _claim_output_dir(args) -> dict | None:
         if replaced and not getattr(args, "allow_flag_changes", False):
             raise SystemExit(f"error: --resume with input data that changed since the run started ({', '.join(replaced)}); "
                              "restore it, or pass --allow-flag-changes to continue on the new data")
-        changed = [f"--{key.replace('_', '-')} {recorded[key]!r} -> {value!r}" for key, value in dataclasses.asdict(args).items()
-                   if key not in RUN_NEUTRAL_FLAGS and key in recorded and _jsonable(value) != recorded[key]]
+        changed = [
+            f"--{key.replace('_', '-')} {recorded[key]!r} -> {value!r}"
+            for key, value in dataclasses.asdict(args).items()
+            if key not in RUN_NEUTRAL_FLAGS and key in recorded and _jsonable(value) != recorded[key]
+        ]
         if changed and not getattr(args, "allow_flag_changes", False):
             raise SystemExit(f"error: --resume with flags that differ from the run in {str(output_dir)!r}: "
                              f"{', '.join(changed)}; rerun with the run's flags or pass --allow-flag-changes")
@@ -237,7 +240,8 @@ def check_range(args, **rules) -> None:
         too_low = low is not None and (value < low if low_inclusive else value <= low)
         too_high = high is not None and (value > high if high_inclusive else value >= high)
         if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
-            interval = f"{'[' if low_inclusive else '('}{'-inf' if low is None else low}, {'inf' if high is None else high}{']' if high_inclusive else ')'}"
+            opening, closing = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
+            interval = f"{opening}{'-inf' if low is None else low}, {'inf' if high is None else high}{closing}"
             raise SystemExit(f"error: --{field.replace('_', '-')} must be in {interval}, got {value}")
 
 
@@ -598,7 +602,9 @@ def load_trainer_state(output_dir: Path) -> dict | None:
         # before it can run code. Mapped, so N ranks share one copy in memory.
         return torch.load(path, weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        raise SystemExit(f"error: {path} holds objects other than tensors, numbers, strings, lists and dicts; "
-                         "refusing to unpickle it (a trainer state never does; the file was not written by this project)") from None
+        raise SystemExit(
+            f"error: {path} holds objects other than tensors, numbers, strings, lists and dicts; "
+            "refusing to unpickle it (a trainer state never does; the file was not written by this project)"
+        ) from None
     except Exception as error:
         raise SystemExit(f"error: {path} cannot be read ({type(error).__name__}); the checkpoint is damaged") from None

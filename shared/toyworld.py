@@ -91,7 +91,8 @@ def toy_arguments_problem(instruction_id: str, kwargs: dict | None) -> str | Non
             return f"instruction {instruction_id!r} takes no argument {name!r} (it takes: {', '.join(expected) or 'none'})"
         kind = expected[name][0]
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is str and not value):
-            return f"instruction {instruction_id!r}: argument {name!r} must be a {'non-empty string' if kind is str else 'whole number'}, got {value!r}"
+            wanted = "non-empty string" if kind is str else "whole number"
+            return f"instruction {instruction_id!r}: argument {name!r} must be a {wanted}, got {value!r}"
     missing = [name for name, (_, required) in expected.items() if required and name not in kwargs]
     if missing:
         return f"instruction {instruction_id!r} lacks its argument {missing[0]!r}"

@@ -18,7 +18,7 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed, run
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows
+from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows, with_expert_answers
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn
 from shared.rollout import completion_logps, encode_prompt_response
@@ -119,10 +119,8 @@ if __name__ == "__main__":
         train_rows = load_rows(args.train_data, required=("prompt",))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
-        if any(r["prompt"] not in cache for r in train_rows):  # answers the teacher did not finish
-            print(f"note: {sum(r['prompt'] not in cache for r in train_rows)} training prompt(s) skipped: the expert "
-                  "cache dropped their answers (the teacher was cut at its token limit)")
-            train_rows = [r for r in train_rows if r["prompt"] in cache]
+        kept = set(with_expert_answers([r["prompt"] for r in train_rows], cache, "--train-data"))
+        train_rows = [r for r in train_rows if r["prompt"] in kept]
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 

@@ -61,11 +61,11 @@ if __name__ == "__main__":
             finish_reasons += ["length" if cut else "stop" for cut in out["truncated"].tolist()]
         generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
         truncated = sum(reason == "length" for reason in finish_reasons)
-        empty = [k for k, text in enumerate(responses) if not text.strip()]
+        empty = {k for k, text in enumerate(responses) if not text.strip()}
         if empty:  # nothing to imitate: the training scripts would refuse the cache
             print(f"{len(empty)} teacher answers were empty (only whitespace or special tokens): dropped")
-            dropped += [prompts[k] for k in empty]
-            prompts, responses, finish_reasons = ([v for k, v in enumerate(values) if k not in set(empty)]
+            dropped += [prompts[k] for k in sorted(empty)]
+            prompts, responses, finish_reasons = ([v for k, v in enumerate(values) if k not in empty]
                                                   for values in (prompts, responses, finish_reasons))
         if not args.keep_truncated:
             dropped += [p for p, reason in zip(prompts, finish_reasons) if reason == "length"]

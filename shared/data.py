@@ -186,20 +186,27 @@ def load_expert_pool(pool_source: str, train_rows: list[dict], cache_path: str,
         cache, header = load_expert_cache(cache_path, pool)
     except ValueError as error:
         raise ValueError(f"{error} (the prompts of {pool_name}; --expert-pool '' uses the training prompts)") from None
-    covered = [prompt for prompt in pool if prompt in cache]
-    if len(covered) < len(pool):
-        print(f"note: {len(pool) - len(covered)} prompt(s) of {pool_name} skipped: the expert cache dropped their "
-              "answers (the teacher was cut at its token limit)")
+    covered = with_expert_answers(pool, cache, pool_name)
     if len(set(covered)) < min_prompts:
         raise ValueError(f"{pool_name} has {len(set(covered))} prompt(s) with an expert answer; at least {min_prompts} "
                          f"are needed ({why})")
     return covered, cache, header
 
 
+def with_expert_answers(prompts: list[str], cache: dict, name: str) -> list[str]:
+    """The prompts that have an answer in the cache, in order; those the cache dropped
+    (listed in its header) are skipped with one printed note."""
+    covered = [prompt for prompt in prompts if prompt in cache]
+    if len(covered) < len(prompts):
+        print(f"note: {len(prompts) - len(covered)} prompt(s) of {name} skipped: the expert cache dropped their "
+              "answers (the teacher was cut at its token limit, or said nothing)")
+    return covered
+
+
 def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tuple[dict[str, str], dict]:
     """The cache as {prompt: response} and its header; checks that every prompt in
-    `prompts` is covered (or listed in the header as dropped, its teacher answer cut at
-    the token limit) and names the missing ones otherwise."""
+    `prompts` is covered (or listed in the header as dropped: its teacher answer was cut
+    at the token limit, or empty) and names the missing ones otherwise."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"expert cache {str(path)!r} does not exist; build it with scripts/build_expert_cache.py")

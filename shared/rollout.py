@@ -39,11 +39,14 @@ def stop_ids(tokenizer) -> list[int]:
     return getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id]
 
 
+def _as_stop_tensor(eos_token_id: int | list[int], device) -> torch.Tensor:
+    return torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
+
+
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask [B, L] that is 1 up to and including the first eos (any of a list of stop
     tokens), and a truncation flag [B] that is True where none was produced."""
-    stop = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, stop)
+    is_eos = torch.isin(completion_ids, _as_stop_tensor(eos_token_id, completion_ids.device))
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.size(1))
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
@@ -128,7 +131,7 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     next_position = attention_mask.sum(1, keepdim=True)
     finished = torch.zeros(attention_mask.size(0), dtype=torch.bool, device=prompt_ids.device)
-    stop = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=prompt_ids.device)
+    stop = _as_stop_tensor(eos_token_id, prompt_ids.device)
     tokens, scores = [], []
     for _ in range(max_new_tokens):
         scaled = logits.float() / temperature if do_sample else logits.float()

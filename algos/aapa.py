@@ -109,6 +109,10 @@ class Args(run.RunFlags):
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
+    top_k: int = 0
+    """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
+    top_p: float = 1.0
+    """sample among the likeliest tokens holding this much probability only (1.0: off)"""
     expert_temperature: float = 0.0
     """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
     expert rows in one pass; 1: the raw model)"""
@@ -149,6 +153,8 @@ FLAG_RANGES = dict(
     micro_batch_size=run.AT_LEAST_1,
     max_new_tokens=run.AT_LEAST_1,
     temperature=run.TEMPERATURE,
+    top_k=run.NON_NEGATIVE,
+    top_p=run.TOP_P,
     expert_temperature=run.NON_NEGATIVE,
     learning_rate=run.POSITIVE,
     weight_decay=run.NON_NEGATIVE,
@@ -396,13 +402,13 @@ if __name__ == "__main__":
         expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache,
             min_prompts=2, why="the discriminator is fitted and scored on a split of the pool by prompt")
         model_path = str(output_dir / run.CHECKPOINT) if state else args.model
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
         ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) \
             if args.beta > 0 or not args.disc_encoder else None
         if args.disc_encoder:
-            encoder_tokenizer = load_tokenizer(args.disc_encoder)
+            encoder_tokenizer = load_tokenizer(args.disc_encoder, args.system_prompt, args.chat_template_kwargs)
             encoder = distributed.shard(load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False))
         else:
             encoder_tokenizer, encoder = tokenizer, ref_model
@@ -454,7 +460,7 @@ if __name__ == "__main__":
                                               args.device, args.disc_layers)
         initial_rollouts = [text for s in range(0, len(disc_prompts), 256) for text in generate_rollouts(
             model, tokenizer, disc_prompts[s:s + 256], 1, args.max_new_tokens, args.temperature,
-            autocast_bf16=args.autocast_bf16)["texts"]]
+            autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)["texts"]]
         policy_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, initial_rollouts, args.device,
                                               args.disc_layers)
         is_copy = torch.tensor([text == cache[p] for p, text in zip(disc_prompts, initial_rollouts)])
@@ -488,7 +494,7 @@ if __name__ == "__main__":
         own generators, seeded by -step - 1: no training step's draws, the same after a resume)."""
         fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature,
                                   seeds=run.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
-                                  autocast_bf16=args.autocast_bf16)["texts"]
+                                  autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)["texts"]
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         return {
             "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
@@ -526,12 +532,14 @@ if __name__ == "__main__":
             args.temperature,
             seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
         clock.lap("generate")
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
         rollout_logits = distributed.gather(discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"]))
         scores = anchor_scores(rollout_logits).cpu()
         advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, disc_record["anchor_scale"],

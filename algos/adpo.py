@@ -66,6 +66,10 @@ class Args(run.RunFlags):
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
+    top_k: int = 0
+    """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
+    top_p: float = 1.0
+    """sample among the likeliest tokens holding this much probability only (1.0: off)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -111,6 +115,8 @@ FLAG_RANGES = dict(
     micro_batch_size=run.AT_LEAST_1,
     max_new_tokens=run.AT_LEAST_1,
     temperature=run.TEMPERATURE,
+    top_k=run.NON_NEGATIVE,
+    top_p=run.TOP_P,
     learning_rate=run.POSITIVE,
     weight_decay=run.NON_NEGATIVE,
     max_grad_norm=run.POSITIVE,
@@ -227,7 +233,7 @@ if __name__ == "__main__":
     # ---- policy (and anchor: the sampling policy itself), optimizer, schedule
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
     except ValueError as error:
@@ -272,12 +278,14 @@ if __name__ == "__main__":
             args.temperature,
             seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
         clock.lap("generate")
 
         # ---- score and compute group-relative advantages
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size)).to(args.device)
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]

@@ -143,7 +143,7 @@ if __name__ == "__main__":
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         pairs = keep_short_prompts(pairs, tokenizer, args.max_prompt_tokens, args.long_prompts, args.pairs_data)
     except ValueError as error:
         raise SystemExit(f"error: {error}")

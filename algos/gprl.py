@@ -74,6 +74,10 @@ class Args(run.RunFlags):
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, log-probs use the same"""
+    top_k: int = 0
+    """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
+    top_p: float = 1.0
+    """sample among the likeliest tokens holding this much probability only (1.0: off)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -140,6 +144,8 @@ FLAG_RANGES = dict(
     micro_batch_size=run.AT_LEAST_1,
     max_new_tokens=run.AT_LEAST_1,
     temperature=run.TEMPERATURE,
+    top_k=run.NON_NEGATIVE,
+    top_p=run.TOP_P,
     learning_rate=run.POSITIVE,
     weight_decay=run.NON_NEGATIVE,
     max_grad_norm=run.POSITIVE,
@@ -339,14 +345,14 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
     return v, gate
 
 
-def load_gpm(path: str, dtype: str, device: str):
+def load_gpm(path: str, dtype: str, device: str, system_prompt: str, chat_template_kwargs: str):
     """The GPM backbone (frozen) and its heads, as algos/gpm.py saved them."""
     heads_path = Path(path) / GPM_HEADS
     if not heads_path.exists():
         raise SystemExit(f"error: --gpm {path!r} has no {GPM_HEADS}; train one with algos/gpm.py")
     try:
         tokenizer, backbone = (
-            load_tokenizer(path),
+            load_tokenizer(path, system_prompt, chat_template_kwargs),
             distributed.shard(load_model(path, dtype, device).eval().requires_grad_(False)),
         )
     except ValueError as error:
@@ -383,7 +389,9 @@ if __name__ == "__main__":
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    gpm_backbone, value_head, gate_head, gpm_tokenizer, dim_names = load_gpm(args.gpm, args.dtype, args.device)
+    gpm_backbone, value_head, gate_head, gpm_tokenizer, dim_names = load_gpm(
+        args.gpm, args.dtype, args.device, args.system_prompt, args.chat_template_kwargs
+    )
 
     @torch.no_grad()
     def embed(prompts, responses):
@@ -392,7 +400,7 @@ if __name__ == "__main__":
     # ---- policy, reference (always: the monitor may raise beta), optimizer, schedule
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
         ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
@@ -461,12 +469,14 @@ if __name__ == "__main__":
             args.temperature,
             seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
         clock.lap("generate")
 
         # ---- score: one GPM forward per rollout, per-dimension group advantages
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))  # logged only
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))  # logged only
         v, gate = (distributed.gather(t) for t in embed([r["prompt"] for r in group_rows], rollouts["texts"]))
         advantages, per_dim = advantage_fn(v, gate, rho.to(args.device), args.group_size, args.adv_std_floor, args.judge)
         advantages = distributed.local_share(advantages)

@@ -127,7 +127,7 @@ if __name__ == "__main__":
     # ---- model, optimizer, schedule
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
     except ValueError as error:

@@ -104,6 +104,10 @@ class Args(run.RunFlags):
     """maximum completion length"""
     temperature: float = 0.7
     """sampling temperature, rollout log-probs use the same"""
+    top_k: int = 0
+    """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
+    top_p: float = 1.0
+    """sample among the likeliest tokens holding this much probability only (1.0: off)"""
     expert_temperature: float = 0.0
     """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
     expert rows in one pass; 1: the raw model)"""
@@ -142,6 +146,8 @@ FLAG_RANGES = dict(
     micro_batch_size=run.AT_LEAST_1,
     max_new_tokens=run.AT_LEAST_1,
     temperature=run.TEMPERATURE,
+    top_k=run.NON_NEGATIVE,
+    top_p=run.TOP_P,
     expert_temperature=run.NON_NEGATIVE,
     learning_rate=run.POSITIVE,
     weight_decay=run.NON_NEGATIVE,
@@ -317,13 +323,13 @@ if __name__ == "__main__":
     # ---- policy, frozen initial policy (KL reference and default encoder), optimizer, schedule
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
         ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) \
             if args.beta > 0 or not args.disc_encoder else None
         if args.disc_encoder:
-            encoder_tokenizer = load_tokenizer(args.disc_encoder)
+            encoder_tokenizer = load_tokenizer(args.disc_encoder, args.system_prompt, args.chat_template_kwargs)
             encoder = distributed.shard(load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False))
         else:
             encoder_tokenizer, encoder = tokenizer, ref_model
@@ -394,6 +400,8 @@ if __name__ == "__main__":
             args.temperature,
             seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )
         clock.lap("generate")
 
@@ -411,6 +419,8 @@ if __name__ == "__main__":
             args.temperature,
             seeds=distributed.local_share(run.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
             autocast_bf16=args.autocast_bf16,
+            top_k=args.top_k,
+            top_p=args.top_p,
         )["texts"]
         expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
         policy_features = distributed.gather(features(mine, own_samples))
@@ -428,7 +438,7 @@ if __name__ == "__main__":
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
         # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"]))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
         advantages = distributed.local_share(
             advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards)).to(args.device)

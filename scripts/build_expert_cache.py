@@ -1,6 +1,7 @@
 """Build the expert cache: one expert response per training prompt, from the toy
 world's oracle (offline default) or from any teacher model with batched generate."""
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -9,9 +10,9 @@ from tqdm import tqdm
 
 from shared import toyworld
 from shared.data import load_rows, write_expert_cache
-from shared.modeling import default_device, load_model, load_tokenizer
+from shared.modeling import DEFAULT_CHAT_TEMPLATE_KWARGS, default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
-from shared.run import NON_NEGATIVE, check_output_file, check_range
+from shared.run import NON_NEGATIVE, check_chat_template_kwargs, check_output_file, check_range
 
 
 @dataclass
@@ -32,6 +33,10 @@ class Args:
     """prompts per teacher generate call"""
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
     """teacher weights dtype"""
+    system_prompt: str = ""
+    """a system turn before every prompt the teacher answers ("" for none)"""
+    chat_template_kwargs: str = DEFAULT_CHAT_TEMPLATE_KWARGS
+    """JSON object of options for the teacher's chat template (Qwen3: enable_thinking)"""
     keep_truncated: bool = False
     """keep answers the teacher was cut off at --max-new-tokens (default: dropped, since imitating them teaches the
     policy to stop mid-answer; the training scripts then skip those prompts)"""
@@ -40,6 +45,7 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_range(args, max_new_tokens=(1, None, True, False), temperature=NON_NEGATIVE, batch_size=(1, None, True, False))
+    check_chat_template_kwargs(args.chat_template_kwargs)
     check_output_file(args.out, "--out", {"--data": args.data, "--teacher": args.teacher})
     try:
         rows = load_rows(args.data, args.split,
@@ -48,7 +54,8 @@ if __name__ == "__main__":
         if args.teacher == "oracle":
             responses, generation = [toyworld.oracle(r) for r in rows], {"method": "toy world oracle"}
         else:
-            tokenizer, model = load_tokenizer(args.teacher), load_model(args.teacher, args.dtype, default_device())
+            tokenizer = load_tokenizer(args.teacher, args.system_prompt, args.chat_template_kwargs)
+            model = load_model(args.teacher, args.dtype, default_device())
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     finish_reasons, dropped = None, []
@@ -59,7 +66,8 @@ if __name__ == "__main__":
                                     temperature=max(args.temperature, 1e-5), do_sample=args.temperature > 0)
             responses += out["texts"]
             finish_reasons += ["length" if cut else "stop" for cut in out["truncated"].tolist()]
-        generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                      "system_prompt": args.system_prompt, "chat_template_kwargs": json.loads(args.chat_template_kwargs)}
         truncated = sum(reason == "length" for reason in finish_reasons)
         empty = {k for k, text in enumerate(responses) if not text.strip()}
         if empty:  # nothing to imitate: the training scripts would refuse the cache

@@ -6,6 +6,7 @@ tokenizer and a chat template, saved with `save_pretrained`, so the offline
 default goes through exactly the same `from_pretrained` path as Qwen/Qwen3-0.6B.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -71,8 +72,15 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 128, num_layers: in
     return out_dir
 
 
-def load_tokenizer(name_or_path: str):
-    """Left padding (so every completion starts at the same column), pad and eos checked."""
+# Qwen3 thinks before it answers unless told not to; the recipe trains and scores answers.
+DEFAULT_CHAT_TEMPLATE_KWARGS = '{"enable_thinking": false}'
+
+
+def load_tokenizer(name_or_path: str, system_prompt: str = "", chat_template_kwargs: str = DEFAULT_CHAT_TEMPLATE_KWARGS):
+    """Left padding (so every completion starts at the same column), pad and eos checked.
+    system_prompt (a system turn before every prompt, "" for none) and
+    chat_template_kwargs (a JSON object passed to the chat template) say how chat_prompt
+    formats a prompt; the flags of the same names set them."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
@@ -86,6 +94,7 @@ def load_tokenizer(name_or_path: str):
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat checkpoint")
     tokenizer.stop_token_ids = stop_token_ids(name_or_path, tokenizer)
+    tokenizer.system_prompt, tokenizer.chat_template_kwargs = system_prompt, json.loads(chat_template_kwargs)
     return tokenizer
 
 
@@ -118,10 +127,23 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
             f"reachable as a hub id ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
         ) from None
     disable_dropout(model)
+    model.tokenizer_vocab_size = tokenizer_vocab_size(name_or_path, model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def tokenizer_vocab_size(name_or_path: str, model) -> int:
+    """How many ids the model's tokenizer can produce. Qwen3's embedding has 151,936
+    rows for 151,669 tokens (padded for speed): the 267 rows past the tokenizer are no
+    token, so sampling never draws them and log-probs normalise over the tokenizer's ids
+    alone (shared/rollout.py: vocab_limit). A folder without a tokenizer: every row."""
+    rows = model.get_output_embeddings().weight.size(0)
+    try:
+        return min(rows, len(AutoTokenizer.from_pretrained(name_or_path)))
+    except (OSError, ValueError):
+        return rows
 
 
 def disable_dropout(model) -> None:
@@ -139,9 +161,14 @@ def disable_dropout(model) -> None:
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: one user turn plus the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
+    """The prompt as the model sees it: the system turn if any, one user turn and the
+    assistant header, with the template options load_tokenizer recorded (a tokenizer
+    made elsewhere: no system turn, thinking off)."""
+    system = getattr(tokenizer, "system_prompt", "")
+    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
+    options = getattr(tokenizer, "chat_template_kwargs", None)
+    options = json.loads(DEFAULT_CHAT_TEMPLATE_KWARGS) if options is None else options
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
 
 
 def default_device() -> str:

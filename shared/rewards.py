@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from shared.ifeval import without_think
+
 
 def _import_function(spec: str, flag: str):
     """The function a 'module:function' flag names, or one error line saying why not."""
@@ -63,11 +65,13 @@ def required_fields(reward_fn) -> tuple[str, ...]:
     return ("prompt", *getattr(reward_fn, "required_fields", ()))
 
 
-def reward_scores(reward_fn, rows: list[dict], texts: list[str]) -> torch.Tensor:
+def reward_scores(reward_fn, rows: list[dict], texts: list[str], strip_think: bool = False) -> torch.Tensor:
     """Rewards as a float32 tensor. Any real number is accepted (numpy scalars too); a
-    NaN/inf, a non-number or an exception stops the run with the row named."""
+    NaN/inf, a non-number or an exception stops the run with the row named.
+    strip_think: the function sees a reasoning model's answer, after its </think>
+    (shared/ifeval.py:without_think; --strip-think)."""
     rewards = []
-    for row, text in zip(rows, texts, strict=True):
+    for row, text in zip(rows, [without_think(t) for t in texts] if strip_think else texts, strict=True):
         try:
             value = reward_fn(row, text)
         except Exception as error:

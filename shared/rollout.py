@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig
 
 from shared.distributed import all_sum, any_rank, gather_objects, local_share, world_size
+from shared.ifeval import without_think
 from shared.modeling import chat_prompt
 
 
@@ -56,7 +57,8 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int | l
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
                       temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False,
-                      share_prompts: bool = True, seeds: list[int] | None = None, autocast_bf16: bool = False) -> dict:
+                      share_prompts: bool = True, seeds: list[int] | None = None, autocast_bf16: bool = False,
+                      top_k: int = 0, top_p: float = 1.0) -> dict:
     """group_size samples of every prompt, all in one batch with a KV cache.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
@@ -68,6 +70,9 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     autocast_bf16: run the model under bfloat16 autocast, as training does with the same
     flag, so the KV cache is bfloat16 (half the memory of float32); tokens are still
     drawn from float32 probabilities.
+    top_k, top_p: sample only among the k likeliest tokens / the smallest set holding p
+    of the probability (0 and 1.0: off, the papers' GRPO). With either on, tokens are
+    not drawn from the policy the log-probs describe (TRL with vLLM does the same).
     Returns prompt_ids/prompt_mask [B*G, P], completion_ids/completion_mask [B*G, L]
     (mask covers tokens up to and including eos), both concatenated (input_ids,
     attention_mask [B*G, P+L], prompt_len P), truncated [B*G] and the decoded texts;
@@ -75,6 +80,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    filters = {"top_k": top_k, "top_p": top_p, "vocab": min(vocab_limit(model), len(tokenizer))}
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
@@ -84,14 +90,15 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
             with autocast:
                 completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
                                                                     temperature, do_sample, stop_ids(tokenizer),
-                                                                    tokenizer.pad_token_id, generators, output_scores)
+                                                                    tokenizer.pad_token_id, generators, output_scores,
+                                                                    **filters)
         else:
             if seeds is not None:
                 torch.manual_seed(seeds[0])
             with autocast:
                 completion_ids, scores = _generate(model, tokenizer, prompt_ids.repeat_interleave(group_size, dim=0),
                                                    prompt_mask.repeat_interleave(group_size, dim=0), max_new_tokens,
-                                                   temperature, do_sample, output_scores)
+                                                   temperature, do_sample, output_scores, **filters)
     finally:
         model.train(was_training)
     completion_mask, truncated = completion_mask_from_ids(completion_ids, stop_ids(tokenizer))
@@ -108,14 +115,43 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
     return result
 
 
+def vocab_limit(model) -> int:
+    """The ids a policy's distribution covers: the rows of its head that are tokens
+    (shared/modeling.py:tokenizer_vocab_size, recorded by load_model; a model made
+    elsewhere: every row)."""
+    return getattr(model, "tokenizer_vocab_size", None) or model.get_output_embeddings().weight.size(0)
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                    vocab: int | None = None) -> torch.Tensor:
+    """The float32 logits / T a token is drawn from, [N, V]: -inf past `vocab` (ids no
+    token has), then outside the top_k likeliest (0: off), then outside the smallest
+    set of likeliest tokens whose probability reaches top_p (1.0: off; the likeliest
+    token always stays), in the order Hugging Face's generate applies them."""
+    scaled = logits.float() / temperature
+    if vocab is not None and vocab < scaled.size(-1):
+        scaled[..., vocab:] = float("-inf")
+    if 0 < top_k < scaled.size(-1):
+        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # the mass of the likelier tokens already reaches top_p
+        scaled = scaled.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return scaled
+
+
 def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
-                               eos_token_id, pad_token_id, generators=None, output_scores=False):
+                               eos_token_id, pad_token_id, generators=None, output_scores=False, top_k=0, top_p=1.0,
+                               vocab=None):
     """The decode loop: run each of the B prompts once (prefill), copy its KV cache to
     its G rows, then add one token to all B*G rows per step until every row has ended
     (on every process, under torchrun: sharded layers need every process in each
-    forward) or max_new_tokens. Tokens are drawn from softmax(logits / T) (argmax when
-    not do_sample), nothing else: the distribution every log-prob, ratio and KL assumes;
-    with `generators` (one per prompt) each group draws from its own.
+    forward) or max_new_tokens. Tokens are drawn from softmax(logits / T) over the
+    tokenizer's ids (argmax when not do_sample), nothing else unless top_k / top_p
+    (sampling_logits): the distribution every log-prob, ratio and KL assumes; with
+    `generators` (one per prompt) each group draws from its own.
     eos_token_id: one stop token or a list (Qwen3: <|im_end|> and <|endoftext|>).
     Returns completion ids [B*G, L] (pad after a row's eos) and, with output_scores, the
     logits / T [B*G, L, V] (else None: at Qwen3's vocabulary they would be 0.6 MB per
@@ -134,7 +170,8 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     stop = _as_stop_tensor(eos_token_id, prompt_ids.device)
     tokens, scores = [], []
     for _ in range(max_new_tokens):
-        scaled = logits.float() / temperature if do_sample else logits.float()
+        scaled = sampling_logits(logits, temperature, top_k, top_p, vocab) if do_sample \
+            else sampling_logits(logits, 1.0, vocab=vocab)
         if not do_sample:
             token = scaled.argmax(-1)
         elif generators is None:
@@ -170,14 +207,18 @@ class CacheInDtype(DynamicCache):
         return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
 
 
-def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample, output_scores=False):
+def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample, output_scores=False,
+              top_k=0, top_p=1.0, vocab=None):
     """Hugging Face `generate` with the configuration built from our flags alone: a
     checkpoint's own generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05)
     would otherwise change what is sampled. generate() fills every field left unset from
     model.generation_config, so an empty one stands in for it during the call."""
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample \
+        else {"do_sample": False}
+    rows = model.get_output_embeddings().weight.size(0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(tokenizer),
-                              pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                              suppress_tokens=list(range(vocab, rows)) if vocab and vocab < rows else None, **sampling)
     saved_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
@@ -195,7 +236,7 @@ def naive_completion_logps(model, input_ids: torch.Tensor, attention_mask: torch
     two. Returns per-token log-probs and entropies, [B, L] each."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, completion_start - 1:-1]
+    logits = logits[:, completion_start - 1:-1, :vocab_limit(model)]
     logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     entropies = -(logprobs.exp() * logprobs).sum(-1)
     return logprobs.gather(-1, input_ids[:, completion_start:, None]).squeeze(-1), entropies
@@ -318,9 +359,9 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Returns logps [B, L] (and entropies [B, L], no grad, when with_entropy).
     """
     hidden = completion_hidden(model, input_ids, attention_mask, completion_start, share_prompts)
-    head = model.get_output_embeddings()
-    logps, entropies = token_logps_from_hidden(hidden, head.weight, head.bias, input_ids[:, completion_start:],
-                                               temperature, chunk_tokens)
+    head, vocab = model.get_output_embeddings(), vocab_limit(model)  # the rows that are tokens: see vocab_limit
+    logps, entropies = token_logps_from_hidden(hidden, head.weight[:vocab], None if head.bias is None else head.bias[:vocab],
+                                               input_ids[:, completion_start:], temperature, chunk_tokens)
     return (logps, entropies) if with_entropy else logps
 
 
@@ -358,12 +399,13 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, ta
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, max_new_tokens: int = 32,
-             autocast_bf16: bool = False) -> dict:
+             autocast_bf16: bool = False, strip_think: bool = False) -> dict:
     """Greedy decoding on held-out rows, the responses scored together by the task's
     `score(rows, texts) -> {name: value}` (together, because IFEval's instruction-level
     accuracy pools instructions over prompts; for instruction following
     shared/scoring.py:instruction_scores). Under torchrun each rank decodes its share
-    and every rank gets every text. Returns the scores, the mean response length in
+    and every rank gets every text. strip_think: `score` sees the answers after a
+    reasoning model's </think> (the texts returned stay whole). Returns the scores, the mean response length in
     tokens, the truncation rate and the texts."""
     length, truncated, texts = [], [], []
     padded = rows + rows[-1:] * ((-len(rows)) % world_size())  # equal shares; the copies are dropped below
@@ -377,7 +419,8 @@ def evaluate(model, tokenizer, rows: list[dict], score, batch_size: int = 64, ma
         texts += out["texts"]
     length, truncated, texts = (gather_objects(values)[:len(rows)] for values in (length, truncated, texts))
     n = max(1, len(rows))
-    return {**score(rows, texts), "length": sum(length) / n, "truncated": sum(truncated) / n, "prompts": len(rows),
+    answers = [without_think(text) for text in texts] if strip_think else texts
+    return {**score(rows, answers), "length": sum(length) / n, "truncated": sum(truncated) / n, "prompts": len(rows),
             "texts": texts}
 
 

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from shared import distributed
-from shared.modeling import DTYPES, default_device
+from shared.modeling import DEFAULT_CHAT_TEMPLATE_KWARGS, DTYPES, default_device
 from shared.rollout import evaluate
 
 CHECKPOINT = "checkpoint"  # <output_dir>/checkpoint: model + tokenizer + trainer_state.pt
@@ -68,6 +68,12 @@ class RunFlags:
     """log to Weights & Biases as well as tensorboard"""
     wandb_project: str = "posttrain"
     """wandb project name"""
+    system_prompt: str = ""
+    """a system turn before every prompt, in training, sampling and evaluation ("" for none)"""
+    chat_template_kwargs: str = DEFAULT_CHAT_TEMPLATE_KWARGS
+    """JSON object of options for the tokenizer's chat template (Qwen3: enable_thinking; the tiny template ignores them)"""
+    strip_think: bool = True
+    """reward and evaluation functions see the answer after a reasoning model's </think> (an unclosed <think>: empty)"""
 
 
 # SIGTERM is what SLURM, Kubernetes and spot instances send before they kill; SIGUSR1 is
@@ -249,6 +255,7 @@ def check_range(args, **rules) -> None:
 POSITIVE, NON_NEGATIVE, FRACTION = (0, None, False, False), (0, None, True, False), (0, 1, True, False)
 AT_LEAST_1, AT_LEAST_2 = (1, None, True, False), (2, None, True, False)  # a group needs 2 samples to compare
 TEMPERATURE = (1e-3, None, True, False)  # logits / T overflow below 1e-3
+TOP_P = (0, 1, False, True)  # 0 would keep no token
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -289,11 +296,26 @@ def check_flags(args, flag_ranges: dict) -> None:
         raise SystemExit("error: --dtype float16 cannot be trained with AdamW here (its eps 1e-8 and squared "
                          "gradients underflow in float16, and the weights turn NaN); use --dtype bfloat16, or "
                          "float32 with --autocast-bf16")
+    check_chat_template_kwargs(args.chat_template_kwargs)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")
     if device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
         raise SystemExit(f"error: --device must be cpu or cuda[:N], got {device!r}")
+
+
+def check_chat_template_kwargs(value: str, flag: str = "--chat-template-kwargs") -> None:
+    """A JSON object whose names are not ones the call itself sets."""
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {value!r} "
+                         f"({error.msg})") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"error: {flag} must be a JSON object (name: value), got {value!r}")
+    taken = sorted(set(options) & {"conversation", "messages", "tokenize", "add_generation_prompt", "chat_template"})
+    if taken:
+        raise SystemExit(f"error: {flag} may not set {', '.join(taken)}: the scripts set it themselves")
 
 
 class PhaseTimer:
@@ -453,7 +475,8 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
     """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
     --eval-fn), plus the metrics extra(step) returns (an algorithm's own), logged as eval/*
     at `step` and printed in one line."""
-    result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16)
+    result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16,
+                      strip_think=args.strip_think)
     own = extra(step) if extra else {}
     result.update(own)
     if log:

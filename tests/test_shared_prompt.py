@@ -109,6 +109,9 @@ class ByteTokenizer:
     """Just enough of a tokenizer for generate_rollouts on the test model."""
     eos_token_id, pad_token_id = 3, 0
 
+    def __len__(self):
+        return 50  # every id of tiny_model's vocabulary is a token
+
     def apply_chat_template(self, messages, **_):
         return messages[0]["content"]
 

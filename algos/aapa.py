@@ -420,8 +420,8 @@ if __name__ == "__main__":
         """AdamW and a linear decay over the current stage's optimizer steps (the whole run unless --staged)."""
         stage1 = args.staged and step < args.stage1_steps
         length = args.stage1_steps if stage1 else args.steps - (args.stage1_steps if args.staged else 0)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.stage1_learning_rate if stage1 else args.learning_rate,
-                                      weight_decay=args.weight_decay)
+        learning_rate = args.stage1_learning_rate if stage1 else args.learning_rate
+        optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=learning_rate, weight_decay=args.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1 - s / (length * args.num_iterations))
         )

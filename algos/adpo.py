@@ -239,7 +239,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     if state:

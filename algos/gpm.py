@@ -175,7 +175,8 @@ if __name__ == "__main__":
         value_head.load_state_dict(heads["value_head"])
         gate_head.load_state_dict(heads["gate_head"])
     parameters = [*backbone.parameters(), *value_head.parameters(), *gate_head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(distributed.optimizer_groups(backbone, value_head, gate_head), lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])

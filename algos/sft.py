@@ -134,7 +134,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
     responses = [cache[r["prompt"]] for r in train_rows]
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(

@@ -336,7 +336,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
     loss_fn = functools.partial(torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss,

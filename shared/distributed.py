@@ -114,6 +114,18 @@ def shard(model):
     return model
 
 
+def optimizer_groups(model, *heads) -> list[dict]:
+    """AdamW's parameter groups: the decoder layers' parameters (what shard() shards) and
+    the rest (embeddings, final norm, LM head, and any extra `heads`), the same two
+    groups with or without torchrun, so either can resume the other. Under FSDP2 the
+    first are DTensors and the rest plain tensors, and AdamW's foreach update (its
+    default on CUDA) fails on a group that mixes the two."""
+    in_layers = {id(p) for p in model.base_model.layers.parameters()}
+    sharded = [p for p in model.parameters() if id(p) in in_layers]
+    whole = [p for p in model.parameters() if id(p) not in in_layers] + [p for head in heads for p in head.parameters()]
+    return [{"params": group} for group in (sharded, whole) if group]
+
+
 def local_share(items):
     """This rank's contiguous 1/N of a list or tensor (dim 0)."""
     size = len(items) // world_size()
@@ -222,6 +234,11 @@ def whole_optimizer_state(optimizer) -> dict:
 def load_optimizer_state(optimizer, state: dict) -> None:
     """Restore an optimizer saved by save_checkpoint (by one process or many): each rank
     keeps its shard of every state tensor of a sharded parameter."""
+    saved, ours = [len(g["params"]) for g in state["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
+    if saved != ours:
+        raise SystemExit(f"error: the checkpoint's optimizer has parameter groups of {saved} tensors, this run's "
+                         f"{ours}: it was saved for another model or by an older version of this code, so it "
+                         "cannot be resumed (the checkpoint is left as it is)")
     if world_size() > 1:
         from torch.distributed.tensor import DTensor, distribute_tensor
         params = [p for group in optimizer.param_groups for p in group["params"]]

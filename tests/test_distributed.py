@@ -209,3 +209,77 @@ def test_sigterm_to_torchrun_saves_one_agreed_step_on_every_rank(tiny_world, tmp
     assert 2 <= stopped_at < 40 and logged == list(range(1, stopped_at + 1)), stderr[-3000:]
     assert stderr.count("stopped at step") == 1 and f"stopped at step {stopped_at} by SIGTERM" in stderr, stderr[-3000:]
     assert (out / "checkpoint" / "complete").exists() and not (out / "eval.json").exists()
+
+
+FOREACH_STEP = '''
+import sys
+import torch
+from shared import distributed
+from shared.modeling import load_model
+from shared.rollout import completion_logps
+
+model_path, out, grouped = sys.argv[1], sys.argv[2], sys.argv[3] == "grouped"
+
+class Flags:
+    device = "cpu"
+
+distributed.setup(Flags())
+model = distributed.shard(load_model(model_path))
+groups = distributed.optimizer_groups(model) if grouped else model.parameters()
+# foreach=True: AdamW's default on CUDA (torch picks the per-tensor loop on CPU)
+optimizer = torch.optim.AdamW(groups, lr=1e-2, foreach=distributed.world_size() > 1)
+torch.manual_seed(0)
+ids = torch.randint(5, 200, (4, 12))
+mask = torch.ones_like(ids)
+for _ in range(2):
+    mine = distributed.local_share(ids)
+    loss = -completion_logps(model, mine, distributed.local_share(mask), 6).sum() / ids.numel()
+    loss.backward()
+    distributed.sum_gradients_and_clip(list(model.parameters()), 1e9)
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        print("step failed:", str(error).splitlines()[0])
+        raise SystemExit(3)
+    optimizer.zero_grad()
+state = distributed.full_state_dict(model)
+if distributed.is_main():
+    torch.save(state, out)
+distributed.finish()
+'''
+
+
+def test_adamw_foreach_updates_a_sharded_model(tiny_world, tmp_path):
+    """FSDP2 shards the decoder layers into DTensors and leaves embeddings and head
+    plain: AdamW's foreach path (its CUDA default) fails on one group holding both.
+    Our two groups (distributed.optimizer_groups) step, and equal one process's update."""
+    script = tmp_path / "foreach_step.py"
+    script.write_text(FOREACH_STEP)
+    mixed = torchrun(str(script), tiny_world["model"], str(tmp_path / "mixed.pt"), "mixed", expect_ok=False)
+    assert mixed.returncode != 0 and "got mixed torch.Tensor and DTensor" in mixed.stdout + mixed.stderr
+    torchrun(str(script), tiny_world["model"], str(tmp_path / "dist.pt"), "grouped")
+    run_script(str(script), tiny_world["model"], str(tmp_path / "single.pt"), "grouped")
+    dist, single = torch.load(tmp_path / "dist.pt"), torch.load(tmp_path / "single.pt")
+    assert dist.keys() == single.keys()
+    for name in single:
+        assert torch.allclose(dist[name], single[name], atol=1e-5), name
+    assert not torch.equal(single["model.embed_tokens.weight"], weights_before(tiny_world)["model.embed_tokens.weight"])
+
+
+def weights_before(world):
+    return AutoModelForCausalLM.from_pretrained(world["model"]).state_dict()
+
+
+def test_an_optimizer_state_saved_with_other_groups_is_refused_in_one_line(tiny_world):
+    """A checkpoint from before the two groups (one group of every tensor) cannot be
+    mapped onto them: refused by name, never loaded into the wrong tensors."""
+    from shared import distributed
+    from shared.modeling import load_model
+
+    model = load_model(tiny_world["model"])
+    count = len(list(model.parameters()))
+    old = torch.optim.AdamW(model.parameters())
+    new = torch.optim.AdamW(distributed.optimizer_groups(model))
+    assert [len(g["params"]) for g in new.param_groups] == [count - 2, 2]  # the layers; tied embeddings/head and norm
+    with pytest.raises(SystemExit, match=rf"groups of \[{count}\] tensors, this run's \[{count - 2}, 2\]"):
+        distributed.load_optimizer_state(new, old.state_dict())

@@ -219,7 +219,7 @@ if __name__ == "__main__":
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data and reward

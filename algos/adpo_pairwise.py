@@ -127,7 +127,7 @@ if __name__ == "__main__":
     distributed.check_divisible(args.batch_size, "--batch-size")
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
 
     # ---- data: preference pairs (validated row by row), held-out prompts
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model

@@ -284,7 +284,7 @@ if __name__ == "__main__":
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
     expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))

@@ -137,7 +137,7 @@ if __name__ == "__main__":
     distributed.check_divisible(args.batch_size, "--batch-size")
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
 
     # ---- pairs: text, soft labels, per-axis labels; a held-out split
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model

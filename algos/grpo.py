@@ -197,7 +197,7 @@ if __name__ == "__main__":
     output_dir = Path(args.output_dir)
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data, reward, policy and reference (only when beta > 0)

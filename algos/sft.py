@@ -111,7 +111,7 @@ if __name__ == "__main__":
     output_dir = Path(args.output_dir)
     state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed)
+    run.seed_everything(args.seed, args.deterministic)
 
     # ---- data: prompts and their expert responses
     eval_fn = load_eval_fn(args.eval_fn)

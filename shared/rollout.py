@@ -430,16 +430,27 @@ def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[
     """[N, 2 * len(layers) * H]: hidden states of a frozen encoder (the given hidden-state
     layers, 0 = token embeddings), mean-pooled over the prompt tokens and over the
     response tokens separately, so a discriminator sees x and y apart
-    (AAPA's and UniAPL's features)."""
+    (AAPA's and UniAPL's features).
+    Always in the encoder's own dtype, never under an enclosing bfloat16 autocast: the
+    discriminator separates policy from expert by small differences of these means.
+    Only the layers asked for are kept: all of them (output_hidden_states) would be 29
+    activations of the batch at Qwen3-0.6B, and the default (0, -1) needs none of them."""
     features = []
     for s in range(0, len(prompts), batch_size):
         ids, mask, response_mask, prompt_len = encode_prompt_response(
             tokenizer, prompts[s : s + batch_size], responses[s : s + batch_size], device
         )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden_states = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                           output_hidden_states=True).hidden_states
-        hidden = torch.cat([hidden_states[layer] for layer in layers], dim=-1).float()
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            if set(layers) <= {0, -1}:
+                chosen = {0: encoder.get_input_embeddings()(ids)}
+                if -1 in layers:
+                    out = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+                    chosen[-1] = out.last_hidden_state
+            else:
+                chosen = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                            output_hidden_states=True).hidden_states
+        hidden = torch.cat([chosen[layer] for layer in layers], dim=-1).float()
         prompt_mask = mask[:, :prompt_len, None].float()
         response_mask = response_mask[:, :, None].float()
         prompt_mean = (hidden[:, :prompt_len] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)

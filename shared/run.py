@@ -68,6 +68,8 @@ class RunFlags:
     """log to Weights & Biases as well as tensorboard"""
     wandb_project: str = "posttrain"
     """wandb project name"""
+    deterministic: bool = False
+    """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
     system_prompt: str = ""
     """a system turn before every prompt, in training, sampling and evaluation ("" for none)"""
     chat_template_kwargs: str = DEFAULT_CHAT_TEMPLATE_KWARGS
@@ -335,10 +337,19 @@ class PhaseTimer:
         return {**{f"perf/{k}_sec": v for k, v in self.seconds.items()}, "perf/steps_per_sec": 1 / max(total, 1e-9)}
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch. deterministic (--deterministic): deterministic
+    kernels, so a resumed CUDA run equals the uninterrupted one bit for bit (on CPU it
+    does already). cuBLAS needs its workspace setting before its first call, which is
+    why this runs before any model loads; an op with no deterministic kernel warns once
+    and runs as usual rather than stopping the run."""
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds, torch 64-bit ones
     torch.manual_seed(seed % 2**64)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from shared.rollout import completion_logps, completion_mask_from_ids, naive_completion_logps
+from shared.rollout import completion_logps, completion_mask_from_ids, encode_prompt_response, naive_completion_logps
 
 
 def small_model(vocab):
@@ -132,3 +132,28 @@ def test_the_chunked_backward_recomputes_the_logits_in_the_forwards_autocast_dty
         logps.sum().backward()
         assert len(seen) == 4 and set(seen) == {expected}, seen  # 2 chunks forward, 2 recomputed in backward
         assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layers", [(0, -1), (1, -1), (-1,)])
+def test_discriminator_features_are_float32_under_an_enclosing_bf16_autocast(tiny_world, layers):
+    """AAPA's and UniAPL's encoder features: the same numbers inside a bf16 autocast
+    as outside (the encoder turns it off), and the kept-layers path equal to reading
+    every hidden state."""
+    from shared.modeling import load_model, load_tokenizer
+    from shared.rollout import sentence_embeddings
+
+    tokenizer, encoder = load_tokenizer(tiny_world["model"]), load_model(tiny_world["model"])
+    prompts, responses = ["copy abc", "reverse abd", "upper xy"], ["abc", "dba", "XY and more"]
+    plain = sentence_embeddings(encoder, tokenizer, prompts, responses, "cpu", layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sentence_embeddings(encoder, tokenizer, prompts, responses, "cpu", layers)
+        leaky = encoder.base_model(input_ids=torch.tensor([[5, 6, 7, 8]])).last_hidden_state
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    exact = encoder.base_model(input_ids=torch.tensor([[5, 6, 7, 8]])).last_hidden_state
+    assert not torch.equal(leaky, exact)  # autocast does change the encoder's numbers: the test can fail
+    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, "cpu")
+    every = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                               output_hidden_states=True).hidden_states
+    hidden = torch.cat([every[layer] for layer in layers], dim=-1)
+    response_mean = (hidden[:, prompt_len:] * response_mask[:, :, None]).sum(1) / response_mask.sum(1, keepdim=True)
+    assert torch.allclose(plain[:, hidden.size(-1):], response_mean, atol=1e-6)

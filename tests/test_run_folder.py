@@ -413,3 +413,17 @@ def test_a_real_writer_failing_mid_save_is_one_line_and_keeps_the_previous_check
     assert last.startswith("error: saving the checkpoint of step 2 failed (") and "step 1) is kept" in last, last
     assert saved_step(folder) == 1 and (folder / CHECKPOINT / COMPLETE).exists()
     assert not (folder / "checkpoint.tmp").exists()
+
+
+def test_deterministic_turns_on_deterministic_kernels_before_any_model_loads(monkeypatch):
+    from shared import run
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        run.seed_everything(3)
+        assert not torch.are_deterministic_algorithms_enabled()
+        run.seed_everything(3, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

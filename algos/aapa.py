@@ -31,7 +31,14 @@ from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
+from shared.rollout import (
+    completion_logps,
+    expert_micro_batches,
+    generate_rollouts,
+    generate_texts,
+    old_and_ref_logps,
+    sentence_embeddings,
+)
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 ANCHOR_SCALE_MIN = 0.1  # nats: the floor of the anchor scale, so a D that cannot separate anything amplifies nothing
@@ -458,9 +465,9 @@ if __name__ == "__main__":
         torch.manual_seed(args.seed)  # the initial rollouts and the head's initialisation draw from it
         expert_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, [cache[p] for p in disc_prompts],
                                               args.device, args.disc_layers)
-        initial_rollouts = [text for s in range(0, len(disc_prompts), 256) for text in generate_rollouts(
-            model, tokenizer, disc_prompts[s:s + 256], 1, args.max_new_tokens, args.temperature,
-            autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)["texts"]]
+        initial_rollouts = generate_texts(model, tokenizer, disc_prompts, args.generation_batch_size, args.max_new_tokens,
+                                          args.temperature, autocast_bf16=args.autocast_bf16, top_k=args.top_k,
+                                          top_p=args.top_p)
         policy_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, initial_rollouts, args.device,
                                               args.disc_layers)
         is_copy = torch.tensor([text == cache[p] for p, text in zip(disc_prompts, initial_rollouts)])
@@ -492,9 +499,9 @@ if __name__ == "__main__":
     def anchor_metrics(step):
         """Fresh rollouts on the discriminator's held-out prompts, judged by it (drawn from their
         own generators, seeded by -step - 1: no training step's draws, the same after a resume)."""
-        fresh = generate_rollouts(model, tokenizer, holdout_prompts, 1, args.max_new_tokens, args.temperature,
-                                  seeds=run.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
-                                  autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)["texts"]
+        fresh = generate_texts(model, tokenizer, holdout_prompts, args.generation_batch_size, args.max_new_tokens,
+                               args.temperature, seeds=run.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
+                               autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         return {
             "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),

@@ -13,7 +13,6 @@ of scripts/build_preference_pairs.py. docs/algorithms.md#adpo.
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -165,7 +164,7 @@ if __name__ == "__main__":
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="adpo-pairwise",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        step_start = time.time()
+        clock = run.PhaseTimer()
         # ---- a batch of pairs (depends only on seed and step: resumable); each pair's chosen and rejected
         # are neighbouring rows of one forward, so their shared prompt is computed once
         indices = torch.randint(len(pairs), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
@@ -207,6 +206,8 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
+        clock.lap("step")
+
         # ---- log, evaluate, checkpoint
         logger.log(
             step + 1,
@@ -215,7 +216,7 @@ if __name__ == "__main__":
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
                 **{f"train/{k}": float(v) for k, v in metric_sums.items()},
-                "perf/steps_per_sec": 1 / (time.time() - step_start),
+                **clock.metrics(),
             },
         )
         progress.set_postfix(loss=f"{total_loss:.3f}")

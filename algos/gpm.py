@@ -17,7 +17,6 @@ that dimension l means axis l and GPRL's drift monitor can name what drifts.
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -225,7 +224,7 @@ if __name__ == "__main__":
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gpm",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        step_start = time.time()
+        clock = run.PhaseTimer()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
         part = [
             train[i]
@@ -259,10 +258,12 @@ if __name__ == "__main__":
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        clock.lap("step")
+
         # ---- log, evaluate, checkpoint
         logger.log(step + 1, {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
                               **{f"train/{k}": v for k, v in metrics.items()}, "train/gate_entropy": gate_entropy,
-                              "perf/steps_per_sec": 1 / (time.time() - step_start)})
+                              **clock.metrics()})
         progress.set_postfix(loss=f"{loss:.3f}")
         final_eval = (
             run.evaluate_save_or_stop(

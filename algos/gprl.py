@@ -35,7 +35,7 @@ from shared import distributed, run, toyworld
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.modeling import load_model, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, old_and_ref_logps
+from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, generate_texts, old_and_ref_logps
 
 GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
 
@@ -428,8 +428,8 @@ if __name__ == "__main__":
     # responses is measured at every check, so an exploited judge is visible (elsewhere there is no such truth)
     judge_is_checkable = set(dim_names) <= set(toyworld.PREFERENCE_AXES) and all(
         toyworld.is_toy_instruction(i) for row in probe_rows for i in row["instruction_id_list"])
-    reference_texts = generate_rollouts(ref_model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
-                                        autocast_bf16=args.autocast_bf16)["texts"]
+    reference_texts = generate_texts(ref_model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
+                                     do_sample=False, autocast_bf16=args.autocast_bf16)
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "alarms": 0}
@@ -437,8 +437,8 @@ if __name__ == "__main__":
     def probe_margins():
         """Per probe prompt, s_l(policy's greedy response, reference response) [n, k], and, in the toy
         world, the true per-axis preference of the same pairs [n, k] (None elsewhere)."""
-        texts = generate_rollouts(model, tokenizer, probe_prompts, 1, args.max_new_tokens, do_sample=False,
-                                  autocast_bf16=args.autocast_bf16)["texts"]
+        texts = generate_texts(model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
+                               do_sample=False, autocast_bf16=args.autocast_bf16)
         v, _ = embed(probe_prompts, texts)
         truth = torch.tensor([[toyworld.preference(row, text, reference, axis) for axis in dim_names] for row, text, reference
                               in zip(probe_rows, texts, reference_texts)]) if judge_is_checkable else None

@@ -8,7 +8,6 @@ docs/algorithms.md#sft.
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,7 +158,7 @@ if __name__ == "__main__":
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sft",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        step_start = time.time()
+        clock = run.PhaseTimer()
         # ---- sample a batch (depends only on seed and step: resumable)
         indices = torch.randint(len(train_rows), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
         indices = distributed.local_share(indices)
@@ -188,9 +187,11 @@ if __name__ == "__main__":
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        clock.lap("step")
+
         # ---- log, evaluate, checkpoint
         logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm),
-                              "train/lr": scheduler.get_last_lr()[0], "perf/steps_per_sec": 1 / (time.time() - step_start)})
+                              "train/lr": scheduler.get_last_lr()[0], **clock.metrics()})
         progress.set_postfix(loss=f"{total_loss:.3f}")
         final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval

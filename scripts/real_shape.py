@@ -5,15 +5,19 @@ parameters) and a byte-level tokenizer padded to that vocabulary, saved and load
 through `from_pretrained` like the hub checkpoint. Each algorithm runs 2 steps at a
 tiny batch (2 prompts x G=2, 32 new tokens) with the GPU recipe's memory flags
 (`--autocast-bf16 --gradient-checkpointing`, float32 weights), one at a time, and its
-peak resident memory is measured (the process's own high-water mark, from wait4).
+peak resident memory is measured: the process's own high-water mark (from wait4), and
+per phase from the run's metrics.jsonl (shared/run.py:take_memory_peak): setup (loading,
+and e.g. AAPA's discriminator fit, before the first step), the largest training step
+and the largest evaluation.
 
     python scripts/real_shape.py                  # all 13 runs, about 50 minutes on 2 cores
     python scripts/real_shape.py --only grpo sft  # a subset
 
-Prints a markdown table (also written to --table) of peak memory and wall time.
+Prints a markdown table (also written to --table) of the peaks and wall time.
 Needs about 16 GB of memory and 10 GB of disk (a run's folder is deleted after it).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -103,6 +107,17 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, float]:
     return process.returncode, usage.ru_maxrss / 2**20, time.time() - start
 
 
+def phase_peaks(out: Path) -> str:
+    """'setup | step | eval' peaks in GiB from a run's metrics.jsonl ('-' where missing)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    peaks = []
+    for key in ("perf/peak_setup_memory_gib", "perf/peak_memory_gib", "perf/peak_eval_memory_gib"):
+        values = [line[key] for line in lines if key in line]
+        peaks.append(f"{max(values):.1f}" if values else "-")
+    return " | ".join(peaks)
+
+
 def main(args: Args) -> None:
     work = Path(args.work_dir)
     (work / "runs").mkdir(parents=True, exist_ok=True)
@@ -116,24 +131,27 @@ def main(args: Args) -> None:
         wanted.insert(wanted.index("gprl"), "gpm")  # GPRL reads the GPM's checkpoint
     table = Path(args.table) if args.table else None
     measured = {}  # name -> row; rows of runs not repeated now are kept from the table file
-    if table and table.exists():
+    columns = "| algorithm | setup peak (GiB) | step peak (GiB) | eval peak (GiB) | process peak (GiB) | wall (s) |"
+    if table and table.exists():  # rows of an older layout (other columns) are not kept
         measured = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.read_text().splitlines()
-                    if line.startswith("| ") and not line.startswith("| algorithm")}
+                    if line.startswith("| ") and not line.startswith("| algorithm") and line.count("|") == columns.count("|")}
     for name in wanted:
         out = work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
         code, peak, wall = run_measured([*runs[name], "--output-dir", str(out)], work / f"{name}.log")
         status = "" if code == 0 else f" (failed, exit {code}: see {work / f'{name}.log'})"
-        measured[name] = f"| {name}{status} | {peak:.1f} | {wall:.0f} |"
+        measured[name] = f"| {name}{status} | {phase_peaks(out)} | {peak:.1f} | {wall:.0f} |"
         print(measured[name], flush=True)
         if name != "gpm":
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "runs" / "gpm", ignore_errors=True)
     header = (f"Qwen3-0.6B shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows; grpo-16x64: 4 x G=4, "
               f"{2 * args.new_tokens} tokens), {args.new_tokens} "
-              "new tokens, float32 weights, --autocast-bf16 --gradient-checkpointing, CPU; peak RSS of each process.\n"
+              "new tokens, float32 weights, --autocast-bf16 --gradient-checkpointing, CPU; peak resident memory per "
+              "phase (setup: loading and any fit before the first step; the largest step; the largest evaluation) "
+              "and of the whole process.\n"
               "Printed by `python scripts/real_shape.py`.\n\n")
-    lines = ["| algorithm | peak memory (GiB) | wall (s) |", "|---|---:|---:|"]
+    lines = [columns, "|---|---:|---:|---:|---:|---:|"]
     lines += [measured[name] for name in runs if name in measured]
     print("\n" + header + "\n".join(lines))
     if table:

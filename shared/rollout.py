@@ -142,6 +142,21 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, to
     return scaled
 
 
+def generate_texts(model, tokenizer, prompts: list[str], chunk_size: int, max_new_tokens: int, temperature: float = 1.0,
+                   do_sample: bool = True, seeds: list[int] | None = None, **options) -> list[str]:
+    """One response per prompt, chunk_size prompts per generate_rollouts call: the
+    generations outside a training step (evaluation, a discriminator's fit and anchor
+    metrics, drift probes) run over hundreds of prompts, and their KV cache grows with
+    the chunk (Qwen3-0.6B: ~0.1 MB per token in bfloat16, so 400 prompts x 1k tokens
+    is ~45 GB at once). `seeds` (one per prompt) keeps each draw independent of the
+    chunking. Under torchrun every rank must pass the same number of prompts."""
+    texts = []
+    for s in range(0, len(prompts), chunk_size):
+        texts += generate_rollouts(model, tokenizer, prompts[s:s + chunk_size], 1, max_new_tokens, temperature, do_sample,
+                                   seeds=None if seeds is None else seeds[s:s + chunk_size], **options)["texts"]
+    return texts
+
+
 def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
                                eos_token_id, pad_token_id, generators=None, output_scores=False, top_k=0, top_p=1.0,
                                vocab=None):

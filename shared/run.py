@@ -68,6 +68,9 @@ class RunFlags:
     """log to Weights & Biases as well as tensorboard"""
     wandb_project: str = "posttrain"
     """wandb project name"""
+    generation_batch_size: int = 64
+    """prompts per generate call outside the training step (evaluation, AAPA's discriminator fit and anchor metrics,
+    GPRL's drift probes): lower it for long answers on a GPU"""
     deterministic: bool = False
     """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
     system_prompt: str = ""
@@ -299,6 +302,7 @@ def check_flags(args, flag_ranges: dict) -> None:
                          "gradients underflow in float16, and the weights turn NaN); use --dtype bfloat16, or "
                          "float32 with --autocast-bf16")
     check_chat_template_kwargs(args.chat_template_kwargs)
+    check_range(args, generation_batch_size=AT_LEAST_1)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")
@@ -320,11 +324,38 @@ def check_chat_template_kwargs(value: str, flag: str = "--chat-template-kwargs")
         raise SystemExit(f"error: {flag} may not set {', '.join(taken)}: the scripts set it themselves")
 
 
+def take_memory_peak() -> float:
+    """The peak memory (GiB) since the previous call, or since the process started, and
+    a fresh start for the next: CUDA's peak allocated memory on a GPU, else the peak
+    resident memory (Linux's VmHWM, which writing 5 to /proc/self/clear_refs resets).
+    Where neither can be read, 0."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return peak
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
 class PhaseTimer:
     """Wall seconds of each phase of a step, logged as perf/<phase>_sec: lap(phase) ends
-    the phase that began at the previous lap (or when the timer was made)."""
+    the phase that began at the previous lap (or when the timer was made). Also the
+    step's peak memory (perf/peak_memory_gib), and once, from the first timer of the
+    process, the peak of everything before its first step (perf/peak_setup_memory_gib:
+    loading, and e.g. AAPA's discriminator fit); scripts/real_shape.py reads both."""
+
+    peak_before_steps: float | None = 0.0  # None once the first step of the process has begun
 
     def __init__(self):
+        before = take_memory_peak()
+        self._setup = None if PhaseTimer.peak_before_steps is None else max(PhaseTimer.peak_before_steps, before)
+        PhaseTimer.peak_before_steps = None
         self.seconds, self._last = {}, time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -334,7 +365,9 @@ class PhaseTimer:
 
     def metrics(self) -> dict:
         total = sum(self.seconds.values())
-        return {**{f"perf/{k}_sec": v for k, v in self.seconds.items()}, "perf/steps_per_sec": 1 / max(total, 1e-9)}
+        setup = {} if self._setup is None else {"perf/peak_setup_memory_gib": self._setup}
+        return {**{f"perf/{k}_sec": v for k, v in self.seconds.items()}, "perf/steps_per_sec": 1 / max(total, 1e-9),
+                "perf/peak_memory_gib": take_memory_peak(), **setup}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -486,12 +519,16 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
     """Greedy evaluation on the held-out rows (shared/rollout.py:evaluate, scored by
     --eval-fn), plus the metrics extra(step) returns (an algorithm's own), logged as eval/*
     at `step` and printed in one line."""
-    result = evaluate(model, tokenizer, rows, score, max_new_tokens=args.max_new_tokens, autocast_bf16=args.autocast_bf16,
-                      strip_think=args.strip_think)
+    before = take_memory_peak()  # what came before is the step's, or the setup's before the first step
+    if PhaseTimer.peak_before_steps is not None:
+        PhaseTimer.peak_before_steps = max(PhaseTimer.peak_before_steps, before)
+    result = evaluate(model, tokenizer, rows, score, args.generation_batch_size, args.max_new_tokens, args.autocast_bf16,
+                      args.strip_think)
+    peak = take_memory_peak()  # logged, not returned: eval.json holds what the policy did, equal after a resume
     own = extra(step) if extra else {}
     result.update(own)
     if log:
-        logger.log(step, {f"eval/{k}": v for k, v in result.items() if k != "texts"})
+        logger.log(step, {**{f"eval/{k}": v for k, v in result.items() if k != "texts"}, "perf/peak_eval_memory_gib": peak})
     tqdm.write(f"step {step}: eval gold {result['gold']:.3f} reward {result['reward']:.3f} length {result['length']:.1f}"
                + "".join(f", {k} {v:.3f}" for k, v in own.items()))
     return result

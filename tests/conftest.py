@@ -67,6 +67,7 @@ def run_main(script: str, *flags: str):
 
     saved_argv, saved_path = sys.argv, list(sys.path)
     handlers = {number: signal.getsignal(number) for number in shared.run.PREEMPTION_SIGNALS}
+    shared.run.PhaseTimer.peak_before_steps = 0.0  # as in a new process: no step has run yet
     sys.argv = [str(ROOT / script), *flags]
     sys.path.insert(0, str((ROOT / script).parent))  # as `python scripts/x.py` puts scripts/ first
     try:

@@ -56,13 +56,17 @@ def test_nltk_reads_back_exactly_the_packaged_parameters(installed, monkeypatch)
     assert dict(params.ortho_context) == english.ORTHO_CONTEXT and len(english.ORTHO_CONTEXT) == 20366
 
 
-def test_ifevals_punkt_checkers_need_nothing_more(installed, monkeypatch):
+def test_ifevals_punkt_checkers_need_nothing_more(installed, monkeypatch, request):
     import nltk
 
     from shared import ifeval
 
     root, _ = installed
     monkeypatch.setattr(nltk.data, "path", [str(root)])
+    from if_verifiable.ifeval import instructions_util
+
+    instructions_util._get_sentence_tokenizer.cache_clear()  # IFEval keeps the first one it loaded (another test's)
+    request.addfinalizer(instructions_util._get_sentence_tokenizer.cache_clear)
     for instruction_id in ("length_constraints:number_sentences", "change_case:capital_word_frequency"):
         assert ifeval.missing_nltk_data(instruction_id) == []
     three = "It rained. We stayed in. Mr. Lee read a book."

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_pairs
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import adapters_off, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn
 from shared.rollout import completion_logps, encode_prompt_response
 
@@ -141,8 +141,8 @@ if __name__ == "__main__":
 
     # ---- policy, frozen anchor (the initial model), optimizer, schedule
     try:
-        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
-        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
+        model = distributed.shard(load_policy(model_path, args))
+        ref_model = load_reference(args, model)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -178,7 +178,7 @@ if __name__ == "__main__":
                                   torch.tensor([p["label"] for p in part], device=args.device)))
 
         # ---- anchor (reference) sequence log-probs, no grad
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, adapters_off(ref_model):  # --lora-r: the anchor is the policy's base
             ref_sequence_logps = [sequence_logps(completion_logps(ref_model, ids, mask, prompt_len,
                                                                   chunk_tokens=args.logp_chunk_tokens).float(),
                                                  response_mask, args.length_normalize)

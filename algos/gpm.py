@@ -118,7 +118,7 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
     ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
     response_lengths = response_mask.sum(1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
+    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
     rows = torch.arange(ids.size(0), device=ids.device)
     v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
     # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
@@ -131,6 +131,8 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
 if __name__ == "__main__":
     args = tyro.cli(Args)
     run.check_flags(args, FLAG_RANGES)
+    if args.lora_r:  # the GPM's checkpoint is GPRL's judge, loaded as a whole model
+        raise SystemExit("error: --lora-r: algos/gpm.py trains its backbone whole")
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
     distributed.check_divisible(args.batch_size, "--batch-size")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from shared import distributed, run, toyworld
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import adapters_off, load_model, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts, generate_texts, old_and_ref_logps
 
@@ -335,7 +335,7 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
     ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
     response_lengths = response_mask.sum(1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
+    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
     rows = torch.arange(ids.size(0), device=ids.device)
     v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
     # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
@@ -402,8 +402,8 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
-        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
+        model = distributed.shard(load_policy(model_path, args))
+        ref_model = load_reference(args, model)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -428,8 +428,9 @@ if __name__ == "__main__":
     # responses is measured at every check, so an exploited judge is visible (elsewhere there is no such truth)
     judge_is_checkable = set(dim_names) <= set(toyworld.PREFERENCE_AXES) and all(
         toyworld.is_toy_instruction(i) for row in probe_rows for i in row["instruction_id_list"])
-    reference_texts = generate_texts(ref_model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
-                                     do_sample=False, autocast_bf16=args.autocast_bf16)
+    with adapters_off(ref_model):  # --lora-r: the reference is the policy's base
+        reference_texts = generate_texts(ref_model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
+                                         do_sample=False, autocast_bf16=args.autocast_bf16)
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "alarms": 0}

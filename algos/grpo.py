@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import completion_logps, generate_rollouts, old_and_ref_logps
 
@@ -208,9 +208,8 @@ if __name__ == "__main__":
         model_path = str(output_dir / run.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
-        ref_model = distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False)) \
-            if args.beta > 0 else None
+        model = distributed.shard(load_policy(model_path, args))
+        ref_model = load_reference(args, model) if args.beta > 0 else None
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()

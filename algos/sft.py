@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from shared import distributed, run
 from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows, with_expert_answers
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import load_policy, load_tokenizer
 from shared.rewards import load_eval_fn
 from shared.rollout import completion_logps, encode_prompt_response
 
@@ -128,7 +128,7 @@ if __name__ == "__main__":
     try:
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
-        model = distributed.shard(load_model(model_path, args.dtype, args.device, args.gradient_checkpointing))
+        model = distributed.shard(load_policy(model_path, args))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     responses = [cache[r["prompt"]] for r in train_rows]

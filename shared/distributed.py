@@ -109,7 +109,7 @@ def shard(model):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
-        for layer in model.base_model.layers:
+        for layer in model.get_decoder().layers:  # get_decoder(): also through a peft (LoRA) wrapper
             fully_shard(layer, mesh=mesh)
     return model
 
@@ -120,9 +120,10 @@ def optimizer_groups(model, *heads) -> list[dict]:
     groups with or without torchrun, so either can resume the other. Under FSDP2 the
     first are DTensors and the rest plain tensors, and AdamW's foreach update (its
     default on CUDA) fails on a group that mixes the two."""
-    in_layers = {id(p) for p in model.base_model.layers.parameters()}
-    sharded = [p for p in model.parameters() if id(p) in in_layers]
-    whole = [p for p in model.parameters() if id(p) not in in_layers] + [p for head in heads for p in head.parameters()]
+    in_layers = {id(p) for p in model.get_decoder().layers.parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    sharded = [p for p in trained if id(p) in in_layers]
+    whole = [p for p in trained if id(p) not in in_layers] + [p for head in heads for p in head.parameters()]
     return [{"params": group} for group in (sharded, whole) if group]
 
 

@@ -6,6 +6,7 @@ tokenizer and a chat template, saved with `save_pretrained`, so the offline
 default goes through exactly the same `from_pretrained` path as Qwen/Qwen3-0.6B.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -144,6 +145,52 @@ def tokenizer_vocab_size(name_or_path: str, model) -> int:
         return min(rows, len(AutoTokenizer.from_pretrained(name_or_path)))
     except (OSError, ValueError):
         return rows
+
+
+def load_policy(model_path: str, args):
+    """The model a run trains. Without --lora-r: every weight of model_path. With it:
+    args.model's weights frozen, and LoRA adapters (peft) on --lora-target-modules:
+    new ones (B = 0, so the run starts at args.model exactly), or, resuming, the ones
+    saved in model_path. The adapters are what a checkpoint then holds (with
+    adapter_config.json naming args.model as the base, so from_pretrained of the
+    checkpoint builds base plus adapters)."""
+    if not args.lora_r:
+        return load_model(model_path, args.dtype, args.device, args.gradient_checkpointing)
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ModuleNotFoundError:
+        raise ValueError("--lora-r needs the peft package: pip install peft") from None
+    base = load_model(args.model, args.dtype, args.device, args.gradient_checkpointing)
+    if (Path(model_path) / "adapter_config.json").exists():
+        policy = PeftModel.from_pretrained(base, model_path, is_trainable=True)
+    else:
+        try:
+            policy = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                     target_modules=list(args.lora_target_modules), bias="none",
+                                                     task_type="CAUSAL_LM"))
+        except ValueError as error:  # peft's "Target modules {...} not found in the base model"
+            raise ValueError(f"--lora-target-modules: {str(error).splitlines()[0][:200]}") from None
+    if Path(args.model).exists():  # a local base: named by its absolute path, so the checkpoint loads from anywhere
+        policy.peft_config["default"].base_model_name_or_path = str(Path(args.model).resolve())
+    return policy
+
+
+def load_reference(args, policy):
+    """The frozen initial policy (KL reference, default discriminator encoder). With
+    --lora-r it is the policy itself read with its adapters off (adapters_off): the
+    base weights never change, so no second copy is needed. Otherwise args.model
+    loaded again, frozen, sharded like the policy."""
+    from shared import distributed
+
+    if args.lora_r:
+        return policy
+    return distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
+
+
+def adapters_off(model):
+    """A context in which a LoRA policy computes as its base (peft's disable_adapter);
+    for any other model, nothing changes."""
+    return model.disable_adapter() if hasattr(model, "peft_config") else contextlib.nullcontext()
 
 
 def disable_dropout(model) -> None:

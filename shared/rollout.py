@@ -7,7 +7,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from shared.distributed import all_sum, any_rank, gather_objects, local_share, world_size
 from shared.ifeval import without_think
-from shared.modeling import chat_prompt
+from shared.modeling import adapters_off, chat_prompt
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +171,8 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     Returns completion ids [B*G, L] (pad after a row's eos) and, with output_scores, the
     logits / T [B*G, L, V] (else None: at Qwen3's vocabulary they would be 0.6 MB per
     row and token, 40 GB for 64 rows x 1,024 tokens)."""
+    # a peft (LoRA) wrapper takes no positional cache; the model inside it holds the adapters
+    model = model.get_base_model() if hasattr(model, "peft_config") else model
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as completion_logps
     compute_dtype = torch.get_autocast_dtype(prompt_ids.device.type) \
         if torch.is_autocast_enabled(prompt_ids.device.type) else next(model.parameters()).dtype
@@ -339,15 +341,16 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
     first_rows, group_of_row = prompt_groups(input_ids, attention_mask, completion_start)
-    checkpointing = getattr(model.base_model, "gradient_checkpointing", False) and model.training
+    decoder = model.get_decoder()  # the transformer without its LM head, also through a peft (LoRA) wrapper
+    checkpointing = getattr(decoder, "gradient_checkpointing", False) and model.training
     # (under torchrun every rank takes the same path: sharded layers need every rank in each forward)
     if not share_prompts or checkpointing or (len(first_rows) == input_ids.size(0) and world_size() == 1):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
         return hidden[:, completion_start - 1:-1]  # position t predicts token t+1
     # the cache is the 4th positional argument and the 2nd output: transformers 5.x renamed it
     # (past_key_values -> cache), positions work with both names
-    prompt_hidden, cache = model.base_model(
+    prompt_hidden, cache = decoder(
         input_ids[first_rows, :completion_start],
         attention_mask[first_rows, :completion_start],
         position_ids[first_rows, :completion_start],
@@ -355,8 +358,8 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         use_cache=True,
     )[:2]
     cache.batch_select_indices(group_of_row)  # [K, ...] -> [B, ...]; its backward sums each group's gradients
-    completion_hidden_states = model.base_model(input_ids[:, completion_start:], attention_mask,
-                                                position_ids[:, completion_start:], cache, use_cache=True)[0]
+    completion_hidden_states = decoder(input_ids[:, completion_start:], attention_mask, position_ids[:, completion_start:],
+                                       cache, use_cache=True)[0]
     return torch.cat([prompt_hidden[group_of_row, -1:], completion_hidden_states[:, :-1]], dim=1)
 
 
@@ -396,7 +399,10 @@ def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Ten
                               for s in range(0, ids.size(0), args.micro_batch_size)])
 
     old = logps_of(model) if getattr(args, "num_iterations", 1) > 1 else None
-    return old, None if ref_model is None else logps_of(ref_model)
+    if ref_model is None:
+        return old, None
+    with adapters_off(ref_model):  # a LoRA policy is its own reference, with the adapters off
+        return old, logps_of(ref_model)
 
 
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
@@ -456,15 +462,15 @@ def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[
             tokenizer, prompts[s : s + batch_size], responses[s : s + batch_size], device
         )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.autocast(device_type=ids.device.type, enabled=False):
+        with torch.autocast(device_type=ids.device.type, enabled=False), adapters_off(encoder):
             if set(layers) <= {0, -1}:
                 chosen = {0: encoder.get_input_embeddings()(ids)}
                 if -1 in layers:
-                    out = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+                    out = encoder.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids)
                     chosen[-1] = out.last_hidden_state
             else:
-                chosen = encoder.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                            output_hidden_states=True).hidden_states
+                chosen = encoder.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                               output_hidden_states=True).hidden_states
         hidden = torch.cat([chosen[layer] for layer in layers], dim=-1).float()
         prompt_mask = mask[:, :prompt_len, None].float()
         response_mask = response_mask[:, :, None].float()

@@ -68,6 +68,12 @@ class RunFlags:
     """log to Weights & Biases as well as tensorboard"""
     wandb_project: str = "posttrain"
     """wandb project name"""
+    lora_r: int = 0
+    """LoRA rank (peft): train adapters only, the reference being the base with them off (0: train every weight)"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapters add (lora_alpha / lora_r) * B A to each target weight"""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """names of the linear layers that get adapters (Qwen3's attention and MLP projections)"""
     generation_batch_size: int = 64
     """prompts per generate call outside the training step (evaluation, AAPA's discriminator fit and anchor metrics,
     GPRL's drift probes): lower it for long answers on a GPU"""
@@ -302,7 +308,9 @@ def check_flags(args, flag_ranges: dict) -> None:
                          "gradients underflow in float16, and the weights turn NaN); use --dtype bfloat16, or "
                          "float32 with --autocast-bf16")
     check_chat_template_kwargs(args.chat_template_kwargs)
-    check_range(args, generation_batch_size=AT_LEAST_1)
+    check_range(args, generation_batch_size=AT_LEAST_1, lora_r=NON_NEGATIVE, lora_alpha=POSITIVE)
+    if args.lora_r and not args.lora_target_modules:
+        raise SystemExit("error: --lora-target-modules must name at least one module when --lora-r > 0")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but this machine has no CUDA device (use --device cpu)")

@@ -283,3 +283,15 @@ def test_an_optimizer_state_saved_with_other_groups_is_refused_in_one_line(tiny_
     assert [len(g["params"]) for g in new.param_groups] == [count - 2, 2]  # the layers; tied embeddings/head and norm
     with pytest.raises(SystemExit, match=rf"groups of \[{count}\] tensors, this run's \[{count - 2}, 2\]"):
         distributed.load_optimizer_state(new, old.state_dict())
+
+
+@pytest.mark.slow
+def test_a_lora_run_under_torchrun_equals_one_process(tiny_world, tmp_path):
+    lora = ["--lora-r", "4", "--learning-rate", "3e-2"]
+    run_script("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "single"), *lora)
+    torchrun("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "dist"), *lora)
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-5, abs=1e-7)
+    from safetensors.torch import load_file
+    single, dist = (load_file(tmp_path / run / "checkpoint" / "adapter_model.safetensors") for run in ("single", "dist"))
+    assert single.keys() == dist.keys() and single
+    assert all(torch.allclose(single[k], dist[k], atol=1e-5) for k in single)

@@ -38,12 +38,68 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _ErrorLines:
+    """sys.stderr under torchrun. The script's `error: ...` lines (a SystemExit's message)
+    are shared so that an error every rank meets is printed once, by rank 0: rank 0
+    prints its own and records it in the job's store; another rank holds its own back
+    until it leaves (_leave) and prints it only if rank 0's differs, so an error that
+    rank alone met is still shown. Before the job is joined only flags are checked,
+    the same on every rank, so there a rank other than 0 drops its error lines."""
+
+    def __init__(self, stream):
+        self.stream, self.held, self._holding_newline = stream, [], False
+
+    def write(self, text: str) -> int:
+        if text.startswith("error: "):
+            if rank_from_environment() == 0:
+                if dist.is_initialized():
+                    dist.distributed_c10d._get_default_store().set("error/0", text)
+            else:
+                self.held.append(text)
+                self._holding_newline = True
+                return len(text)
+        elif text == "\n" and self._holding_newline:  # the newline Python writes after the message
+            self._holding_newline = False
+            return 1
+        self._holding_newline = False
+        return self.stream.write(text)
+
+    def release(self, shown_by_rank_0: str | None) -> None:
+        for line in self.held:
+            if line != shown_by_rank_0:
+                self.stream.write(line + "\n")
+        self.held.clear()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def rank_from_environment() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+_joining = False  # set once setup() starts joining the job: errors from then on may differ between ranks
+
+
+def _drop_flag_errors() -> None:
+    if isinstance(sys.stderr, _ErrorLines) and not _joining:
+        sys.stderr.held.clear()
+
+
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: from import on, before any flag is checked
+    sys.stderr = _ErrorLines(sys.stderr)
+    atexit.register(_drop_flag_errors)
+
+
 def setup(args) -> None:
     """Join the torchrun job, if this process is part of one (torchrun sets WORLD_SIZE):
     gloo on CPU, nccl on GPUs, one GPU per process (args.device becomes cuda:LOCAL_RANK).
     Printing and progress bars are left to rank 0."""
+    global _joining
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    _joining = True
     on_gpu = args.device.startswith("cuda")
     if on_gpu:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -81,9 +137,13 @@ def _leave() -> None:
     while not all(store.check([f"left/{r}"]) for r in range(world_size())):
         if time.time() > deadline:
             sys.stdout.flush()
+            if isinstance(sys.stderr, _ErrorLines):
+                sys.stderr.release(None)  # rank 0 is still running: this rank's error is the job's
             sys.stderr.flush()
             os._exit(1)
         time.sleep(0.05)
+    if isinstance(sys.stderr, _ErrorLines) and sys.stderr.held:
+        sys.stderr.release(store.get("error/0").decode() if store.check(["error/0"]) else None)
     dist.destroy_process_group()
 
 

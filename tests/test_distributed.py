@@ -84,10 +84,21 @@ def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
     assert_same_run(full, moved)
 
 
-def test_errors_under_torchrun_are_one_line(tiny_world, tmp_path):
-    result = torchrun("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "odd"), "--prompts-per-step", "3", expect_ok=False)
+@pytest.mark.parametrize("change, line", [
+    (("--prompts-per-step", "3"), "error: --prompts-per-step (3) must be a multiple of the number of processes (2) under torchrun"),
+    (("--temperature", "0"), "error: --temperature must be in [0.001, inf), got 0.0"),  # before the job is joined
+    pytest.param(("--train-data", "/no/such.jsonl"), "error: ", marks=pytest.mark.slow),  # after it is joined
+])
+def test_an_error_every_rank_meets_is_printed_once(tiny_world, tmp_path, change, line):
+    flags = rl_flags(tiny_world, tmp_path / "out")
+    if change[0] in flags:
+        flags[flags.index(change[0]) + 1] = change[1]
+    else:
+        flags += change
+    result = torchrun("algos/grpo.py", *flags, expect_ok=False)
     assert result.returncode != 0
-    assert "error: --prompts-per-step (3) must be a multiple of the number of processes (2) under torchrun" in result.stderr
+    ours = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith(line), result.stderr[-3000:]
     assert "Traceback" not in result.stderr.split("error:")[0]
 
 

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning on expert demonstrations (the expert cache).
+"""Supervised fine-tuning on expert demonstrations (the expert cache), or on chat
+conversations (--messages-data, optionally packed).
 
 Loss: mean negative log-likelihood over response tokens only (prompt and padding
 masked), normalised by the response tokens of the whole accumulated batch, as in
-TRL's SFTTrainer.
+TRL's SFTTrainer. On conversations: over every token, or the assistant turns with
+--assistant-only-loss (TRL's two choices).
 docs/algorithms.md#sft.
 """
 
@@ -17,10 +19,18 @@ import tyro
 from tqdm import tqdm
 
 from shared import distributed, run
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_cache, load_rows, with_expert_answers
+from shared.data import (
+    conversation_batch,
+    keep_short_prompts,
+    load_conversations,
+    load_eval_rows,
+    load_expert_cache,
+    load_rows,
+    with_expert_answers,
+)
 from shared.modeling import load_policy, load_tokenizer
 from shared.rewards import load_eval_fn
-from shared.rollout import completion_logps, encode_prompt_response
+from shared.rollout import completion_logps, encode_prompt_response, packed_token_logps
 
 
 @dataclass
@@ -39,6 +49,14 @@ class Args(run.RunFlags):
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
     expert_cache: str = "data/toy/expert_cache.jsonl"
     """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
+    messages_data: str = ""
+    """chat rows with a 'messages' list of role/content turns, trained on instead of --train-data and --expert-cache"""
+    assistant_only_loss: bool = False
+    """with --messages-data: the loss on assistant turns only (the chat template must mark them with {% generation %})"""
+    packing: bool = False
+    """with --messages-data: concatenate conversations into rows of up to --max-seq-len tokens, each seeing only itself"""
+    max_seq_len: int = 1024
+    """with --messages-data: the longest row; longer conversations are dropped with a count"""
     output_dir: str = "runs/sft"
     """checkpoint, metrics.jsonl, eval.json and tensorboard logs go here"""
     seed: int = 1
@@ -83,6 +101,7 @@ FLAG_RANGES = dict(
     max_new_tokens=run.AT_LEAST_1,
     save_every=run.AT_LEAST_1,
     logp_chunk_tokens=run.NON_NEGATIVE,
+    max_seq_len=run.AT_LEAST_2,
 )
 
 
@@ -101,6 +120,8 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor |
 if __name__ == "__main__":
     args = tyro.cli(Args)
     run.check_flags(args, FLAG_RANGES)
+    if (args.packing or args.assistant_only_loss) and not args.messages_data:
+        raise SystemExit("error: --packing and --assistant-only-loss apply to --messages-data conversations")
     if args.batch_size % args.micro_batch_size:
         raise SystemExit(
             f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}"
@@ -115,11 +136,14 @@ if __name__ == "__main__":
     # ---- data: prompts and their expert responses
     eval_fn = load_eval_fn(args.eval_fn)
     try:
-        train_rows = load_rows(args.train_data, required=("prompt",))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
-        kept = set(with_expert_answers([r["prompt"] for r in train_rows], cache, "--train-data"))
-        train_rows = [r for r in train_rows if r["prompt"] in kept]
+        if args.messages_data:
+            train_rows, cache_header = [], {"teacher": args.messages_data}
+        else:
+            train_rows = load_rows(args.train_data, required=("prompt",))
+            cache, cache_header = load_expert_cache(args.expert_cache, [r["prompt"] for r in train_rows])
+            kept = set(with_expert_answers([r["prompt"] for r in train_rows], cache, "--train-data"))
+            train_rows = [r for r in train_rows if r["prompt"] in kept]
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 
@@ -127,11 +151,13 @@ if __name__ == "__main__":
     model_path = str(output_dir / run.CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
-        train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
+        train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data) \
+            if train_rows else load_conversations(args.messages_data, tokenizer, args.assistant_only_loss, args.max_seq_len,
+                                                  args.packing)
         model = distributed.shard(load_policy(model_path, args))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
-    responses = [cache[r["prompt"]] for r in train_rows]
+    responses = [None if args.messages_data else cache[r["prompt"]] for r in train_rows]
     model.train()
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -162,11 +188,18 @@ if __name__ == "__main__":
         # ---- sample a batch (depends only on seed and step: resumable)
         indices = torch.randint(len(train_rows), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
         indices = distributed.local_share(indices)
-        batch_prompts = [train_rows[i]["prompt"] for i in indices]
-        batch_responses = [responses[i] for i in indices]
-        micro_batches = [encode_prompt_response(tokenizer, batch_prompts[s:s + args.micro_batch_size],
-                                   batch_responses[s:s + args.micro_batch_size], args.device)
-                         for s in range(0, len(indices), args.micro_batch_size)]
+        if args.messages_data:  # (ids, doc, loss): the targets t whose token is trained, in its own document
+            micro_batches = [conversation_batch([train_rows[i] for i in indices[s:s + args.micro_batch_size]],
+                                                tokenizer.pad_token_id, args.device)
+                             for s in range(0, len(indices), args.micro_batch_size)]
+            micro_batches = [(ids, doc, loss[:, 1:] * ((doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)), None)
+                             for ids, doc, loss in micro_batches]  # a document's first token has nothing before it
+        else:
+            batch_prompts = [train_rows[i]["prompt"] for i in indices]
+            batch_responses = [responses[i] for i in indices]
+            micro_batches = [encode_prompt_response(tokenizer, batch_prompts[s:s + args.micro_batch_size],
+                                                    batch_responses[s:s + args.micro_batch_size], args.device)
+                             for s in range(0, len(indices), args.micro_batch_size)]
         # a tensor, not a float: a compiled loss would otherwise recompile for every new count
         num_tokens = distributed.all_sum(sum((response_mask.sum() for _, _, response_mask, _ in micro_batches),
                                             torch.zeros((), device=args.device)))
@@ -175,7 +208,10 @@ if __name__ == "__main__":
         total_loss = 0.0
         for ids, mask, response_mask, prompt_len in micro_batches:
             with autocast:
-                logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens)
+                if args.messages_data:  # mask is each token's document; response_mask the trained targets
+                    logps, _ = packed_token_logps(model, ids, mask, args.logp_chunk_tokens)
+                else:
+                    logps = completion_logps(model, ids, mask, prompt_len, chunk_tokens=args.logp_chunk_tokens)
             loss = loss_fn(logps.float(), response_mask, num_tokens)
             loss.backward()
             total_loss += loss.detach()

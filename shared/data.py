@@ -4,6 +4,7 @@ expert cache (pre-collected expert responses keyed by prompt)."""
 import json
 from pathlib import Path
 
+import torch
 from datasets import load_dataset
 
 from shared.ifeval import NotScorable, from_rlvr, missing_nltk_data, official_random_letter
@@ -14,14 +15,9 @@ from shared.toyworld import write_jsonl
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list"),
-              drop_missing_nltk: bool = False) -> list[dict]:
-    """Rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, validated
-    field by field. IFEval-style rows (prompt, instruction_id_list, kwargs) are read as
-    they are; RLVR-IFeval rows (messages, ground_truth) are converted to that schema.
-    Instruction ids and kwargs, where present, are checked row by row.
-    drop_missing_nltk: drop (with a printed count and the ids) the rows whose checkers
-    need NLTK data that is not installed, instead of refusing the file: a partial score."""
+def read_rows(source: str, split: str = "train") -> list[dict]:
+    """The rows of a local .json/.jsonl/.csv/.parquet file or a hub dataset, unchecked;
+    a missing, empty or unreadable one is one ValueError line naming it."""
     local_format = LOCAL_FORMATS.get(Path(source).suffix.lower())
     if local_format and not Path(source).is_file():
         raise ValueError(f"dataset file {source!r} does not exist")
@@ -38,6 +34,18 @@ def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("p
     rows = dataset.to_list()
     if not rows:
         raise ValueError(f"dataset {source!r} has no rows")
+    return rows
+
+
+def load_rows(source: str, split: str = "train", required: tuple[str, ...] = ("prompt", "instruction_id_list"),
+              drop_missing_nltk: bool = False) -> list[dict]:
+    """Rows from a local .json/.jsonl/.csv/.parquet file or a hub dataset id, validated
+    field by field. IFEval-style rows (prompt, instruction_id_list, kwargs) are read as
+    they are; RLVR-IFeval rows (messages, ground_truth) are converted to that schema.
+    Instruction ids and kwargs, where present, are checked row by row.
+    drop_missing_nltk: drop (with a printed count and the ids) the rows whose checkers
+    need NLTK data that is not installed, instead of refusing the file: a partial score."""
+    rows = read_rows(source, split)
     if "prompt" not in rows[0] and "ground_truth" in rows[0]:  # allenai/RLVR-IFeval: messages + ground_truth
         converted, not_scorable = [], 0
         for index, row in enumerate(rows):
@@ -236,3 +244,66 @@ def load_expert_cache(path: str | Path, prompts: list[str] | None = None) -> tup
         raise ValueError(f"expert cache {str(path)!r} misses {len(missing)} of {len(prompts)} prompts, "
                          f"for example {missing[0]!r}; rebuild it for this dataset")
     return cache, header
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def load_conversations(source: str, tokenizer, assistant_only: bool, max_seq_len: int, packing: bool) -> list[dict]:
+    """Chat rows (a `messages` list of {"role", "content"} turns) as training rows of
+    token ids, each with `loss` (1 on the tokens the loss covers: every token, or with
+    assistant_only the assistant turns the chat template marks with {% generation %})
+    and `doc` (which conversation of the row each token belongs to). With packing,
+    conversations are concatenated in order into rows of at most max_seq_len tokens;
+    without, one per row. A conversation longer than max_seq_len is dropped with a count.
+    --system-prompt is put first in a conversation that has no system turn."""
+    rows, examples = read_rows(source), []
+    for index, row in enumerate(rows):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError(f"dataset {source!r} row {index}: field 'messages' must be a non-empty list of "
+                             f"{{'role': one of {', '.join(CHAT_ROLES)}, 'content': text}} turns")
+        if assistant_only and not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"dataset {source!r} row {index}: no assistant turn to train on (--assistant-only-loss)")
+        system = getattr(tokenizer, "system_prompt", "")
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=assistant_only,
+                                                **(getattr(tokenizer, "chat_template_kwargs", None) or {}))
+        loss = encoded["assistant_masks"] if assistant_only else [1] * len(encoded["input_ids"])
+        if assistant_only and not any(loss):
+            raise ValueError(f"--assistant-only-loss: the chat template of the tokenizer marks no assistant tokens "
+                             f"(dataset {source!r} row {index}); it needs {{% generation %}} blocks, or drop the flag")
+        examples.append({"ids": list(encoded["input_ids"]), "loss": list(loss)})
+    kept = [e for e in examples if len(e["ids"]) <= max_seq_len]
+    if not kept:
+        raise ValueError(f"dataset {source!r}: every conversation is longer than --max-seq-len {max_seq_len}")
+    if len(kept) < len(examples):
+        print(f"dropped {len(examples) - len(kept)} of {len(examples)} conversations of {source!r} longer than "
+              f"--max-seq-len {max_seq_len}")
+    packed = []
+    for example in kept:
+        if packing and packed and len(packed[-1]["ids"]) + len(example["ids"]) <= max_seq_len:
+            row = packed[-1]
+            row["doc"] += [row["doc"][-1] + 1] * len(example["ids"])
+            row["ids"] += example["ids"]
+            row["loss"] += example["loss"]
+        else:
+            packed.append({**example, "doc": [0] * len(example["ids"])})
+    return packed
+
+
+def conversation_batch(rows: list[dict], pad_token_id: int, device) -> tuple:
+    """Right-padded ids, doc and loss tensors [B, L] of training rows (load_conversations);
+    padding has doc -1 and loss 0."""
+    width = max(len(row["ids"]) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    doc = torch.full((len(rows), width), -1, dtype=torch.long)
+    loss = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row["ids"])] = torch.tensor(row["ids"])
+        doc[i, :len(row["ids"])] = torch.tensor(row["doc"])
+        loss[i, :len(row["ids"])] = torch.tensor(row["loss"])
+    return ids.to(device), doc.to(device), loss.to(device)

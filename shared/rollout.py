@@ -383,6 +383,28 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return (logps, entropies) if with_entropy else logps
 
 
+def packed_token_logps(model, ids: torch.Tensor, doc: torch.Tensor, chunk_tokens: int = 0):
+    """Per-token log-probs of rows that hold several documents (packed conversations):
+    log p(ids[:, t] | the earlier tokens of its own document) for t = 1..L-1, [B, L-1],
+    and the mask of the targets that have such context ([B, L-1]: not a document's first
+    token, not padding, doc -1). Each document sees only itself: a block-diagonal causal
+    mask (4-D, which the sdpa and eager attentions take) and positions restarting at 0,
+    so a packed row computes what its documents would one by one."""
+    length, device = ids.size(1), ids.device
+    columns = torch.arange(length, device=device)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    positions = columns - torch.where(starts, columns, 0).cummax(dim=1).values
+    same_document = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    attend = (same_document & causal) | torch.eye(length, dtype=torch.bool, device=device)  # padding sees itself
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attend[:, None], position_ids=positions).last_hidden_state
+    head, vocab = model.get_output_embeddings(), vocab_limit(model)
+    logps, _ = token_logps_from_hidden(hidden[:, :-1], head.weight[:vocab], None if head.bias is None else head.bias[:vocab],
+                                       ids[:, 1:], 1.0, chunk_tokens)
+    return logps, (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
+
+
 @torch.no_grad()
 def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The no-grad log-probs of a generation batch, [B, L] each, --micro-batch-size rows

@@ -255,6 +255,7 @@ if __name__ == "__main__":
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
+            static_cache=args.static_cache,
         )
         clock.lap("generate")
 

@@ -401,6 +401,7 @@ if __name__ == "__main__":
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
+            static_cache=args.static_cache,
         )
         clock.lap("generate")
 
@@ -420,6 +421,7 @@ if __name__ == "__main__":
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
+            static_cache=args.static_cache,
         )["texts"]
         expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
         policy_features = distributed.gather(features(mine, own_samples))

@@ -3,7 +3,7 @@ algorithm runs but none of them defines."""
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StaticCache
 
 from shared.distributed import all_sum, any_rank, gather_objects, local_share, world_size
 from shared.ifeval import without_think
@@ -58,7 +58,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int | l
 def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1, max_new_tokens: int = 32,
                       temperature: float = 1.0, do_sample: bool = True, output_scores: bool = False,
                       share_prompts: bool = True, seeds: list[int] | None = None, autocast_bf16: bool = False,
-                      top_k: int = 0, top_p: float = 1.0) -> dict:
+                      top_k: int = 0, top_p: float = 1.0, static_cache: bool = False) -> dict:
     """group_size samples of every prompt, all in one batch with a KV cache.
 
     Samples of the same prompt are contiguous: rows [i*G, (i+1)*G) belong to prompt i.
@@ -91,7 +91,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], group_size: int = 1,
                 completion_ids, scores = sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens,
                                                                     temperature, do_sample, stop_ids(tokenizer),
                                                                     tokenizer.pad_token_id, generators, output_scores,
-                                                                    **filters)
+                                                                    **filters, static_cache=static_cache)
         else:
             if seeds is not None:
                 torch.manual_seed(seeds[0])
@@ -159,7 +159,7 @@ def generate_texts(model, tokenizer, prompts: list[str], chunk_size: int, max_ne
 
 def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, do_sample,
                                eos_token_id, pad_token_id, generators=None, output_scores=False, top_k=0, top_p=1.0,
-                               vocab=None):
+                               vocab=None, static_cache=False):
     """The decode loop: run each of the B prompts once (prefill), copy its KV cache to
     its G rows, then add one token to all B*G rows per step until every row has ended
     (on every process, under torchrun: sharded layers need every process in each
@@ -170,7 +170,12 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     eos_token_id: one stop token or a list (Qwen3: <|im_end|> and <|endoftext|>).
     Returns completion ids [B*G, L] (pad after a row's eos) and, with output_scores, the
     logits / T [B*G, L, V] (else None: at Qwen3's vocabulary they would be 0.6 MB per
-    row and token, 40 GB for 64 rows x 1,024 tokens)."""
+    row and token, 40 GB for 64 rows x 1,024 tokens).
+    static_cache: after the prefill, decode into a KV cache allocated once for all
+    max_new_tokens (StaticCache) with a torch.compile'd one-token step, whose shapes
+    never change, so it compiles once (CUDA graphs on a GPU); the same tokens as the
+    growing cache (tests/test_static_decode.py), faster where per-step overhead
+    dominates (scripts/bench_decode.py)."""
     # a peft (LoRA) wrapper takes no positional cache; the model inside it holds the adapters
     model = model.get_base_model() if hasattr(model, "peft_config") else model
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as completion_logps
@@ -183,10 +188,14 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     logits = logits[:, -1].repeat_interleave(group_size, dim=0)
     attention_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     next_position = attention_mask.sum(1, keepdim=True)
+    prompt_len = prompt_ids.size(1)
+    if static_cache:
+        cache = _static_copy(cache, model.config, prompt_len + max_new_tokens, compute_dtype)
+        attention_mask = F.pad(attention_mask, (0, max_new_tokens))  # a column turns 1 when its token is drawn
     finished = torch.zeros(attention_mask.size(0), dtype=torch.bool, device=prompt_ids.device)
     stop = _as_stop_tensor(eos_token_id, prompt_ids.device)
     tokens, scores = [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         scaled = sampling_logits(logits, temperature, top_k, top_p, vocab) if do_sample \
             else sampling_logits(logits, 1.0, vocab=vocab)
         if not do_sample:
@@ -203,9 +212,15 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
         finished |= torch.isin(token, stop)
         if not any_rank(not finished.all()):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits, cache = model(token[:, None], attention_mask, next_position, cache, use_cache=True)[:2]
-        logits, next_position = logits[:, -1], next_position + 1
+        if static_cache:
+            attention_mask[:, prompt_len + t] = 1
+            logits = _decode_step(model, token[:, None], attention_mask, next_position, cache,
+                                  torch.tensor([prompt_len + t], device=token.device))
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            logits, cache = model(token[:, None], attention_mask, next_position, cache, use_cache=True)[:2]
+            logits = logits[:, -1]
+        next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(scores, dim=1) if output_scores else None
 
 
@@ -222,6 +237,34 @@ class CacheInDtype(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
+
+
+class StaticCacheInDtype(StaticCache):
+    """StaticCache storing keys and values in the compute dtype (see CacheInDtype)."""
+
+    def __init__(self, dtype: torch.dtype, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype = dtype
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
+
+
+def _static_copy(cache, config, length: int, dtype: torch.dtype) -> StaticCacheInDtype:
+    """A static cache of `length` positions holding the (already repeated) prefill cache."""
+    static = StaticCacheInDtype(dtype, config=config, max_cache_len=length)
+    for index, layer in enumerate(cache.layers):
+        positions = torch.arange(layer.keys.size(2), device=layer.keys.device)
+        static.update(layer.keys, layer.values, index, {"cache_position": positions})
+    return static
+
+
+def decode_step(model, token, attention_mask, position_ids, cache, cache_position):
+    """The logits of one new token for every row, with a static cache: fixed shapes."""
+    return model(token, attention_mask, position_ids, cache, use_cache=True, cache_position=cache_position)[0][:, -1]
+
+
+_decode_step = torch.compile(decode_step, dynamic=False)  # compiled at its first call, once per shape
 
 
 def _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature, do_sample, output_scores=False,

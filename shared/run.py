@@ -74,6 +74,8 @@ class RunFlags:
     """LoRA scale numerator: the adapters add (lora_alpha / lora_r) * B A to each target weight"""
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """names of the linear layers that get adapters (Qwen3's attention and MLP projections)"""
+    static_cache: bool = False
+    """decode training rollouts into a KV cache allocated once, with a torch.compile'd step (the first compiles)"""
     generation_batch_size: int = 64
     """prompts per generate call outside the training step (evaluation, AAPA's discriminator fit and anchor metrics,
     GPRL's drift probes): lower it for long answers on a GPU"""

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 from shared.modeling import load_tokenizer
 
 SIZES = {"--steps": "2", "--eval-every": "1", "--eval-prompts": "4", "--max-new-tokens": "8", "--batch-size": "8",
-         "--prompts-per-step": "4", "--group-size": "4", "--micro-batch-size": "4", "--max-prompt-tokens": "96"}
+         "--prompts-per-step": "4", "--group-size": "4", "--micro-batch-size": "4", "--max-prompt-tokens": "96",
+         "--max-seq-len": "64", "--generation-batch-size": "4"}
 RLVR_TRUTHS = [{"func_name": "validate_lowercase"}, {"func_name": "validate_no_commas"}]
 
 
@@ -52,10 +53,14 @@ def stand_ins(tiny_world, root):
                             for i, word in enumerate(["abc", "bcd", "cde", "def", "efg", "fgh", "ghi", "hij"])))
     ifeval.write_text("".join(json.dumps({"key": i, "prompt": f"answer {i} in lowercase", "kwargs": [{}],
                                           "instruction_id_list": ["change_case:english_lowercase"]}) + "\n" for i in range(4)))
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                      {"role": "assistant", "content": f"hi {i}"}]}) + "\n"
+                             for i in range(8)))
     pairs.write_text("".join(json.dumps({"prompt": f"pick {i}", "chosen": "yes", "rejected": f"no {i}"}) + "\n"
                              for i in range(16)))
     return {"Qwen/Qwen3-0.6B": tiny_world["model"], "Qwen/Qwen3-4B": str(teacher), "allenai/RLVR-IFeval": str(rlvr),
-            "google/IFEval": str(ifeval), "argilla/ultrafeedback-binarized-preferences-cleaned": str(pairs),
+            "google/IFEval": str(ifeval), "HuggingFaceH4/no_robots": str(chats), "argilla/ultrafeedback-binarized-preferences-cleaned": str(pairs),
             "runs/qwen3": str(root / "runs"), "data/ifeval/expert_cache.jsonl": str(root / "expert_cache.jsonl")}
 
 
@@ -67,10 +72,10 @@ def on_stand_ins(script: str, replacements: dict) -> str:
     return script
 
 
-@pytest.mark.slow  # twelve commands, about two minutes on 2 cores
+@pytest.mark.slow  # fourteen commands, about two minutes on 2 cores
 def test_the_recipe_runs_on_the_stand_ins_but_for_ids_and_sizes(tiny_world, tmp_path):
     script = recipe()
-    assert "python algos/gprl.py" in script and script.count("python ") >= 12  # the block the users read
+    assert "python algos/gprl.py" in script and script.count("python ") >= 14  # the block the users read
     replacements = stand_ins(tiny_world, tmp_path)
     assert all(hub_id in script for hub_id in replacements)  # the recipe still names what we stand in for
     runnable = on_stand_ins(script, replacements).replace("python ", f"{sys.executable} ")
@@ -78,9 +83,10 @@ def test_the_recipe_runs_on_the_stand_ins_but_for_ids_and_sizes(tiny_world, tmp_
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", runnable], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"}, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("sft", "grpo", "chord-phi", "chord-mu", "aapa-grpo", "aapa-sft", "uniapl", "adpo-listwise",
+    for name in ("sft-chat", "sft", "grpo", "grpo-lora", "chord-phi", "chord-mu", "aapa-grpo", "aapa-sft", "uniapl", "adpo-listwise",
                  "adpo-pairwise", "gpm", "gprl"):
         assert (tmp_path / "runs" / name / "checkpoint" / "complete").exists(), name
-    assert len(commands) == 12  # the teacher, SFT, ten training commands
+    assert len(commands) == 14  # chat SFT, the teacher, SFT, eleven training commands
+    assert (tmp_path / "runs" / "grpo-lora" / "checkpoint" / "adapter_config.json").exists()
     cache = [json.loads(line) for line in (tmp_path / "expert_cache.jsonl").read_text().splitlines()]
     assert len(cache) == 9 and all(line["finish_reason"] == "stop" for line in cache[1:])

@@ -86,7 +86,8 @@ def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
 
 @pytest.mark.parametrize("change, line", [
     (("--prompts-per-step", "3"), "error: --prompts-per-step (3) must be a multiple of the number of processes (2) under torchrun"),
-    (("--temperature", "0"), "error: --temperature must be in [0.001, inf), got 0.0"),  # before the job is joined
+    pytest.param(("--temperature", "0"), "error: --temperature must be in [0.001, inf), got 0.0",
+                 marks=pytest.mark.slow),  # before the job is joined
     pytest.param(("--train-data", "/no/such.jsonl"), "error: ", marks=pytest.mark.slow),  # after it is joined
 ])
 def test_an_error_every_rank_meets_is_printed_once(tiny_world, tmp_path, change, line):
@@ -260,6 +261,7 @@ distributed.finish()
 '''
 
 
+@pytest.mark.slow  # two torchrun jobs and one process
 def test_adamw_foreach_updates_a_sharded_model(tiny_world, tmp_path):
     """FSDP2 shards the decoder layers into DTensors and leaves embeddings and head
     plain: AdamW's foreach path (its CUDA default) fails on one group holding both.

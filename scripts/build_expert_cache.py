@@ -37,6 +37,11 @@ class Args:
     """a system turn before every prompt the teacher answers ("" for none)"""
     chat_template_kwargs: str = DEFAULT_CHAT_TEMPLATE_KWARGS
     """JSON object of options for the teacher's chat template (Qwen3: enable_thinking)"""
+    oracle_error_rate: float = 0.0
+    """the imperfect-teacher world (--teacher oracle only): this fraction of the oracle's answers, a seeded choice, gets
+    its content wrong (format kept), so a verifier sees every error"""
+    oracle_seed: int = 0
+    """which answers --oracle-error-rate makes wrong"""
     keep_truncated: bool = False
     """keep answers the teacher was cut off at --max-new-tokens (default: dropped, since imitating them teaches the
     policy to stop mid-answer; the training scripts then skip those prompts)"""
@@ -46,13 +51,19 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_range(args, max_new_tokens=(1, None, True, False), temperature=NON_NEGATIVE, batch_size=(1, None, True, False))
     check_chat_template_kwargs(args.chat_template_kwargs)
+    check_range(args, oracle_error_rate=(0.0, 1.0, True, True))
+    if args.oracle_error_rate and args.teacher != "oracle":
+        raise SystemExit("error: --oracle-error-rate makes the toy world's oracle imperfect; it needs --teacher oracle")
     check_output_file(args.out, "--out", {"--data": args.data, "--teacher": args.teacher})
     try:
         rows = load_rows(args.data, args.split,
                          required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))
         prompts = [r["prompt"] for r in rows]
         if args.teacher == "oracle":
-            responses, generation = [toyworld.oracle(r) for r in rows], {"method": "toy world oracle"}
+            responses, wrong = toyworld.imperfect_demonstrations(rows, args.oracle_error_rate, args.oracle_seed)
+            generation = {"method": "toy world oracle"} if not args.oracle_error_rate else {
+                "method": "toy world oracle, imperfect", "error_rate": args.oracle_error_rate, "seed": args.oracle_seed,
+                "wrong": sum(wrong)}
         else:
             tokenizer = load_tokenizer(args.teacher, args.system_prompt, args.chat_template_kwargs)
             model = load_model(args.teacher, args.dtype, default_device())

@@ -33,18 +33,24 @@ class Args:
     """MLP width of the tiny model"""
     seed: int = 0
     """seed for the splits and the initial weights"""
+    held_out_combinations: float = 0.0
+    """the shift world: this fraction of instruction combinations (task x constraints) is kept out of train, val and
+    eval and makes eval_shift.jsonl (0: none, the plain world)"""
     force: bool = False
     """rebuild even if the outputs exist"""
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if not 0.0 <= args.held_out_combinations < 1.0:
+        raise SystemExit(f"error: --held-out-combinations must be in [0, 1), got {args.held_out_combinations}")
     if args.force or not (Path(args.model_dir) / "config.json").exists():
         build_tiny_model(args.model_dir, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                          intermediate_size=args.intermediate_size, seed=args.seed)
         print(f"saved tiny model to {args.model_dir}")
     if args.force or not (Path(args.data_dir) / "sft_prompts.jsonl").exists():
-        paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
+        paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed,
+                             held_out=args.held_out_combinations)
         # the SFT stage sees a few hundred demonstrations, RL all training prompts (with their rewards)
         train_rows = [json.loads(line) for line in Path(paths["train"]).read_text().splitlines()]
         write_jsonl(train_rows[: args.num_sft], Path(args.data_dir) / "sft_prompts.jsonl")

@@ -165,16 +165,61 @@ def make_row(rng: random.Random, key: int, max_constraints: int = 3, tasks: tupl
     return row
 
 
+def combination(row: dict) -> tuple[str, ...]:
+    """What a prompt asks for, without its word: its content task and format constraints,
+    e.g. ('toy:task:reverse', 'toy:caps', 'toy:end_with')."""
+    return tuple(row["instruction_id_list"])
+
+
 def make_split(num_rows: int, seed: int, max_constraints: int = 3, exclude: set[str] | None = None,
-               tasks: tuple[str, ...] = DEFAULT_TASKS) -> list[dict]:
-    """`num_rows` distinct prompts from `seed`, none of whose prompt text is in `exclude`."""
+               tasks: tuple[str, ...] = DEFAULT_TASKS, keep=None) -> list[dict]:
+    """`num_rows` distinct prompts from `seed`, none of whose prompt text is in `exclude`,
+    and only rows for which keep(row) is true when `keep` is given."""
     rng, rows, seen = random.Random(seed), [], set(exclude or ())
     while len(rows) < num_rows:
         row = make_row(rng, key=len(rows), max_constraints=max_constraints, tasks=tasks)
-        if row["prompt"] not in seen:
+        if row["prompt"] not in seen and (keep is None or keep(row)):
             seen.add(row["prompt"])
             rows.append(row)
     return rows
+
+
+def held_out_combinations(fraction: float, seed: int, tasks: tuple[str, ...] = DEFAULT_TASKS) -> set[tuple[str, ...]]:
+    """For the shift world: a seeded `fraction` of every combination the generator can
+    make (content task x format constraints), at least one per task, which training,
+    validation and the in-distribution eval never contain and the shifted eval is
+    made of. Whole combinations, so what shifts is the composition of instructions the
+    policy has only seen apart."""
+    rng = random.Random(seed)
+    every = sorted({combination(row) for row in make_split(4000, seed=seed, tasks=tasks)})
+    held = set()
+    for task in tasks:
+        of_task = [c for c in every if c[0] == f"toy:task:{task}" and len(c) > 1]  # the bare task stays in training
+        held |= set(rng.sample(of_task, max(1, round(fraction * len(of_task)))))
+    return held
+
+
+def imperfect_demonstrations(rows: list[dict], error_rate: float, seed: int) -> tuple[list[str], list[bool]]:
+    """For the imperfect-teacher world: the oracle's answers with exactly
+    round(error_rate x len(rows)) of them wrong (a seeded choice of rows), each wrong
+    one's content corrupted (its last two letters swapped, or its last letter changed
+    where they are equal) while its format constraints stay followed, so the verifier
+    sees every error. Returns the answers and which rows are wrong."""
+    wrong = set(random.Random(seed).sample(range(len(rows)), round(error_rate * len(rows))))
+    answers = []
+    for index, row in enumerate(rows):
+        answer = oracle(row)
+        if index in wrong:
+            core = answer.strip(DECORATION)
+            start = answer.index(core)
+            if core[-1] != core[-2]:
+                corrupted = core[:-2] + core[-1] + core[-2]
+            else:
+                letters = ALPHABET.upper() if core[-1].isupper() else ALPHABET
+                corrupted = core[:-1] + next(c for c in letters if c != core[-1])
+            answer = answer[:start] + corrupted + answer[start + len(core):]
+        answers.append(answer)
+    return answers, [index in wrong for index in range(len(rows))]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -189,18 +234,28 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256, seed: int = 0,
-                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256) -> dict:
+                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256, held_out: float = 0.0) -> dict:
     """Train, validation and eval splits as JSONL that `datasets.load_dataset("json", ...)`
     reads; no prompt is in two of them. Validation is for choosing hyperparameters, eval
-    for the table."""
+    for the table. held_out > 0 (the shift world): that fraction of the instruction
+    combinations (held_out_combinations) is kept out of all three and makes up a fourth
+    split, eval_shift.jsonl, of num_eval prompts."""
     out_dir = Path(out_dir)
-    eval_rows = make_split(num_eval, seed=seed + 1, tasks=tasks)
-    val_rows = make_split(num_val, seed=seed + 2, exclude={r["prompt"] for r in eval_rows}, tasks=tasks)
-    train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows + val_rows}, tasks=tasks)
+    held = held_out_combinations(held_out, seed, tasks) if held_out > 0 else set()
+    seen = lambda row: combination(row) not in held  # noqa: E731
+    eval_rows = make_split(num_eval, seed=seed + 1, tasks=tasks, keep=seen)
+    val_rows = make_split(num_val, seed=seed + 2, exclude={r["prompt"] for r in eval_rows}, tasks=tasks, keep=seen)
+    train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows + val_rows}, tasks=tasks,
+                            keep=seen)
     write_jsonl(train_rows, out_dir / "train.jsonl")
     write_jsonl(val_rows, out_dir / "val.jsonl")
     write_jsonl(eval_rows, out_dir / "eval.jsonl")
-    return {"train": str(out_dir / "train.jsonl"), "val": str(out_dir / "val.jsonl"), "eval": str(out_dir / "eval.jsonl")}
+    paths = {"train": str(out_dir / "train.jsonl"), "val": str(out_dir / "val.jsonl"), "eval": str(out_dir / "eval.jsonl")}
+    if held:
+        shifted = make_split(num_eval, seed=seed + 3, tasks=tasks, keep=lambda row: combination(row) in held)
+        write_jsonl(shifted, out_dir / "eval_shift.jsonl")
+        paths["eval_shift"] = str(out_dir / "eval_shift.jsonl")
+    return paths
 
 
 def axis_scores(row: dict, response: str) -> dict[str, float]:

@@ -73,16 +73,17 @@ def commands(inputs: dict, work: Path, new_tokens: int) -> dict[str, list[str]]:
             "--max-new-tokens", str(new_tokens)]
     rl = base + data + ["--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4"]
     expert = ["--expert-cache", inputs["cache"]]
+    pool = [*expert, "--expert-pool", inputs["train"]]  # the demonstrations RL reads: every training prompt's
     discriminator = ["--disc-prompts", "12", "--disc-epochs", "5"]
     return {
         "sft": ["algos/sft.py", *base, *data, *expert, "--batch-size", "2", "--micro-batch-size", "2"],
         "grpo": ["algos/grpo.py", *rl],
-        "chord": ["algos/chord.py", *rl, *expert],
-        "aapa-grpo": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "grpo"],
-        "aapa-sft": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "sft"],
-        "aapa-chord": ["algos/aapa.py", *rl, *expert, *discriminator, "--base", "chord"],
-        "aapa-staged": ["algos/aapa.py", *rl, *expert, *discriminator, "--staged", "--stage1-steps", "1"],
-        "uniapl": ["algos/uniapl.py", *rl, *expert],
+        "chord": ["algos/chord.py", *rl, *pool],
+        "aapa-grpo": ["algos/aapa.py", *rl, *pool, *discriminator, "--base", "grpo"],
+        "aapa-sft": ["algos/aapa.py", *rl, *pool, *discriminator, "--base", "sft"],
+        "aapa-chord": ["algos/aapa.py", *rl, *pool, *discriminator, "--base", "chord"],
+        "aapa-staged": ["algos/aapa.py", *rl, *pool, *discriminator, "--staged", "--stage1-steps", "1"],
+        "uniapl": ["algos/uniapl.py", *rl, *pool],
         "adpo": ["algos/adpo.py", *rl],
         "adpo-pairwise": ["algos/adpo_pairwise.py", *base, "--pairs-data", inputs["pairs"], "--eval-data", inputs["eval"],
                           "--eval-prompts", "2", "--max-new-tokens", str(new_tokens), "--batch-size", "2",

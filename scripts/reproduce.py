@@ -58,8 +58,6 @@ PRIMARY = [
     ("ADPO: the anchored listwise loss beats GRPO at equal optimizer steps", "ADPO listwise", "GRPO, 2 passes"),
     ("GPRL: acting on the drift monitor's alarms helps", "GPRL", "GPRL, monitor off"),
 ]
-# t quantiles for 95% two-sided intervals, by degrees of freedom
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass
@@ -376,7 +374,9 @@ def paired(values: list[float]) -> tuple[str, str]:
     """Mean of paired differences with a 95% t-interval over seeds, and whether it excludes 0."""
     if len(values) < 2:
         return (f"{values[0]:+.3f}" if values else "–"), "– (1 seed)"
-    mean, half = statistics.mean(values), T_975[min(len(values) - 1, 10)] * statistics.stdev(values) / math.sqrt(len(values))
+    # the t quantile for a 95% two-sided interval, from scipy: the same source as p_value
+    quantile = float(student_t.ppf(0.975, len(values) - 1))
+    mean, half = statistics.mean(values), quantile * statistics.stdev(values) / math.sqrt(len(values))
     excludes = "yes, above" if mean - half > 0 else "yes, below" if mean + half < 0 else "no"
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]", excludes
 

@@ -38,6 +38,10 @@ def test_paired_differences_get_a_t_interval_over_seeds():
     assert text == f"+0.120 [{0.12 - half:+.3f}, {0.12 + half:+.3f}]" and excludes == "yes, above"
     assert paired([0.1, -0.1, 0.05])[1] == "no" and paired([-0.2, -0.25, -0.22])[1] == "yes, below"
     assert paired([0.3]) == ("+0.300", "– (1 seed)")
+    # past 10 degrees of freedom too (a table once stopped there): 12 seeds, t(0.975, 11) = 2.201 (printed tables)
+    twelve = [0.1, 0.2] * 6
+    half = 2.201 * statistics.stdev(twelve) / math.sqrt(12)
+    assert paired(twelve)[0] == f"+0.150 [{0.15 - half:+.3f}, {0.15 + half:+.3f}]"
 
 
 def test_holm_adjustment_against_a_hand_computation():

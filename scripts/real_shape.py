@@ -31,6 +31,8 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_0_6B = {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 8, "head_dim": 128,
               "intermediate_size": 3072, "vocab_size": 151_936, "max_position_embeddings": 40_960}
+# the same commands on a model of the toy world's size: every command checked in seconds (tests/test_real_shape.py)
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}}
 
 
 @dataclass
@@ -44,17 +46,19 @@ class Args:
     """markdown table of the measurements ('' for none)"""
     new_tokens: int = 32
     """--max-new-tokens of every run"""
+    shape: str = "qwen3-0.6b"
+    """qwen3-0.6b (the measurement) or tiny (the same commands on a toy-sized model: a check that each one runs)"""
 
 
-def build_inputs(work: Path) -> dict:
+def build_inputs(work: Path, shape: str = "qwen3-0.6b") -> dict:
     from shared.data import write_expert_cache
     from shared.modeling import build_tiny_model
     from shared.toyworld import make_split, oracle, write_jsonl
 
-    model = work / "qwen3-0.6b-shape"
+    model = work / f"{shape}-shape"
     if not (model / "config.json").exists():
-        print("building a random model with Qwen3-0.6B's configuration ...", flush=True)
-        build_tiny_model(model, **QWEN3_0_6B)
+        print(f"building a random model of shape {shape} ...", flush=True)
+        build_tiny_model(model, **SHAPES[shape])
     rows = make_split(14, seed=0)
     write_jsonl(rows[:12], work / "train.jsonl")
     write_jsonl(rows[12:], work / "eval.jsonl")
@@ -122,7 +126,9 @@ def phase_peaks(out: Path) -> str:
 def main(args: Args) -> None:
     work = Path(args.work_dir)
     (work / "runs").mkdir(parents=True, exist_ok=True)
-    inputs = build_inputs(work)
+    if args.shape not in SHAPES:
+        raise SystemExit(f"error: --shape must be one of {', '.join(SHAPES)}, got {args.shape!r}")
+    inputs = build_inputs(work, args.shape)
     runs = commands(inputs, work, args.new_tokens)
     unknown = [name for name in args.only if name not in runs]
     if unknown:
@@ -146,7 +152,8 @@ def main(args: Args) -> None:
         if name != "gpm":
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "runs" / "gpm", ignore_errors=True)
-    header = (f"Qwen3-0.6B shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows; grpo-16x64: 4 x G=4, "
+    shape = "Qwen3-0.6B" if args.shape == "qwen3-0.6b" else "Tiny"
+    header = (f"{shape} shape (random weights), 2 steps, 2 prompts x G=2 (SFT/pairwise: 2 rows; grpo-16x64: 4 x G=4, "
               f"{2 * args.new_tokens} tokens), {args.new_tokens} "
               "new tokens, float32 weights, --autocast-bf16 --gradient-checkpointing, CPU; peak resident memory per "
               "phase (setup: loading and any fit before the first step; the largest step; the largest evaluation) "

@@ -224,7 +224,7 @@ def sample_with_shared_prompts(model, prompt_ids, prompt_mask, group_size, max_n
     return torch.stack(tokens, dim=1), torch.stack(scores, dim=1) if output_scores else None
 
 
-class CacheInDtype(DynamicCache):
+class _StoredInDtype:
     """A KV cache stored in the compute dtype. Under autocast the keys leave Qwen3's
     k_norm in float32 (its float32 weight promotes them) while the values are bfloat16:
     stored as they come, the cache would be float32 for keys, the largest tensor of
@@ -239,15 +239,12 @@ class CacheInDtype(DynamicCache):
         return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
 
 
-class StaticCacheInDtype(StaticCache):
-    """StaticCache storing keys and values in the compute dtype (see CacheInDtype)."""
+class CacheInDtype(_StoredInDtype, DynamicCache):
+    """The growing cache of the decode loop, in the compute dtype."""
 
-    def __init__(self, dtype: torch.dtype, **kwargs):
-        super().__init__(**kwargs)
-        self.dtype = dtype
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs)
+class StaticCacheInDtype(_StoredInDtype, StaticCache):
+    """The cache allocated once (--static-cache), in the compute dtype."""
 
 
 def _static_copy(cache, config, length: int, dtype: torch.dtype) -> StaticCacheInDtype:
@@ -420,10 +417,16 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Returns logps [B, L] (and entropies [B, L], no grad, when with_entropy).
     """
     hidden = completion_hidden(model, input_ids, attention_mask, completion_start, share_prompts)
-    head, vocab = model.get_output_embeddings(), vocab_limit(model)  # the rows that are tokens: see vocab_limit
-    logps, entropies = token_logps_from_hidden(hidden, head.weight[:vocab], None if head.bias is None else head.bias[:vocab],
-                                               input_ids[:, completion_start:], temperature, chunk_tokens)
+    logps, entropies = head_logps(model, hidden, input_ids[:, completion_start:], temperature, chunk_tokens)
     return (logps, entropies) if with_entropy else logps
+
+
+def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 0):
+    """token_logps_from_hidden with the model's LM head, over the head rows that are
+    tokens (vocab_limit)."""
+    head, vocab = model.get_output_embeddings(), vocab_limit(model)
+    return token_logps_from_hidden(hidden, head.weight[:vocab], None if head.bias is None else head.bias[:vocab], targets,
+                                   temperature, chunk_tokens)
 
 
 def packed_token_logps(model, ids: torch.Tensor, doc: torch.Tensor, chunk_tokens: int = 0):
@@ -442,9 +445,7 @@ def packed_token_logps(model, ids: torch.Tensor, doc: torch.Tensor, chunk_tokens
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     attend = (same_document & causal) | torch.eye(length, dtype=torch.bool, device=device)  # padding sees itself
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attend[:, None], position_ids=positions).last_hidden_state
-    head, vocab = model.get_output_embeddings(), vocab_limit(model)
-    logps, _ = token_logps_from_hidden(hidden[:, :-1], head.weight[:vocab], None if head.bias is None else head.bias[:vocab],
-                                       ids[:, 1:], 1.0, chunk_tokens)
+    logps, _ = head_logps(model, hidden[:, :-1], ids[:, 1:], 1.0, chunk_tokens)
     return logps, (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
 
 

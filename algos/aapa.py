@@ -27,25 +27,21 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
+from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
+from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
+from shared.embeddings import sentence_embeddings
+from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import (
-    completion_logps,
-    expert_micro_batches,
-    generate_rollouts,
-    generate_texts,
-    old_and_ref_logps,
-    sentence_embeddings,
-)
+from shared.rollout import generate_rollouts, generate_texts
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
+STAGE1 = "stage1"  # --staged: <output_dir>/stage1 holds the A-SFT weights
 ANCHOR_SCALE_MIN = 0.1  # nats: the floor of the anchor scale, so a D that cannot separate anything amplifies nothing
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     base: Literal["grpo", "sft", "chord"] = "grpo"
     """the algorithm the anchoring term is added to"""
     staged: bool = False
@@ -153,27 +149,27 @@ class Args(run.RunFlags):
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
 FLAG_RANGES = dict(
-    max_prompt_tokens=run.NON_NEGATIVE,
-    steps=run.AT_LEAST_1,
-    prompts_per_step=run.AT_LEAST_1,
-    group_size=run.AT_LEAST_2,
-    micro_batch_size=run.AT_LEAST_1,
-    max_new_tokens=run.AT_LEAST_1,
-    temperature=run.TEMPERATURE,
-    top_k=run.NON_NEGATIVE,
-    top_p=run.TOP_P,
-    expert_temperature=run.NON_NEGATIVE,
-    learning_rate=run.POSITIVE,
-    weight_decay=run.NON_NEGATIVE,
-    max_grad_norm=run.POSITIVE,
-    beta=run.NON_NEGATIVE,
-    eps_low=run.FRACTION,
-    eps_high=run.NON_NEGATIVE,
-    num_iterations=run.AT_LEAST_1,
-    eval_every=run.AT_LEAST_1,
-    eval_prompts=run.AT_LEAST_1,
-    save_every=run.AT_LEAST_1,
-    logp_chunk_tokens=run.NON_NEGATIVE,
+    max_prompt_tokens=flags.NON_NEGATIVE,
+    steps=flags.AT_LEAST_1,
+    prompts_per_step=flags.AT_LEAST_1,
+    group_size=flags.AT_LEAST_2,
+    micro_batch_size=flags.AT_LEAST_1,
+    max_new_tokens=flags.AT_LEAST_1,
+    temperature=flags.TEMPERATURE,
+    top_k=flags.NON_NEGATIVE,
+    top_p=flags.TOP_P,
+    expert_temperature=flags.NON_NEGATIVE,
+    learning_rate=flags.POSITIVE,
+    weight_decay=flags.NON_NEGATIVE,
+    max_grad_norm=flags.POSITIVE,
+    beta=flags.NON_NEGATIVE,
+    eps_low=flags.FRACTION,
+    eps_high=flags.NON_NEGATIVE,
+    num_iterations=flags.AT_LEAST_1,
+    eval_every=flags.AT_LEAST_1,
+    eval_prompts=flags.AT_LEAST_1,
+    save_every=flags.AT_LEAST_1,
+    logp_chunk_tokens=flags.NON_NEGATIVE,
     expert_data_ratio=(0, 1, False, False),
     disc_holdout=(0, 1, False, False),
     disc_prompts=(10, None, True, False),
@@ -387,15 +383,15 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     if args.staged and not 0 < args.stage1_steps < args.steps:
         raise SystemExit(f"error: --stage1-steps must be in (0, --steps) with --staged, got {args.stage1_steps}")
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args, own_outputs=(DISCRIMINATOR, STAGE1))  # one run per folder; --resume's state
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
     expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
@@ -408,7 +404,7 @@ if __name__ == "__main__":
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache,
             min_prompts=2, why="the discriminator is fitted and scored on a split of the pool by prompt")
-        model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
@@ -436,12 +432,12 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(aapa_advantages, dynamic=True) if args.compile else aapa_advantages
     loss_fn = functools.partial(torch.compile(aapa_loss, dynamic=True) if args.compile else aapa_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     # ---- the fixed discriminator: trained once on expert responses vs initial-policy rollouts, then frozen
@@ -499,7 +495,7 @@ if __name__ == "__main__":
         """Fresh rollouts on the discriminator's held-out prompts, judged by it (drawn from their
         own generators, seeded by -step - 1: no training step's draws, the same after a resume)."""
         fresh = generate_texts(model, tokenizer, holdout_prompts, args.generation_batch_size, args.max_new_tokens,
-                               args.temperature, seeds=run.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
+                               args.temperature, seeds=seeding.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
                                autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)
         fresh_logits = discriminator_logits(holdout_prompts, fresh)
         return {
@@ -511,21 +507,21 @@ if __name__ == "__main__":
         }
 
     run_eval = functools.partial(
-        run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics
+        evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics
     )
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="aapa",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         base = ("sft" if step < args.stage1_steps else "grpo") if args.staged else args.base  # --staged: A-SFT, A-GRPO
         coef = anchor_coefficient(step, args.steps, args.anchor_coef, args.anchor_schedule)
         rl_weight, expert_weight = {"grpo": (1.0, 0.0), "sft": (1.0, 1.0), "chord": (1 - args.chord_mu, args.chord_mu)}[base]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        generator = run.step_generator(args.seed, step)
+        generator = seeding.step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
@@ -536,7 +532,7 @@ if __name__ == "__main__":
             args.group_size,
             args.max_new_tokens,
             args.temperature,
-            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            seeds=distributed.local_share(seeding.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -594,9 +590,9 @@ if __name__ == "__main__":
             total_loss = distributed.all_sum(float(total_loss))
             rl_loss, expert_loss = distributed.all_sum(rl_loss), distributed.all_sum(expert_loss)
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-            run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+            checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
             optimizer.step()
-            run.stop_if_weights_not_finite(model, step + 1, output_dir)
+            checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         clock.lap("update")
@@ -629,14 +625,14 @@ if __name__ == "__main__":
         )
         progress.set_postfix(reward=f"{rewards.mean():.3f}", anchor=f"{scores.mean():.3f}")
         if args.staged and step + 1 == args.stage1_steps:
-            run.save_model(output_dir / "stage1", model, tokenizer)
+            checkpoint.save_model(output_dir / STAGE1, model, tokenizer)
             optimizer, scheduler = make_optimizer(step + 1)
-            tqdm.write(f"stage 1 (A-SFT) done at step {step + 1}: weights in {output_dir / 'stage1'}; stage 2: A-GRPO")
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
+            tqdm.write(f"stage 1 (A-SFT) done at step {step + 1}: weights in {output_dir / STAGE1}; stage 2: A-GRPO")
+        final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
             extra={"discriminator": disc_record})) or final_eval
 
-    run.write_final_eval(output_dir, args.steps, final_eval, run_eval, keys=("anchor_score_rollouts",),
+    evaluation.write_final_eval(output_dir, args.steps, final_eval, run_eval, keys=("anchor_score_rollouts",),
                      disc_heldout_accuracy=disc_record["heldout_accuracy"])
     logger.close()
-    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / runfolder.CHECKPOINT}")

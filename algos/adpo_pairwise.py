@@ -21,15 +21,16 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
+from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_pairs
+from shared.logprobs import completion_logps
 from shared.modeling import adapters_off, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn
-from shared.rollout import completion_logps, encode_prompt_response
+from shared.rollout import encode_prompt_response
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy and frozen anchor: hub id or local folder, e.g. the SFT checkpoint"""
     pairs_data: str = "data/toy/pairs.jsonl"
@@ -79,19 +80,19 @@ class Args(run.RunFlags):
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
 FLAG_RANGES = dict(
-    max_prompt_tokens=run.NON_NEGATIVE,
-    steps=run.AT_LEAST_1,
-    batch_size=run.AT_LEAST_1,
-    micro_batch_size=run.AT_LEAST_1,
-    max_new_tokens=run.AT_LEAST_1,
-    learning_rate=run.POSITIVE,
-    weight_decay=run.NON_NEGATIVE,
-    max_grad_norm=run.POSITIVE,
-    eval_every=run.AT_LEAST_1,
-    eval_prompts=run.AT_LEAST_1,
-    save_every=run.AT_LEAST_1,
-    logp_chunk_tokens=run.NON_NEGATIVE,
-    tau=run.POSITIVE,
+    max_prompt_tokens=flags.NON_NEGATIVE,
+    steps=flags.AT_LEAST_1,
+    batch_size=flags.AT_LEAST_1,
+    micro_batch_size=flags.AT_LEAST_1,
+    max_new_tokens=flags.AT_LEAST_1,
+    learning_rate=flags.POSITIVE,
+    weight_decay=flags.NON_NEGATIVE,
+    max_grad_norm=flags.POSITIVE,
+    eval_every=flags.AT_LEAST_1,
+    eval_prompts=flags.AT_LEAST_1,
+    save_every=flags.AT_LEAST_1,
+    logp_chunk_tokens=flags.NON_NEGATIVE,
+    tau=flags.POSITIVE,
 )
 
 
@@ -120,16 +121,16 @@ def adpo_pairwise_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejec
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
     distributed.check_divisible(args.batch_size, "--batch-size")
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
 
     # ---- data: preference pairs (validated row by row), held-out prompts
-    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
     eval_fn = load_eval_fn(args.eval_fn)
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
@@ -151,23 +152,24 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(adpo_pairwise_loss, dynamic=True) if args.compile else adpo_pairwise_loss
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
-    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    # run_eval(step, log=True)
+    run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
 
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="adpo-pairwise",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         # ---- a batch of pairs (depends only on seed and step: resumable); each pair's chosen and rejected
         # are neighbouring rows of one forward, so their shared prompt is computed once
-        indices = torch.randint(len(pairs), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
+        indices = torch.randint(len(pairs), (args.batch_size,), generator=seeding.step_generator(args.seed, step)).tolist()
         indices = distributed.local_share(indices)
         micro_batches = []
         for s in range(0, len(indices), args.micro_batch_size):
@@ -200,9 +202,9 @@ if __name__ == "__main__":
         total_loss = distributed.all_sum(float(total_loss))
         metric_sums = {key: distributed.all_sum(value) for key, value in metric_sums.items()}
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-        run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+        checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        run.stop_if_weights_not_finite(model, step + 1, output_dir)
+        checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
@@ -220,9 +222,9 @@ if __name__ == "__main__":
             },
         )
         progress.set_postfix(loss=f"{total_loss:.3f}")
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
+        final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval
 
-    run.write_final_eval(output_dir, args.steps, final_eval, run_eval)
+    evaluation.write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
-    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / runfolder.CHECKPOINT}")

@@ -25,7 +25,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
+from shared import checkpoint, distributed, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_pairs
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
@@ -34,7 +34,7 @@ GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """backbone: any causal LM id or folder (the tiny SFT model offline)"""
     pairs_data: str = "data/toy/pairs.jsonl"
@@ -77,10 +77,10 @@ class Args(run.RunFlags):
 
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
-FLAG_RANGES = dict(max_prompt_tokens=run.NON_NEGATIVE, steps=run.AT_LEAST_1, batch_size=run.AT_LEAST_1,
-                   micro_batch_size=run.AT_LEAST_1, learning_rate=run.POSITIVE, weight_decay=run.NON_NEGATIVE,
-                   max_grad_norm=run.POSITIVE, eval_every=run.AT_LEAST_1, save_every=run.AT_LEAST_1,
-                   dims=run.AT_LEAST_1, score_temperature=run.POSITIVE, holdout=(0, 1, False, False))
+FLAG_RANGES = dict(max_prompt_tokens=flags.NON_NEGATIVE, steps=flags.AT_LEAST_1, batch_size=flags.AT_LEAST_1,
+                   micro_batch_size=flags.AT_LEAST_1, learning_rate=flags.POSITIVE, weight_decay=flags.NON_NEGATIVE,
+                   max_grad_norm=flags.POSITIVE, eval_every=flags.AT_LEAST_1, save_every=flags.AT_LEAST_1,
+                   dims=flags.AT_LEAST_1, score_temperature=flags.POSITIVE, holdout=(0, 1, False, False))
 
 
 def skew_scores(v_a, v_b):
@@ -130,18 +130,18 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     if args.lora_r:  # the GPM's checkpoint is GPRL's judge, loaded as a whole model
         raise SystemExit("error: --lora-r: algos/gpm.py trains its backbone whole")
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch of pairs
     distributed.check_divisible(args.batch_size, "--batch-size")
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
 
     # ---- pairs: text, soft labels, per-axis labels; a held-out split
-    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
     try:
         pairs = load_pairs(args.pairs_data, args.hard_labels)
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
@@ -172,7 +172,7 @@ if __name__ == "__main__":
     for head in (value_head, gate_head):
         torch.nn.init.normal_(head.weight, std=1 / (hidden_size + 1))  # the reference's initialisation
     if state:
-        heads = torch.load(output_dir / run.CHECKPOINT / GPM_HEADS, weights_only=True)
+        heads = torch.load(output_dir / runfolder.CHECKPOINT / GPM_HEADS, weights_only=True)
         value_head.load_state_dict(heads["value_head"])
         gate_head.load_state_dict(heads["gate_head"])
     parameters = [*backbone.parameters(), *value_head.parameters(), *gate_head.parameters()]
@@ -182,10 +182,10 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(gpm_loss, dynamic=True) if args.compile else gpm_loss
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     backbone.train()
 
     def heads_record():
@@ -221,16 +221,16 @@ if __name__ == "__main__":
         return result
 
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", run_eval(0))
+        runfolder.write_json(output_dir / "initial_eval.json", run_eval(0))
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="gpm",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         # ---- a batch of pairs (depends only on seed and step: resumable); chosen and rejected in one forward
         part = [
             train[i]
-            for i in torch.randint(len(train), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
+            for i in torch.randint(len(train), (args.batch_size,), generator=seeding.step_generator(args.seed, step)).tolist()
         ]
         part = distributed.local_share(part)
         loss, metrics, gate_entropy = 0.0, {}, 0.0
@@ -254,9 +254,9 @@ if __name__ == "__main__":
         loss, gate_entropy = distributed.all_sum(loss), distributed.all_sum(gate_entropy)
         metrics = {key: distributed.all_sum(value) for key, value in metrics.items()}
         grad_norm = distributed.sum_gradients_and_clip(parameters, args.max_grad_norm)
-        run.stop_if_not_finite(loss, step + 1, output_dir, grad_norm)
+        checkpoint.stop_if_not_finite(loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        run.stop_if_weights_not_finite(backbone, step + 1, output_dir)
+        checkpoint.stop_if_weights_not_finite(backbone, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -268,11 +268,11 @@ if __name__ == "__main__":
                               **clock.metrics()})
         progress.set_postfix(loss=f"{loss:.3f}")
         final_eval = (
-            run.evaluate_save_or_stop(
+            checkpoint.evaluate_save_or_stop(
                 step + 1,
                 args,
                 run_eval,
-                lambda: run.save_checkpoint(
+                lambda: checkpoint.save_checkpoint(
                     output_dir,
                     backbone,
                     tokenizer,
@@ -288,7 +288,7 @@ if __name__ == "__main__":
 
     if not (output_dir / "eval.json").exists() or json.loads((output_dir / "eval.json").read_text()).get("step") != args.steps:
         final_eval = final_eval or run_eval(args.steps, log=False)
-        run.write_json(
+        runfolder.write_json(
             output_dir / "eval.json",
             {
                 "step": args.steps,
@@ -297,4 +297,4 @@ if __name__ == "__main__":
             },
         )
     logger.close()
-    print(f"done: GPM checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: GPM checkpoint in {output_dir / runfolder.CHECKPOINT}")

@@ -18,15 +18,16 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
+from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
+from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, generate_rollouts, old_and_ref_logps
+from shared.rollout import generate_rollouts
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (and reference): hub id or local folder, e.g. the SFT checkpoint"""
     train_data: str = "data/toy/train.jsonl"
@@ -94,26 +95,26 @@ class Args(run.RunFlags):
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
 FLAG_RANGES = dict(
-    max_prompt_tokens=run.NON_NEGATIVE,
-    steps=run.AT_LEAST_1,
-    prompts_per_step=run.AT_LEAST_1,
-    group_size=run.AT_LEAST_2,
-    micro_batch_size=run.AT_LEAST_1,
-    max_new_tokens=run.AT_LEAST_1,
-    temperature=run.TEMPERATURE,
-    top_k=run.NON_NEGATIVE,
-    top_p=run.TOP_P,
-    learning_rate=run.POSITIVE,
-    weight_decay=run.NON_NEGATIVE,
-    max_grad_norm=run.POSITIVE,
-    beta=run.NON_NEGATIVE,
-    eps_low=run.FRACTION,
-    eps_high=run.NON_NEGATIVE,
-    num_iterations=run.AT_LEAST_1,
-    eval_every=run.AT_LEAST_1,
-    eval_prompts=run.AT_LEAST_1,
-    save_every=run.AT_LEAST_1,
-    logp_chunk_tokens=run.NON_NEGATIVE,
+    max_prompt_tokens=flags.NON_NEGATIVE,
+    steps=flags.AT_LEAST_1,
+    prompts_per_step=flags.AT_LEAST_1,
+    group_size=flags.AT_LEAST_2,
+    micro_batch_size=flags.AT_LEAST_1,
+    max_new_tokens=flags.AT_LEAST_1,
+    temperature=flags.TEMPERATURE,
+    top_k=flags.NON_NEGATIVE,
+    top_p=flags.TOP_P,
+    learning_rate=flags.POSITIVE,
+    weight_decay=flags.NON_NEGATIVE,
+    max_grad_norm=flags.POSITIVE,
+    beta=flags.NON_NEGATIVE,
+    eps_low=flags.FRACTION,
+    eps_high=flags.NON_NEGATIVE,
+    num_iterations=flags.AT_LEAST_1,
+    eval_every=flags.AT_LEAST_1,
+    eval_prompts=flags.AT_LEAST_1,
+    save_every=flags.AT_LEAST_1,
+    logp_chunk_tokens=flags.NON_NEGATIVE,
 )
 
 
@@ -191,13 +192,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
     output_dir = Path(args.output_dir)
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
     # ---- data, reward, policy and reference (only when beta > 0)
@@ -205,7 +206,7 @@ if __name__ == "__main__":
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-        model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
@@ -220,28 +221,29 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
     loss_fn = functools.partial(torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                                 importance_sampling_level=args.importance_sampling_level,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
-    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    # run_eval(step, log=True)
+    run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
 
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="grpo",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
         indices = torch.randint(
-            len(train_rows), (args.prompts_per_step,), generator=run.step_generator(args.seed, step)
+            len(train_rows), (args.prompts_per_step,), generator=seeding.step_generator(args.seed, step)
         ).tolist()
         rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
@@ -251,7 +253,7 @@ if __name__ == "__main__":
             args.group_size,
             args.max_new_tokens,
             args.temperature,
-            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            seeds=distributed.local_share(seeding.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -291,9 +293,9 @@ if __name__ == "__main__":
                     metric_sums[key] = metric_sums.get(key, 0.0) + value * share
             total_loss = distributed.all_sum(float(total_loss))
             grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-            run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+            checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
             optimizer.step()
-            run.stop_if_weights_not_finite(model, step + 1, output_dir)
+            checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         clock.lap("update")
@@ -316,9 +318,9 @@ if __name__ == "__main__":
             },
         )
         progress.set_postfix(reward=f"{rewards.mean():.3f}")
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
+        final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval
 
-    run.write_final_eval(output_dir, args.steps, final_eval, run_eval)
+    evaluation.write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
-    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / runfolder.CHECKPOINT}")

@@ -18,7 +18,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
+from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import (
     conversation_batch,
     keep_short_prompts,
@@ -28,13 +28,14 @@ from shared.data import (
     load_rows,
     with_expert_answers,
 )
+from shared.logprobs import completion_logps, packed_token_logps
 from shared.modeling import load_policy, load_tokenizer
 from shared.rewards import load_eval_fn
-from shared.rollout import completion_logps, encode_prompt_response, packed_token_logps
+from shared.rollout import encode_prompt_response
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     model: str = "data/tiny-qwen3"
     """policy to fine-tune: hub id (Qwen/Qwen3-0.6B) or local folder"""
     train_data: str = "data/toy/train.jsonl"
@@ -89,19 +90,19 @@ class Args(run.RunFlags):
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
 FLAG_RANGES = dict(
-    max_prompt_tokens=run.NON_NEGATIVE,
-    steps=run.AT_LEAST_1,
-    batch_size=run.AT_LEAST_1,
-    micro_batch_size=run.AT_LEAST_1,
-    learning_rate=run.POSITIVE,
-    weight_decay=run.NON_NEGATIVE,
-    max_grad_norm=run.POSITIVE,
-    eval_every=run.AT_LEAST_1,
-    eval_prompts=run.AT_LEAST_1,
-    max_new_tokens=run.AT_LEAST_1,
-    save_every=run.AT_LEAST_1,
-    logp_chunk_tokens=run.NON_NEGATIVE,
-    max_seq_len=run.AT_LEAST_2,
+    max_prompt_tokens=flags.NON_NEGATIVE,
+    steps=flags.AT_LEAST_1,
+    batch_size=flags.AT_LEAST_1,
+    micro_batch_size=flags.AT_LEAST_1,
+    learning_rate=flags.POSITIVE,
+    weight_decay=flags.NON_NEGATIVE,
+    max_grad_norm=flags.POSITIVE,
+    eval_every=flags.AT_LEAST_1,
+    eval_prompts=flags.AT_LEAST_1,
+    max_new_tokens=flags.AT_LEAST_1,
+    save_every=flags.AT_LEAST_1,
+    logp_chunk_tokens=flags.NON_NEGATIVE,
+    max_seq_len=flags.AT_LEAST_2,
 )
 
 
@@ -119,7 +120,7 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor |
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     if (args.packing or args.assistant_only_loss) and not args.messages_data:
         raise SystemExit("error: --packing and --assistant-only-loss apply to --messages-data conversations")
     if args.batch_size % args.micro_batch_size:
@@ -129,9 +130,9 @@ if __name__ == "__main__":
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every batch
     distributed.check_divisible(args.batch_size, "--batch-size")
     output_dir = Path(args.output_dir)
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
 
     # ---- data: prompts and their expert responses
     eval_fn = load_eval_fn(args.eval_fn)
@@ -148,7 +149,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
 
     # ---- model, optimizer, schedule
-    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data) \
@@ -169,24 +170,26 @@ if __name__ == "__main__":
     if state:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step}")
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     loss_fn = torch.compile(sft_loss, dynamic=True) if args.compile else sft_loss
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations "
           f"from {cache_header.get('teacher', '?')!r}")
 
-    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    # run_eval(step, log=True)
+    run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
 
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sft",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         # ---- sample a batch (depends only on seed and step: resumable)
-        indices = torch.randint(len(train_rows), (args.batch_size,), generator=run.step_generator(args.seed, step)).tolist()
+        order = seeding.step_generator(args.seed, step)
+        indices = torch.randint(len(train_rows), (args.batch_size,), generator=order).tolist()
         indices = distributed.local_share(indices)
         if args.messages_data:  # (ids, doc, loss): the targets t whose token is trained, in its own document
             micro_batches = [conversation_batch([train_rows[i] for i in indices[s:s + args.micro_batch_size]],
@@ -217,9 +220,9 @@ if __name__ == "__main__":
             total_loss += loss.detach()
         total_loss = distributed.all_sum(float(total_loss))
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-        run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+        checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        run.stop_if_weights_not_finite(model, step + 1, output_dir)
+        checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -229,9 +232,9 @@ if __name__ == "__main__":
         logger.log(step + 1, {"train/loss": total_loss, "train/grad_norm": float(grad_norm),
                               "train/lr": scheduler.get_last_lr()[0], **clock.metrics()})
         progress.set_postfix(loss=f"{total_loss:.3f}")
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
+        final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args)) or final_eval
 
-    run.write_final_eval(output_dir, args.steps, final_eval, run_eval)
+    evaluation.write_final_eval(output_dir, args.steps, final_eval, run_eval)
     logger.close()
-    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / runfolder.CHECKPOINT}")

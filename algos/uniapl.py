@@ -30,15 +30,17 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import distributed, run
-from shared.data import keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
+from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
+from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
+from shared.embeddings import sentence_embeddings
+from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import completion_logps, expert_micro_batches, generate_rollouts, old_and_ref_logps, sentence_embeddings
+from shared.rollout import generate_rollouts
 
 
 @dataclass
-class Args(run.RunFlags):
+class Args(flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (the SFT checkpoint, or a base model: UniAPL is single-stage) and default encoder"""
     train_data: str = "data/toy/train.jsonl"
@@ -139,31 +141,31 @@ class Args(run.RunFlags):
 
 # each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
 FLAG_RANGES = dict(
-    max_prompt_tokens=run.NON_NEGATIVE,
-    steps=run.AT_LEAST_1,
-    prompts_per_step=run.AT_LEAST_1,
-    group_size=run.AT_LEAST_2,
-    micro_batch_size=run.AT_LEAST_1,
-    max_new_tokens=run.AT_LEAST_1,
-    temperature=run.TEMPERATURE,
-    top_k=run.NON_NEGATIVE,
-    top_p=run.TOP_P,
-    expert_temperature=run.NON_NEGATIVE,
-    learning_rate=run.POSITIVE,
-    weight_decay=run.NON_NEGATIVE,
-    max_grad_norm=run.POSITIVE,
-    beta=run.NON_NEGATIVE,
-    eps_low=run.FRACTION,
-    eps_high=run.NON_NEGATIVE,
-    eval_every=run.AT_LEAST_1,
-    eval_prompts=run.AT_LEAST_1,
-    save_every=run.AT_LEAST_1,
-    logp_chunk_tokens=run.NON_NEGATIVE,
+    max_prompt_tokens=flags.NON_NEGATIVE,
+    steps=flags.AT_LEAST_1,
+    prompts_per_step=flags.AT_LEAST_1,
+    group_size=flags.AT_LEAST_2,
+    micro_batch_size=flags.AT_LEAST_1,
+    max_new_tokens=flags.AT_LEAST_1,
+    temperature=flags.TEMPERATURE,
+    top_k=flags.NON_NEGATIVE,
+    top_p=flags.TOP_P,
+    expert_temperature=flags.NON_NEGATIVE,
+    learning_rate=flags.POSITIVE,
+    weight_decay=flags.NON_NEGATIVE,
+    max_grad_norm=flags.POSITIVE,
+    beta=flags.NON_NEGATIVE,
+    eps_low=flags.FRACTION,
+    eps_high=flags.NON_NEGATIVE,
+    eval_every=flags.AT_LEAST_1,
+    eval_prompts=flags.AT_LEAST_1,
+    save_every=flags.AT_LEAST_1,
+    logp_chunk_tokens=flags.NON_NEGATIVE,
     expert_data_ratio=(0, 1, False, False),
     label_smoothing=(0, 0.5, True, False),
-    disc_steps=run.NON_NEGATIVE,
-    dual_lr=run.NON_NEGATIVE,
-    initial_multiplier=run.NON_NEGATIVE,
+    disc_steps=flags.NON_NEGATIVE,
+    dual_lr=flags.NON_NEGATIVE,
+    initial_multiplier=flags.NON_NEGATIVE,
 )
 
 
@@ -298,13 +300,13 @@ def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    run.check_flags(args, FLAG_RANGES)
+    flags.check_flags(args, FLAG_RANGES)
     output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
-    state = run.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
+    state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
-    run.seed_everything(args.seed, args.deterministic)
+    seeding.seed_everything(args.seed, args.deterministic)
     expert_temperature = args.expert_temperature or args.temperature
     batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
@@ -321,7 +323,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {error}")
 
     # ---- policy, frozen initial policy (KL reference and default encoder), optimizer, schedule
-    model_path = str(output_dir / run.CHECKPOINT) if state else args.model
+    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
     try:
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
@@ -366,26 +368,27 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         head.load_state_dict(disc_state["head"])
         disc_optimizer.load_state_dict(disc_state["optimizer"])
-        print(f"resumed from {output_dir / run.CHECKPOINT} at step {start_step} (multiplier {multiplier:.4f})")
-    logger = run.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
+        print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step} (multiplier {multiplier:.4f})")
+    logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
     def features(prompts, responses):
         raw = sentence_embeddings(encoder, encoder_tokenizer, prompts, responses, args.device, args.disc_layers)
         return (raw - disc_state["feature_mean"]) / disc_state["feature_std"]
 
-    run_eval = functools.partial(run.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)  # (step, log=True)
+    # run_eval(step, log=True)
+    run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
 
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
-        run.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
+        runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
     final_eval = None
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="uniapl",
                     disable=os.environ.get("TQDM_DISABLE") == "1")
     for step in progress:
-        clock = run.PhaseTimer()
+        clock = runlog.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        generator = run.step_generator(args.seed, step)
+        generator = seeding.step_generator(args.seed, step)
         indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         disc_indices = torch.randint(len(expert_pool), (args.prompts_per_step,), generator=generator)  # more expert rows for D
@@ -397,7 +400,7 @@ if __name__ == "__main__":
             args.group_size,
             args.max_new_tokens,
             args.temperature,
-            seeds=distributed.local_share(run.prompt_seeds(args.seed, step, len(indices))),
+            seeds=distributed.local_share(seeding.prompt_seeds(args.seed, step, len(indices))),
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -417,7 +420,7 @@ if __name__ == "__main__":
             1,
             args.max_new_tokens,
             args.temperature,
-            seeds=distributed.local_share(run.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
+            seeds=distributed.local_share(seeding.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
             autocast_bf16=args.autocast_bf16,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -487,9 +490,9 @@ if __name__ == "__main__":
             distributed.all_sum(expert_nll),
         )  # the dual step needs the whole batch's
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-        run.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+        checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
-        run.stop_if_weights_not_finite(model, step + 1, output_dir)
+        checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         clock.lap("update")
@@ -536,10 +539,10 @@ if __name__ == "__main__":
         )
         discriminator_state = {**disc_state, "head": head.state_dict(), "optimizer": disc_optimizer.state_dict(),
                                "multiplier": multiplier}
-        final_eval = run.evaluate_save_or_stop(step + 1, args, run_eval, lambda: run.save_checkpoint(
+        final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(
             output_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
             extra={"discriminator": discriminator_state})) or final_eval
 
-    run.write_final_eval(output_dir, args.steps, final_eval, run_eval, final_multiplier=multiplier)
+    evaluation.write_final_eval(output_dir, args.steps, final_eval, run_eval, final_multiplier=multiplier)
     logger.close()
-    print(f"done: checkpoint in {output_dir / run.CHECKPOINT}")
+    print(f"done: checkpoint in {output_dir / runfolder.CHECKPOINT}")

@@ -23,9 +23,10 @@ import torch
 import tyro
 
 from shared.data import load_expert_cache, load_rows
+from shared.logprobs import completion_logps
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import completion_logps, encode_prompt_response, generate_rollouts
-from shared.run import write_json
+from shared.rollout import encode_prompt_response, generate_rollouts
+from shared.runfolder import write_json
 
 
 @dataclass

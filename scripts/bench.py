@@ -35,8 +35,9 @@ import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
 from shared import scoring, toyworld
+from shared.logprobs import completion_logps
 from shared.modeling import build_tiny_model, chat_prompt, load_model, load_tokenizer
-from shared.rollout import completion_logps, generate_rollouts
+from shared.rollout import generate_rollouts
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import tyro
 
 from shared.data import load_eval_rows, load_rows
-from shared.run import RunLogger
+from shared.runlog import RunLogger
 from shared.toyworld import make_row, write_jsonl
 
 

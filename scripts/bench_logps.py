@@ -1,6 +1,6 @@
 """Peak extra memory (beyond weights, inputs and their gradients) of per-token log-probs at Qwen3-0.6B's head shape (vocab
 151,936, hidden 1024): naive (materialised float32 logits + log_softmax) vs the
-chunked path in shared/rollout.py, forward + backward, each in its own process so
+chunked path in shared/logprobs.py, forward + backward, each in its own process so
 that peak RSS measures it alone (Linux: reads /proc/self/statm). Prints one JSON line per measurement and the ratio."""
 
 import json
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-from shared.rollout import token_logps_from_hidden
+from shared.logprobs import token_logps_from_hidden
 
 
 @dataclass

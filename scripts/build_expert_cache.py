@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from shared import toyworld
 from shared.data import load_rows, write_expert_cache
+from shared.flags import NON_NEGATIVE, check_chat_template_kwargs, check_output_file, check_range
 from shared.modeling import DEFAULT_CHAT_TEMPLATE_KWARGS, default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
-from shared.run import NON_NEGATIVE, check_chat_template_kwargs, check_output_file, check_range
 
 
 @dataclass

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from shared import toyworld
 from shared.data import load_rows
+from shared.flags import TEMPERATURE, check_output_file, check_range
 from shared.modeling import default_device, load_model, load_tokenizer
 from shared.rollout import generate_rollouts
-from shared.run import TEMPERATURE, check_output_file, check_range
 from shared.toyworld import write_jsonl
 
 

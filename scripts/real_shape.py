@@ -6,7 +6,7 @@ through `from_pretrained` like the hub checkpoint. Each algorithm runs 2 steps a
 tiny batch (2 prompts x G=2, 32 new tokens) with the GPU recipe's memory flags
 (`--autocast-bf16 --gradient-checkpointing`, float32 weights), one at a time, and its
 peak resident memory is measured: the process's own high-water mark (from wait4), and
-per phase from the run's metrics.jsonl (shared/run.py:take_memory_peak): setup (loading,
+per phase from the run's metrics.jsonl (shared/runlog.py:take_memory_peak): setup (loading,
 and e.g. AAPA's discriminator fit, before the first step), the largest training step
 and the largest evaluation.
 

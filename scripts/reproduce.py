@@ -35,7 +35,7 @@ import tyro
 from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
 from scipy.stats import t as student_t
 
-from shared.run import atomic_write_text, write_json
+from shared.runfolder import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when a command fails or the job is stopped: nothing new starts
@@ -614,7 +614,7 @@ def check_settings(settings: dict) -> None:
 
 def stop_on_signal(number, frame) -> None:
     """SIGINT or SIGTERM: stop every running command and leave once they have. A training
-    command given SIGTERM saves the step it is on first (shared/run.py), so rerunning the
+    command given SIGTERM saves the step it is on first (shared/checkpoint.py), so rerunning the
     job loses nothing; a command still running after 5 minutes is killed."""
     FAILED.set()
     running = list(RUNNING)

@@ -20,7 +20,8 @@ from pathlib import Path
 import tyro
 
 from shared.data import load_rows
-from shared.run import check_output_file, write_json
+from shared.flags import check_output_file
+from shared.runfolder import write_json
 from shared.scoring import instruction_scores, instruction_verdicts
 
 

@@ -13,8 +13,9 @@ import tyro
 
 from algos.aapa import fit_discriminator
 from shared.data import load_expert_pool, load_rows
+from shared.embeddings import sentence_embeddings
 from shared.modeling import default_device, load_model, load_tokenizer
-from shared.rollout import generate_rollouts, sentence_embeddings
+from shared.rollout import generate_rollouts
 
 
 @dataclass

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from datasets import load_dataset
 
+from shared.distributed import all_sum
 from shared.ifeval import NotScorable, from_rlvr, missing_nltk_data, official_random_letter
 from shared.modeling import chat_prompt
+from shared.rollout import encode_prompt_response
 from shared.scoring import instruction_problem
 from shared.toyworld import write_jsonl
 
@@ -307,3 +309,16 @@ def conversation_batch(rows: list[dict], pad_token_id: int, device) -> tuple:
         doc[i, :len(row["ids"])] = torch.tensor(row["doc"])
         loss[i, :len(row["ids"])] = torch.tensor(row["loss"])
     return ids.to(device), doc.to(device), loss.to(device)
+
+
+
+def expert_micro_batches(tokenizer, prompts: list[str], cache: dict, parts: int, device):
+    """The expert demonstrations of `prompts` (this rank's), encoded and split into
+    `parts` contiguous micro-batches (None for an empty one), and the whole batch's
+    expert token count over every rank: a tensor, not a float, so that a compiled loss
+    does not recompile for every new count."""
+    chunks = [part.tolist() for part in torch.tensor_split(torch.arange(len(prompts)), parts)]
+    batches = [encode_prompt_response(tokenizer, [prompts[i] for i in chunk], [cache[prompts[i]] for i in chunk], device)
+               if chunk else None for chunk in chunks]
+    count = all_sum(sum((batch[2].sum() for batch in batches if batch is not None), torch.zeros((), device=device)))
+    return batches, count

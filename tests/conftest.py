@@ -63,11 +63,12 @@ def run_main(script: str, *flags: str):
     handlers and folder locks a training script installs are undone afterwards."""
     import signal
 
-    import shared.run
+    import shared.runfolder
+    import shared.runlog
 
     saved_argv, saved_path = sys.argv, list(sys.path)
-    handlers = {number: signal.getsignal(number) for number in shared.run.PREEMPTION_SIGNALS}
-    shared.run.PhaseTimer.peak_before_steps = 0.0  # as in a new process: no step has run yet
+    handlers = {number: signal.getsignal(number) for number in shared.runfolder.PREEMPTION_SIGNALS}
+    shared.runlog.PhaseTimer.peak_before_steps = 0.0  # as in a new process: no step has run yet
     sys.argv = [str(ROOT / script), *flags]
     sys.path.insert(0, str((ROOT / script).parent))  # as `python scripts/x.py` puts scripts/ first
     try:
@@ -78,7 +79,7 @@ def run_main(script: str, *flags: str):
         sys.argv, sys.path[:] = saved_argv, saved_path
         for number, handler in handlers.items():
             signal.signal(number, handler)
-        for lock in shared.run._held_locks:
+        for lock in shared.runfolder._held_locks:
             lock.close()
-        shared.run._held_locks.clear()
+        shared.runfolder._held_locks.clear()
     return None

@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+from shared.logprobs import naive_completion_logps
 from shared.modeling import build_tiny_model, load_model, load_tokenizer
-from shared.rollout import generate_rollouts, naive_completion_logps
+from shared.rollout import generate_rollouts
 from shared.toyworld import make_split, oracle
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -5,9 +5,10 @@ reasoning model's answer (--strip-think)."""
 import pytest
 from conftest import run_main
 
+from shared.evaluation import evaluate
 from shared.modeling import chat_prompt, load_model, load_tokenizer
 from shared.rewards import reward_scores
-from shared.rollout import encode_prompts, evaluate
+from shared.rollout import encode_prompts
 
 
 def test_qwen3_prompts_turn_thinking_off_by_default(qwen3_tokenizer_folder):
@@ -53,6 +54,7 @@ def test_the_reward_sees_the_answer_after_the_think_block():
 def test_evaluation_scores_the_answers_and_returns_the_whole_texts(tiny_world, monkeypatch):
     """The tiny model's greedy responses given a think block in front: the score must
     see them without it, the returned texts with it."""
+    import shared.evaluation as evaluation
     import shared.rollout as rollout
 
     tokenizer, model = load_tokenizer(tiny_world["model"]), load_model(tiny_world["model"])
@@ -63,7 +65,7 @@ def test_evaluation_scores_the_answers_and_returns_the_whole_texts(tiny_world, m
         out["texts"] = [f"<think>{t}?</think>\n{t}" for t in out["texts"]]
         return out
 
-    monkeypatch.setattr(rollout, "generate_rollouts", thinking)
+    monkeypatch.setattr(evaluation, "generate_rollouts", thinking)
     seen = []
     rows = [{"prompt": "copy abc"}, {"prompt": "reverse abd"}]
     result = evaluate(model, tokenizer, rows, lambda r, texts: seen.extend(texts) or {"gold": 0.0, "reward": 0.0},

@@ -228,7 +228,7 @@ import sys
 import torch
 from shared import distributed
 from shared.modeling import load_model
-from shared.rollout import completion_logps
+from shared.logprobs import completion_logps
 
 model_path, out, grouped = sys.argv[1], sys.argv[2], sys.argv[3] == "grouped"
 

@@ -9,6 +9,7 @@ import torch
 from conftest import run_main
 from test_scripts import grpo_flags
 
+import shared.evaluation
 import shared.rollout
 from shared.modeling import load_model, load_tokenizer
 from shared.rollout import generate_rollouts, generate_texts
@@ -32,7 +33,8 @@ def test_aapa_generates_at_most_the_chunk_outside_its_steps(tiny_world, tmp_path
         sizes.append((len(prompts), group_size))
         return real(model, tokenizer, prompts, group_size, *args, **kwargs)
 
-    monkeypatch.setattr(shared.rollout, "generate_rollouts", counting)
+    monkeypatch.setattr(shared.rollout, "generate_rollouts", counting)  # training steps, the fit's and anchor texts
+    monkeypatch.setattr(shared.evaluation, "generate_rollouts", counting)  # held-out evaluation
     monkeypatch.setenv("TQDM_DISABLE", "1")
     flags = grpo_flags(tiny_world, tmp_path / "aapa", tiny_world["model"]) + [
         "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--disc-prompts", "32",
@@ -52,7 +54,7 @@ def test_aapa_generates_at_most_the_chunk_outside_its_steps(tiny_world, tmp_path
 
 
 def test_memory_peaks_restart_at_every_take():
-    from shared.run import take_memory_peak
+    from shared.runlog import take_memory_peak
 
     take_memory_peak()
     block = np.ones(2**26)  # 0.5 GiB, touched

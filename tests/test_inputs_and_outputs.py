@@ -12,8 +12,8 @@ from conftest import ROOT, run_main, run_script
 from transformers import AutoModelForCausalLM
 
 from shared.data import load_expert_pool, load_rows
+from shared.flags import check_output_file
 from shared.modeling import load_tokenizer
-from shared.run import check_output_file
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import score_responses  # noqa: E402

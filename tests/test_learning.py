@@ -19,7 +19,7 @@ import algos.gprl as gprl
 import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
-from shared.rollout import completion_logps
+from shared.logprobs import completion_logps
 
 PROMPTS, G, PROMPT_LEN, LENGTH, VOCAB = 4, 4, 5, 4, 32
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from shared.rollout import completion_logps, completion_mask_from_ids, encode_prompt_response, naive_completion_logps
+from shared.logprobs import completion_logps, naive_completion_logps
+from shared.rollout import completion_mask_from_ids, encode_prompt_response
 
 
 def small_model(vocab):
@@ -112,7 +113,7 @@ def test_the_chunked_backward_recomputes_the_logits_in_the_forwards_autocast_dty
     recomputed logits would be float32 while the forward's were bfloat16, so the gradient
     would belong to another function. Every logits matmul, forward and backward, must
     run in the same dtype (bf16 under autocast, float32 without)."""
-    from shared.rollout import token_logps_from_hidden
+    from shared.logprobs import token_logps_from_hidden
 
     seen, linear = [], torch.nn.functional.linear
 
@@ -139,8 +140,8 @@ def test_discriminator_features_are_float32_under_an_enclosing_bf16_autocast(tin
     """AAPA's and UniAPL's encoder features: the same numbers inside a bf16 autocast
     as outside (the encoder turns it off), and the kept-layers path equal to reading
     every hidden state."""
+    from shared.embeddings import sentence_embeddings
     from shared.modeling import load_model, load_tokenizer
-    from shared.rollout import sentence_embeddings
 
     tokenizer, encoder = load_tokenizer(tiny_world["model"]), load_model(tiny_world["model"])
     prompts, responses = ["copy abc", "reverse abd", "upper xy"], ["abc", "dba", "XY and more"]

@@ -10,8 +10,9 @@ from peft import PeftModel
 from test_scripts import grpo_flags, losses
 from transformers import AutoModelForCausalLM
 
+from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import adapters_off, load_model, load_policy, load_reference, load_tokenizer
-from shared.rollout import completion_logps, generate_rollouts, old_and_ref_logps
+from shared.rollout import generate_rollouts
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8", "--learning-rate", "3e-2"]
 

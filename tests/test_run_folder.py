@@ -16,8 +16,10 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-import shared.run as run
-from shared.run import CHECKPOINT, COMPLETE, TRAINER_STATE, RunLogger, claim_output_dir, recover_checkpoint, save_checkpoint
+from shared import checkpoint, runfolder, seeding
+from shared.checkpoint import save_checkpoint
+from shared.runfolder import CHECKPOINT, COMPLETE, TRAINER_STATE, claim_output_dir, recover_checkpoint
+from shared.runlog import RunLogger
 
 
 @dataclasses.dataclass
@@ -60,9 +62,9 @@ def saved_step(folder: Path) -> int:
 
 
 def release_locks():
-    for lock in run._held_locks:
+    for lock in runfolder._held_locks:
         lock.close()
-    run._held_locks.clear()
+    runfolder._held_locks.clear()
 
 
 def claim(folder: Path, **flags):
@@ -95,6 +97,20 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
     with pytest.raises(SystemExit, match="holds files no run writes \\(notes.txt\\)"):
         claim(tmp_path / "a", overwrite=True)
     assert (tmp_path / "a" / "notes.txt").read_text() == "mine" and (tmp_path / "a" / "run.json").exists()
+
+
+def test_overwrite_deletes_the_outputs_an_algorithm_declares_and_only_its_own(tmp_path):
+    # AAPA declares discriminator.pt and stage1; to any other script they are someone else's files
+    start(tmp_path / "a")
+    (tmp_path / "a" / "stage1").mkdir()
+    (tmp_path / "a" / "discriminator.pt").write_text("D")
+    with pytest.raises(SystemExit, match="holds files no run writes \\(discriminator.pt, stage1\\)"):
+        claim(tmp_path / "a", overwrite=True)
+    try:
+        assert claim_output_dir(Flags(str(tmp_path / "a"), overwrite=True), own_outputs=("discriminator.pt", "stage1")) is None
+    finally:
+        release_locks()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [".lock"]
 
 
 @pytest.mark.parametrize("where", ["empty", "cwd", "parent of cwd", "home", "root", "git repository", "project"])
@@ -155,7 +171,7 @@ def test_resume_refuses_changed_flags_naming_them_unless_allowed(tmp_path):
 
 def test_a_second_process_is_kept_out_while_the_first_holds_the_folder(tmp_path):
     claim_output_dir(Flags(str(tmp_path / "a")))  # held by this process until release_locks
-    code = ("import sys; from shared.run import claim_output_dir; from test_run_folder import Flags; "
+    code = ("import sys; from shared.runfolder import claim_output_dir; from test_run_folder import Flags; "
             f"claim_output_dir(Flags({str(tmp_path / 'a')!r}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
@@ -196,11 +212,11 @@ def test_a_save_cut_at_any_instant_leaves_the_newest_complete_checkpoint(tmp_pat
         return wrapped
 
     monkeypatch.setattr(SavesAFile, "save_pretrained", step(SavesAFile.save_pretrained))
-    monkeypatch.setattr(run.torch, "save", step(torch.save))
-    monkeypatch.setattr(run.Path, "touch", step(Path.touch))
-    monkeypatch.setattr(run.os, "replace", step(os.replace))
+    monkeypatch.setattr(checkpoint.torch, "save", step(torch.save))
+    monkeypatch.setattr(checkpoint.Path, "touch", step(Path.touch))
+    monkeypatch.setattr(checkpoint.os, "replace", step(os.replace))
     real_rmtree = shutil.rmtree
-    monkeypatch.setattr(run.shutil, "rmtree", lambda path, ignore_errors=False: real_rmtree(path, ignore_errors=True)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, ignore_errors=False: real_rmtree(path, ignore_errors=True)
                         if not Path(path).name.endswith(".old") else step(real_rmtree)(path, ignore_errors=True))
     with pytest.raises(Cut):
         save(tmp_path, step=4)
@@ -228,7 +244,7 @@ def test_resume_keeps_exactly_the_history_up_to_the_checkpoint(tmp_path):
 
 
 def test_write_json_never_writes_nan(tmp_path):
-    run.write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")]})
+    runfolder.write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")]})
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=pytest.fail) == {"a": None, "b": [1.0, None]}
 
 
@@ -333,7 +349,7 @@ def test_a_trainer_state_that_would_run_code_is_refused_and_runs_nothing(tmp_pat
     assert "\n" not in str(stop.value)
     assert not target.exists()
     # the message that names the kept checkpoint (after a non-finite loss) never unpickles it either
-    assert "step unknown" in run._kept_checkpoint(folder) and not target.exists()
+    assert "step unknown" in checkpoint._kept_checkpoint(folder) and not target.exists()
 
 
 def wait_for_logged_step(out: Path, process: subprocess.Popen, step: int) -> None:
@@ -380,7 +396,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from shared.modeling import load_model, load_tokenizer
-from shared.run import save_checkpoint
+from shared.checkpoint import save_checkpoint
 from test_run_folder import Flags, SavesAFile
 folder, which = Path({folder!r}), {which!r}
 if which == "model":  # the real safetensors writer
@@ -416,13 +432,12 @@ def test_a_real_writer_failing_mid_save_is_one_line_and_keeps_the_previous_check
 
 
 def test_deterministic_turns_on_deterministic_kernels_before_any_model_loads(monkeypatch):
-    from shared import run
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        run.seed_everything(3)
+        seeding.seed_everything(3)
         assert not torch.are_deterministic_algorithms_enabled()
-        run.seed_everything(3, deterministic=True)
+        seeding.seed_everything(3, deterministic=True)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from shared.logprobs import completion_logps, naive_completion_logps
 from shared.modeling import build_tiny_model, load_model, load_tokenizer
-from shared.rollout import completion_logps, generate_rollouts, naive_completion_logps, sampling_logits
+from shared.rollout import generate_rollouts, sampling_logits
 
 PADDING_ROWS = 24
 

@@ -9,8 +9,8 @@ import torch
 from conftest import run_main
 
 from shared.data import conversation_batch, load_conversations
+from shared.logprobs import packed_token_logps
 from shared.modeling import load_model, load_tokenizer
-from shared.rollout import packed_token_logps
 
 # the tiny template with the assistant's content marked, as templates that support
 # assistant-only losses do

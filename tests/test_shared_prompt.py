@@ -13,7 +13,8 @@ import torch
 import transformers.models.qwen3.modeling_qwen3 as qwen3
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from shared.rollout import completion_logps, generate_rollouts, prompt_groups
+from shared.logprobs import completion_logps, prompt_groups
+from shared.rollout import generate_rollouts
 
 
 def float64_rms_norm(self, hidden_states):

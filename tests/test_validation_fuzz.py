@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 
 import shared.modeling
-import shared.run
+import shared.runfolder
 
 
 class ReachedModelLoading(Exception):
@@ -47,9 +47,9 @@ def run_until_model_loading(script: str, argv: list[str]) -> tuple[str, str]:
         return "crash", traceback.format_exc()
     finally:
         sys.argv = old_argv
-        for lock in shared.run._held_locks:
+        for lock in shared.runfolder._held_locks:
             lock.close()
-        shared.run._held_locks.clear()
+        shared.runfolder._held_locks.clear()
 
 
 def write_jsonl(path, rows):

@@ -172,9 +172,12 @@ class Row:
     name: str
     script: str
     flags: list[str]
-    needs: list[str] = field(default_factory=list)  # prerequisites, as run names without the seed
+    needs: list[str] = field(default_factory=list)  # prerequisites: "pairs", "gpm" or another row's slug
     rate_of: str = ""  # a twin takes this row's learning rate ("" = its own)
     exploratory: bool = False
+    rollouts: bool = True  # False: the budget is optimizer steps only (no prompts per step, no group)
+    eval_every: int = 0  # evaluate every this many steps (0: the job's, a fifth of the run)
+    rate_flags: tuple[str, ...] = ("--learning-rate",)  # the flags that receive the row's learning rate
 
 
 def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
@@ -186,21 +189,24 @@ def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
     # the AAPA-GRPO run trains it, the other AAPA runs load it
     discriminator = ["--disc-path", str(runs_dir / f"aapa-grpo_seed{seed}" / "discriminator.pt")]
     staged = ["--staged", "--stage1-steps", str(settings["rl_steps"] // 2), *discriminator]
+    both_stages = ("--learning-rate", "--stage1-learning-rate")  # both stages at the row's rate
     rows = [
-        Row("continued SFT", "algos/sft.py", ["--steps", steps, "--train-data", "data/toy/sft_prompts.jsonl"]),
+        Row("continued SFT", "algos/sft.py", ["--train-data", "data/toy/sft_prompts.jsonl"], rollouts=False),
         Row("GRPO", "algos/grpo.py", []),
         Row("GRPO, 2 passes", "algos/grpo.py", ["--num-iterations", "2"]),
         # the paper's CHORD-mu decays over 200 steps; here over the run's own length
         Row("CHORD-mu", "algos/chord.py", ["--preset", "chord-mu", "--mu-decay", steps]),
         Row("AAPA-GRPO", "algos/aapa.py", ["--base", "grpo", "--disc-prompts", str(settings["side_prompts"])]),
-        Row("AAPA staged", "algos/aapa.py", staged, ["aapa-grpo"]),
-        Row("AAPA staged, anchor 0", "algos/aapa.py", [*staged, "--anchor-coef", "0"], ["aapa-grpo"], rate_of="AAPA staged"),
+        Row("AAPA staged", "algos/aapa.py", staged, ["aapa-grpo"], rate_flags=both_stages),
+        Row("AAPA staged, anchor 0", "algos/aapa.py", [*staged, "--anchor-coef", "0"], ["aapa-grpo"], rate_of="AAPA staged",
+            rate_flags=both_stages),
         Row("UniAPL", "algos/uniapl.py", []),
         Row("UniAPL, adversarial 0", "algos/uniapl.py", ["--adv-coef", "0"], rate_of="UniAPL"),
         Row("ADPO listwise", "algos/adpo.py", []),
         # GPRL evaluated every 10 steps: where its gold goes, and when
-        Row("GPRL", "algos/gprl.py", ["--gpm", str(gpm)], ["gpm"]),
-        Row("GPRL, monitor off", "algos/gprl.py", ["--gpm", str(gpm), "--no-drift-adjust"], ["gpm"], rate_of="GPRL"),
+        Row("GPRL", "algos/gprl.py", ["--gpm", str(gpm)], ["gpm"], eval_every=10),
+        Row("GPRL, monitor off", "algos/gprl.py", ["--gpm", str(gpm), "--no-drift-adjust"], ["gpm"], rate_of="GPRL",
+            eval_every=10),
     ]
     if settings["all"]:
         rows += [
@@ -209,7 +215,7 @@ def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
             Row("AAPA-CHORD", "algos/aapa.py", ["--base", "chord", *discriminator], ["aapa-grpo"], exploratory=True),
             # offline pairs: the same number of sequences per step as the rollouts (pairs x 2 = prompts x G)
             Row("ADPO pairwise", "algos/adpo_pairwise.py", ["--pairs-data", str(pairs), "--batch-size",
-                str(settings["prompts_per_step"] * settings["group_size"] // 2)], ["pairs"], exploratory=True),
+                str(settings["prompts_per_step"] * settings["group_size"] // 2)], ["pairs"], exploratory=True, rollouts=False),
         ]
     return rows
 
@@ -235,65 +241,41 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                                                 "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
                             sft_dir, method="SFT", seed=seed))
         rows = table_rows(runs_dir, seed, {**settings, "all": settings["all"] or bool(settings["rows"])})
-        if settings["rows"]:
+        if settings["rows"]:  # the named rows and the rows they read
             wanted = {row.name for row in rows if row.name in settings["rows"]}
-            needed = {need for row in rows if row.name in wanted for need in row.needs}
-            rows = [row for row in rows if row.name in wanted or slug(row.name) in needed]
-        else:
-            needed = {"pairs", "gpm"}
-        commands.append(
-            Run(
-                f"pairs_seed{seed}",
-                [
-                    py,
-                    "scripts/build_preference_pairs.py",
-                    "--model",
-                    str(sft_dir / "checkpoint"),
-                    "--data",
-                    "data/toy/sft_prompts.jsonl",
-                    "--out",
-                    str(pairs),
-                    "--seed",
-                    str(seed),
-                    "--num-prompts",
-                    str(settings["side_prompts"]),
-                ],
-                pairs,
-                [f"sft_seed{seed}"],
-                seed=seed,
-            )
-        )
-        commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
-                                                str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
-                            runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
-        if not needed & {"pairs", "gpm"}:
-            del commands[-2:]  # no selected row reads the preference pairs or the GPM
-        elif "gpm" not in needed:
-            del commands[-1]
+            read = {need for row in rows if row.name in wanted for need in row.needs}
+            rows = [row for row in rows if row.name in wanted or slug(row.name) in read]
+        if sweep:
+            rows = [row for row in rows if not row.rate_of]  # a twin is not tuned: it takes its method's rate
+        needed = {need for row in rows for need in row.needs}
+        if "pairs" in needed or "gpm" in needed:  # the GPM is trained on the pairs
+            commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model",
+                                                      str(sft_dir / "checkpoint"), "--data", "data/toy/sft_prompts.jsonl",
+                                                      "--out", str(pairs), "--seed", str(seed),
+                                                      "--num-prompts", str(settings["side_prompts"])],
+                                pairs, [f"sft_seed{seed}"], seed=seed))
+        if "gpm" in needed:
+            commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
+                                                    str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
+                                runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
+        row_slugs = {slug(row.name) for row in rows}
         for row in rows:
-            if sweep and row.rate_of:
-                continue
-            if row.script == "algos/sft.py" or row.script == "algos/adpo_pairwise.py":
-                budget = ["--eval-every", every]  # no rollouts: steps and batch only
-            else:
-                budget = ["--steps", str(settings["rl_steps"]), "--prompts-per-step", str(settings["prompts_per_step"]),
-                          "--group-size", str(settings["group_size"]),
-                          "--eval-every", "10" if row.script == "algos/gprl.py" else every]
-            if row.script == "algos/adpo_pairwise.py":
-                budget = ["--steps", str(settings["rl_steps"]), *budget]
+            budget = ["--steps", str(settings["rl_steps"])]
+            if row.rollouts:
+                budget += ["--prompts-per-step", str(settings["prompts_per_step"]),
+                           "--group-size", str(settings["group_size"])]
+            budget += ["--eval-every", str(row.eval_every or every)]
             rates = LEARNING_RATES if sweep else [hyperparameters.get(row.rate_of or row.name, {}).get(
                 "learning_rate", LEARNING_RATE)]
             for rate in rates:
-                suffix = f"_lr{rate:g}" if sweep else ""
-                flags = [flag.replace(f"aapa-grpo_seed{seed}/", f"aapa-grpo_seed{seed}{suffix}/") for flag in row.flags]
-                rate_flags = ["--learning-rate", f"{rate:g}"]
-                if row.name.startswith("AAPA staged"):  # both stages at the row's rate
-                    rate_flags += ["--stage1-learning-rate", f"{rate:g}"]
+                suffix = f"_lr{rate:g}" if sweep else ""  # a row read by another: the run at the same rate
+                flags = list(row.flags)
+                for need in set(row.needs) & row_slugs:
+                    flags = [flag.replace(f"{need}_seed{seed}/", f"{need}_seed{seed}{suffix}/") for flag in flags]
+                needs = [f"sft_seed{seed}",
+                         *[f"{need}_seed{seed}" + (suffix if need in row_slugs else "") for need in row.needs]]
                 name = f"{slug(row.name)}_seed{seed}{suffix}"
-                needs = [
-                    f"sft_seed{seed}",
-                    *[f"{need}_seed{seed}" + (suffix if need == "aapa-grpo" else "") for need in row.needs],
-                ]
+                rate_flags = [part for flag in row.rate_flags for part in (flag, f"{rate:g}")]
                 commands.append(Run(name, [py, row.script, "--model", str(sft_dir / "checkpoint"), "--seed", str(seed),
                                            *budget, *eval_flags, *rate_flags, *flags],
                                     runs_dir / name, needs, row.name, seed))

@@ -16,10 +16,12 @@ import pytest
 from conftest import ROOT, run_main
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from reproduce import PRIMARY, check_hyperparameters, holm, paired, slug  # noqa: E402
+from reproduce import LEARNING_RATES, PRIMARY, check_hyperparameters, holm, paired, slug, table_rows  # noqa: E402
 
-ROWS = ["base model", "SFT", "continued SFT", "GRPO", "GRPO, 2 passes", "CHORD-mu", "AAPA-GRPO", "AAPA staged",
-        "AAPA staged, anchor 0", "UniAPL", "UniAPL, adversarial 0", "ADPO listwise", "GPRL", "GPRL, monitor off"]
+SETTINGS = {"rl_steps": 8, "side_prompts": 200, "prompts_per_step": 4, "group_size": 4}
+TABLE_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": False})  # the rows of the table, from the job's description
+ALL_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": True})
+ROWS = ["base model", "SFT", *[row.name for row in TABLE_ROWS]]
 SMALLEST = ["--seeds", "1", "--sft-steps", "10", "--rl-steps", "2", "--gpm-steps", "4", "--eval-prompts", "16",
             "--prompts-per-step", "4", "--group-size", "4", "--side-prompts", "200"]
 
@@ -61,7 +63,8 @@ def printed_commands(capsys, *flags) -> list[str]:
 def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the job's paths are relative to the project
     lines = printed_commands(capsys, "--quick", "--rl-steps", "8")
-    assert len(lines) == 3 + 12  # one seed: SFT, pairs, GPM, then 12 rows
+    assert len(lines) == 3 + len(TABLE_ROWS)  # one seed: SFT, pairs, GPM, then a line per row
+    assert [line.split()[0] for line in lines[3:]] == [row.script for row in TABLE_ROWS]
     assert lines[0].startswith("algos/sft.py --seed 1 --steps 150 ")  # --quick's SFT length
     assert all("--steps 8 " in line for line in lines[3:])  # the given --rl-steps, not --quick's
     assert all("--learning-rate 0.0002 " in line for line in lines[3:])  # one rate for method and control
@@ -69,16 +72,33 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(c
     # every demonstration comes from SFT's pool: the pairs, and the scripts' default --expert-pool
     assert "--data data/toy/sft_prompts.jsonl" in lines[1] and not any("--expert-pool" in line for line in lines)
     everything = printed_commands(capsys, "--quick", "--all")
-    assert len(everything) == 3 + 16
+    assert len(everything) == 3 + len(ALL_ROWS) and len(ALL_ROWS) > len(TABLE_ROWS)
     sweep = printed_commands(capsys, "--sweep")
-    # two seeds the table never uses; every row with its own rate (9: the three twins take their method's) x 4 rates
-    assert len(sweep) == 2 * (3 + 9 * 4) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
+    # two seeds the table never uses; every row with its own rate (a twin takes its method's) at each rate
+    tuned = [row for row in TABLE_ROWS if not row.rate_of]
+    assert 0 < len(tuned) < len(TABLE_ROWS)
+    assert len(sweep) == 2 * (3 + len(tuned) * len(LEARNING_RATES)) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
     assert all(" --seed 10" in line for line in sweep)
     # --rows: the named rows and only what they read (AAPA staged loads AAPA-GRPO's discriminator; GPRL the GPM)
     only = printed_commands(capsys, "--quick", "--rows", "AAPA staged", "GPRL")
     assert [line.split()[0] for line in only] == ["algos/sft.py", "scripts/build_preference_pairs.py", "algos/gpm.py",
                                                   "algos/aapa.py", "algos/aapa.py", "algos/gprl.py"]
     assert "aapa-grpo_seed1 --resume" in only[3] and "--staged" in only[4] and "--anchor-coef" not in only[4]
+
+
+def test_each_row_field_reaches_its_command(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    lines = printed_commands(capsys, "--quick", "--all")
+    by_row = dict(zip([slug(row.name) for row in ALL_ROWS], lines[3:]))
+    for row in ALL_ROWS:
+        line = by_row[slug(row.name)]
+        assert line.startswith(row.script) and f"--output-dir results/quick/runs/{slug(row.name)}_seed1 " in line, row.name
+        assert ("--group-size" in line) == row.rollouts, row.name  # offline rows: steps only
+        assert f"--eval-every {row.eval_every or 2} " in line, row.name  # the row's own, or a fifth of --quick's 10 steps
+        assert all(f"{flag} 0.0002" in line for flag in row.rate_flags), row.name
+        assert all(f"{need}_seed1" in line for need in row.needs if need not in ("pairs", "gpm")), row.name
+    assert any(not row.rollouts for row in ALL_ROWS) and any(row.eval_every for row in ALL_ROWS)
+    assert any(len(row.rate_flags) > 1 for row in ALL_ROWS)
 
 
 def test_every_primary_comparison_names_two_rows_of_the_job():
@@ -113,7 +133,7 @@ def test_smallest_main_job_tables_every_row_and_resumes_without_rerunning(tmp_pa
         assert float(cells[2]) == pytest.approx(gold[method] - gold[control], abs=1.5e-3), claim
     for plot in ("curves.png", "lengths.png", "logprobs.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
-    assert first.stdout.count("$ algos/") == 14  # SFT, the GPM and 12 rows
+    assert first.stdout.count("$ algos/") == 2 + len(TABLE_ROWS)  # SFT, the GPM and a run per row
     again = reproduce(tmp_path)
     assert "$ " not in again.stdout and (tmp_path / "table.md").read_text().splitlines()[:len(lines) - 2] == lines[:-2]
     # other settings over finished runs: refused up front, the table left as it was

@@ -115,8 +115,10 @@ def test_adaptive_tau_formula_and_bounds():
     assert tau.tolist() == pytest.approx(expected, rel=1e-6)
     equal = adaptive_tau(torch.zeros(2), torch.tensor([0.3, 0.3]), tau0=1.0, alpha=1.0, reward_coef=1.0)
     assert equal.tolist() == pytest.approx([1.5, 1.5])  # R = 0.5 when every group has the same mean reward
-    extreme = adaptive_tau(torch.tensor([0.0, 1e6, -3.0]), torch.tensor([0.0, 1.0, 0.5]), tau0=10.0, tau_min=0.1, tau_max=2.0)
-    assert (extreme >= 0.1).all() and (extreme <= 2.0).all()
+    # H outside [0, 1] is clamped to it before the formula: 1e6 -> 1, -3 -> 0 (R = 0, 1, 0.5)
+    extreme = adaptive_tau(torch.tensor([0.0, 1e6, -3.0]), torch.tensor([0.0, 1.0, 0.5]), tau0=1.0, tau_max=100.0)
+    assert extreme.tolist() == pytest.approx([1 + 1.0, 1 + 1.0, 1 + 0.5])
+    assert adaptive_tau(torch.zeros(1), torch.zeros(1), tau0=10.0, tau_max=2.0).item() == pytest.approx(2.0)
     assert adaptive_tau(torch.zeros(1), torch.ones(1), tau0=0.01, tau_min=0.1).item() == pytest.approx(0.1)
 
 

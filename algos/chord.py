@@ -88,11 +88,11 @@ class Args(flags.RunFlags):
     detach_phi: bool = True
     """treat phi as a constant weight (Trinity); --no-detach-phi differentiates through it (ms-swift)"""
     micro_batch_size: int = 64
-    """rollout sequences per forward/backward (expert rows are split over the same micro-steps)"""
+    """sequences per forward/backward; gradients are accumulated over the generation batch"""
     max_new_tokens: int = 16
     """maximum completion length"""
     temperature: float = 0.7
-    """sampling temperature, rollout log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
+    """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     top_k: int = 0
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
@@ -113,7 +113,8 @@ class Args(flags.RunFlags):
     eps_high: float = 0.2
     """upper clip range: rho <= 1 + eps_high"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token GRPO losses are aggregated (see grpo_loss)"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
+    tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: per group, over the batch, or no scaling"""
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -280,29 +281,24 @@ if __name__ == "__main__":
         for i, value in enumerate((args.mu_warmup, args.mu_decay, args.mu_peak, args.mu_valley, args.phi)))
     if not (0 <= mu_valley <= 1 and 0 <= mu_peak <= 1) or mu_warmup < 0 or mu_decay < 0:
         raise SystemExit("error: --mu-peak and --mu-valley must be in [0, 1], --mu-warmup and --mu-decay >= 0")
-    output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
+    output_dir = Path(args.output_dir)
     state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
+    batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
     expert_temperature = args.expert_temperature or args.temperature
-    batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
-    # ---- data, expert demonstrations and reward
+    # ---- data, reward, expert demonstrations, policy and reference (only when beta > 0)
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-
-    # ---- policy, reference (only when beta > 0), optimizer, schedule
-    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
-    try:
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
@@ -310,6 +306,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
+    # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
@@ -318,18 +315,11 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(group_advantages, dynamic=True) if args.compile else group_advantages
-    loss_fn = functools.partial(
-        torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
-        use_phi=use_phi,
-        detach_phi=args.detach_phi,
-        eps_low=args.eps_low,
-        eps_high=args.eps_high,
-        beta=args.beta,
-        loss_type=args.loss_type,
-        importance_sampling_level=args.importance_sampling_level,
-        max_completion_length=args.max_new_tokens,
-        num_sequences=batch_size,
-    )
+    loss_fn = functools.partial(torch.compile(chord_loss, dynamic=True) if args.compile else chord_loss,
+                                eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                importance_sampling_level=args.importance_sampling_level,
+                                max_completion_length=args.max_new_tokens, num_sequences=batch_size,
+                                use_phi=use_phi, detach_phi=args.detach_phi)
     logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     print(f"{batch_size} rollouts + {expert_rows_per_step} expert rows from {cache_header.get('teacher', '?')!r} per step; "
@@ -348,10 +338,12 @@ if __name__ == "__main__":
         clock = runlog.PhaseTimer()
         mu = mu_schedule(step, mu_warmup, mu_decay, mu_peak, mu_valley)
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        generator = seeding.step_generator(args.seed, step)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
+        generator = seeding.step_generator(args.seed, step)  # the prompts' draw, then the expert rows'
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=generator
+        ).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
-        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
+        rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
             model,
             tokenizer,
@@ -367,27 +359,26 @@ if __name__ == "__main__":
         )
         clock.lap("generate")
 
-        # ---- score and compute group-relative advantages; expert rows split over the same micro-steps
+        # ---- score and compute group-relative advantages
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))  # whole batch
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size, args.scale_rewards)).to(args.device)
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()]
-        expert_batches, num_expert_tokens = expert_micro_batches(
-            tokenizer, expert_prompts, cache, len(micro_starts), args.device
-        )
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts),
+                                                                 args.device)
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch
         old_logps, ref_logps = old_and_ref_logps(model, ref_model, rollouts, args)
         clock.lap("logps")
 
-        # ---- optimise: num_iterations passes; each micro-step = one rollout slice + one expert slice
+        # ---- optimise: num_iterations passes over the generation batch
         for iteration in range(args.num_iterations):
             total_loss, rl_loss, expert_loss, expert_prob, metric_sums = 0.0, 0.0, 0.0, 0.0, {}
-            for s, expert_batch in zip(micro_starts, expert_batches):
+            for s, expert_batch in zip(micro_starts, expert_batches):  # a rollout slice and an expert slice
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,

@@ -144,21 +144,33 @@ def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert_interrupted_run_resumes_exactly("algos/chord.py", flags, full, stop_at=2)
 
 
-def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
-    full = tmp_path / "full"
-    flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
-    del flags[flags.index("--beta"):flags.index("--beta") + 2]
-    flags += ["--beta", "0.05"]
-    run_script("algos/adpo.py", *flags)
+def adpo_listwise_flags(world, sft_run, out):
+    flags = grpo_flags(world, out, str(sft_run / "checkpoint"))
+    flags[flags.index("--beta") + 1] = "0.05"
+    return flags
+
+
+@pytest.fixture(scope="module")
+def adpo_listwise_run(tiny_world, sft_run, tmp_path_factory):
+    """One 4-step ADPO listwise run (two micro-batches of 4 rollouts a step), shared by the tests below."""
+    full = tmp_path_factory.mktemp("adpo_listwise") / "full"
+    run_script("algos/adpo.py", *adpo_listwise_flags(tiny_world, sft_run, full))
+    return full
+
+
+def test_adpo_listwise_end_to_end_and_resume(tiny_world, sft_run, adpo_listwise_run):
+    full = adpo_listwise_run
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "train/loss" in m]
     assert len(train) == 4 and all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
     assert all(0.1 <= m["train/tau_min"] <= m["train/tau_max"] <= 5.0 for m in train)
-    assert_interrupted_run_resumes_exactly("algos/adpo.py", flags, full, stop_at=2)
-    # the logged KL does not depend on how the batch is cut into micro-batches (it was divided by their number)
-    split = tmp_path / "split"
-    split_flags = list(flags)
-    split_flags[split_flags.index("--output-dir") + 1] = str(split)
+    assert_interrupted_run_resumes_exactly("algos/adpo.py", adpo_listwise_flags(tiny_world, sft_run, full), full, stop_at=2)
+
+
+def test_adpo_listwise_logged_kl_does_not_depend_on_micro_batches(tiny_world, sft_run, adpo_listwise_run, tmp_path):
+    # the logged KL was once divided by the number of micro-batches
+    full, split = adpo_listwise_run, tmp_path / "split"
+    split_flags = adpo_listwise_flags(tiny_world, sft_run, split)
     split_flags[split_flags.index("--micro-batch-size") + 1] = "8"  # one micro-batch of the 2 x 4 rollouts
     run_script("algos/adpo.py", *split_flags)
     kl = {name: [m["train/kl"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "train/kl" in m]
@@ -247,28 +259,44 @@ def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert_interrupted_run_resumes_exactly("algos/uniapl.py", flags, full, stop_at=2)
 
 
-def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tmp_path):
-    gpm = tmp_path / "gpm"
+GPM_FLAGS = ["--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdout", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def gpm_run(sft_run, pairs_file, tmp_path_factory):
+    gpm = tmp_path_factory.mktemp("gpm") / "gpm"
     run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
-               "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdout", "0.25")
-    result = json.loads((gpm / "eval.json").read_text())
+               *GPM_FLAGS)
+    return gpm
+
+
+def test_gpm_end_to_end(gpm_run):
+    result = json.loads((gpm_run / "eval.json").read_text())
     assert 0 <= result["heldout_accuracy"] <= 1 and "axis_accuracy/correctness" in result
-    assert (gpm / "checkpoint" / "gpm_heads.pt").exists()
-    # memory knobs: uneven micro-batches (3 + 3 + 2 pairs) with gradient checkpointing train the same model
-    gpm_small = tmp_path / "gpm_small"
+    assert (gpm_run / "checkpoint" / "gpm_heads.pt").exists()
+
+
+def test_gpm_uneven_micro_batches_with_checkpointing_train_the_same_model(sft_run, pairs_file, gpm_run, tmp_path):
+    gpm, gpm_small = gpm_run, tmp_path / "gpm_small"  # 3 + 3 + 2 pairs a step
     run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir",
-               str(gpm_small), "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdout", "0.25",
-               "--micro-batch-size", "3", "--gradient-checkpointing")
+               str(gpm_small), *GPM_FLAGS, "--micro-batch-size", "3", "--gradient-checkpointing")
     assert losses(gpm_small) == pytest.approx(losses(gpm), rel=1e-5, abs=1e-7)
     assert_same_weights(gpm_small, gpm)
     heads, small_heads = (torch.load(d / "checkpoint" / "gpm_heads.pt", weights_only=True) for d in (gpm, gpm_small))
     for name in ("value_head", "gate_head"):
         for key, value in heads[name].items():
             assert torch.allclose(value, small_heads[name][key], atol=1e-6), (name, key)
-    full = tmp_path / "full"
-    flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
+
+
+def gprl_flags(world, sft_run, gpm_run, out):
+    flags = grpo_flags(world, out, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
-    flags += ["--gpm", str(gpm / "checkpoint"), "--drift-every", "2", "--probe-prompts", "8"]
+    return flags + ["--gpm", str(gpm_run / "checkpoint"), "--drift-every", "2", "--probe-prompts", "8"]
+
+
+def test_gprl_end_to_end_and_resume(tiny_world, sft_run, gpm_run, tmp_path):
+    full = tmp_path / "full"
+    flags = gprl_flags(tiny_world, sft_run, gpm_run, full)
     run_script("algos/gprl.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     drift = [m for m in metrics if "drift/alarm" in m]
@@ -277,8 +305,11 @@ def test_gpm_then_gprl_end_to_end_and_resume(tiny_world, sft_run, pairs_file, tm
     bad_values = [(m["step"], k, v) for m in metrics for k, v in m.items() if not math.isfinite(v)]
     assert not bad_values
     assert_interrupted_run_resumes_exactly("algos/gprl.py", flags, full, stop_at=3)
-    result = run_script("algos/gprl.py", *flags, "--gpm", str(sft_run / "checkpoint"), "--output-dir", str(tmp_path / "bad"),
-                        expect_ok=False)
+
+
+def test_gprl_refuses_a_model_without_gpm_heads(tiny_world, sft_run, gpm_run, tmp_path):
+    flags = gprl_flags(tiny_world, sft_run, gpm_run, tmp_path / "bad")
+    result = run_script("algos/gprl.py", *flags, "--gpm", str(sft_run / "checkpoint"), expect_ok=False)
     assert result.returncode != 0 and "has no gpm_heads.pt" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -27,13 +27,13 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
+from shared import checkpoint, discriminator, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.embeddings import sentence_embeddings
 from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import generate_rollouts, generate_texts
+from shared.rollout import generate_rollouts
 
 DISCRIMINATOR = "discriminator.pt"  # <output_dir>/discriminator.pt, and a copy in every checkpoint
 STAGE1 = "stage1"  # --staged: <output_dir>/stage1 holds the A-SFT weights
@@ -107,11 +107,11 @@ class Args(flags.RunFlags):
     phi: bool = True
     """chord base: weight expert-token NLL by p * (1 - p)"""
     micro_batch_size: int = 64
-    """rollout sequences per forward/backward (expert rows are split over the same micro-steps)"""
+    """sequences per forward/backward; gradients are accumulated over the generation batch"""
     max_new_tokens: int = 16
     """maximum completion length"""
     temperature: float = 0.7
-    """sampling temperature, rollout log-probs use the same"""
+    """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     top_k: int = 0
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
@@ -132,7 +132,8 @@ class Args(flags.RunFlags):
     eps_high: float = 0.2
     """upper clip range: rho <= 1 + eps_high"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token policy-gradient losses are aggregated (see grpo_loss)"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
+    tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """task-reward advantage std: per group, over the batch, or none (the anchor is divided by its fixed scale)"""
     num_iterations: int = 1
@@ -308,55 +309,16 @@ def discriminator_loss(logits, is_expert):
     return 0.5 * ((per_row * is_expert).sum() / positives + (per_row * (1 - is_expert)).sum() / negatives)
 
 
-def binary_auc(expert_logits, policy_logits):
-    """P(logit of a random expert response > logit of a random policy rollout), ties
-    counting half: the area under the ROC curve (0.5 = chance). [N], [M] -> float."""
-    difference = expert_logits[:, None] - policy_logits[None, :]
-    return float((difference > 0).double().mean() + 0.5 * (difference == 0).double().mean())
-
-
 def fit_discriminator(expert_features, policy_features, policy_is_copy, num_holdout, hidden, epochs, learning_rate):
-    """Fit the fixed discriminator head once, full batch, on standardised features.
-
-    expert_features, policy_features: [P, F], row p = prompt p's expert response and the
-    initial policy's rollout; the first num_holdout prompts are held out (a split by
-    prompt: no held-out prompt is in the fit). policy_is_copy [P] bool: rollouts equal
-    to the expert response; they are dropped as negatives (the same text labelled both
-    ways is a contradiction), the expert row stays. The anchor scale is the std of
+    """The fixed discriminator, fitted once by discriminator_loss on a split by prompt
+    (shared/discriminator.py:fit_on_split: the first num_holdout prompts held out, rollouts
+    equal to the expert's text dropped as negatives). The anchor scale is the std of
     s = log D over the held-out responses of both kinds (at least ANCHOR_SCALE_MIN).
     Returns (head, record) with the statistics and the held-out accuracy and AUC.
     """
-    holdout = torch.arange(expert_features.size(0), device=expert_features.device) < num_holdout
-    keep = ~policy_is_copy.to(holdout.device)
-    fit_expert, fit_policy = expert_features[~holdout], policy_features[~holdout & keep]
-    held_expert, held_policy = expert_features[holdout], policy_features[holdout & keep]
-    if fit_policy.size(0) == 0 or held_policy.size(0) == 0:
-        raise ValueError(f"the initial policy reproduces the expert response on {int(policy_is_copy.sum())} of "
-                         f"{policy_is_copy.numel()} discriminator prompts: too few negatives to fit or check D on")
-    fit_x = torch.cat([fit_expert, fit_policy])
-    # standardised features: raw embeddings are tiny (init std 0.02) and the head would barely move
-    feature_mean, feature_std = fit_x.mean(0), fit_x.std(0) + 1e-6
-    fit_y = torch.cat([torch.ones(fit_expert.size(0)), torch.zeros(fit_policy.size(0))]).to(fit_x.device)
-    head = make_discriminator(fit_x.size(1), hidden).to(fit_x.device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate)
-    for _ in range(epochs):
-        loss = discriminator_loss(head((fit_x - feature_mean) / feature_std), fit_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        expert_logits = head((held_expert - feature_mean) / feature_std)
-        policy_logits = head((held_policy - feature_mean) / feature_std)
-        fit_logits = head((fit_x - feature_mean) / feature_std)
-    balanced_accuracy = lambda e, p: float(0.5 * ((e > 0).float().mean() + (p <= 0).float().mean()))  # noqa: E731
-    held_scores = anchor_scores(torch.cat([expert_logits, policy_logits]))
-    record = {"state_dict": head.state_dict(), "width": fit_x.size(1), "hidden": hidden, "feature_mean": feature_mean,
-              "feature_std": feature_std, "fit_loss": loss.item(),
-              "fit_accuracy": balanced_accuracy(fit_logits[fit_y == 1], fit_logits[fit_y == 0]),
-              "heldout_accuracy": balanced_accuracy(expert_logits, policy_logits),
-              "heldout_auc": binary_auc(expert_logits, policy_logits),
-              "anchor_scale": max(ANCHOR_SCALE_MIN, float(held_scores.std())),
-              "dropped_copies": int(policy_is_copy.sum()), "heldout_prompts": int(num_holdout)}
+    head, record, held_logits = discriminator.fit_on_split(expert_features, policy_features, policy_is_copy, num_holdout,
+                                                           hidden, epochs, learning_rate, discriminator_loss)
+    record["anchor_scale"] = max(ANCHOR_SCALE_MIN, float(anchor_scores(held_logits).std()))
     return head, record
 
 
@@ -374,13 +336,6 @@ def anchor_coefficient(step: int, steps: int, coef: float, schedule: str) -> flo
     return coef
 
 
-def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
-    """The lightweight head: [N, width] sentence features -> [N] logits."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)
-    )
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     flags.check_flags(args, FLAG_RANGES)
@@ -393,7 +348,7 @@ if __name__ == "__main__":
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
     expert_temperature = args.expert_temperature or args.temperature
-    batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
+    batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
@@ -448,64 +403,37 @@ if __name__ == "__main__":
     if state:
         disc_record = state["extra"]["discriminator"]
     elif args.disc_path:
-        try:  # weights_only: a user-given file is never unpickled as code
-            disc_record = torch.load(args.disc_path, weights_only=True)
-            make_discriminator(disc_record["width"], disc_record["hidden"]).load_state_dict(disc_record["state_dict"])
-            float(disc_record["anchor_scale"])  # a discriminator saved before the fixed anchor scale has none: refit
-        except Exception as error:
-            raise SystemExit(f"error: --disc-path {args.disc_path!r} is not a discriminator saved by algos/aapa.py "
-                             f"({type(error).__name__})") from None
+        try:
+            disc_record = discriminator.load_record(args.disc_path)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         print(f"discriminator from {args.disc_path} (held-out accuracy {disc_record['heldout_accuracy']:.3f})")
     else:
         torch.manual_seed(args.seed)  # the initial rollouts and the head's initialisation draw from it
-        expert_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, [cache[p] for p in disc_prompts],
-                                              args.device, args.disc_layers)
-        initial_rollouts = generate_texts(model, tokenizer, disc_prompts, args.generation_batch_size, args.max_new_tokens,
-                                          args.temperature, autocast_bf16=args.autocast_bf16, top_k=args.top_k,
-                                          top_p=args.top_p)
-        policy_features = sentence_embeddings(encoder, encoder_tokenizer, disc_prompts, initial_rollouts, args.device,
-                                              args.disc_layers)
-        is_copy = torch.tensor([text == cache[p] for p, text in zip(disc_prompts, initial_rollouts)])
+        features = discriminator.expert_and_policy_features(model, tokenizer, encoder, encoder_tokenizer, disc_prompts, cache,
+                                                            args)
         try:
-            head, disc_record = fit_discriminator(expert_features, policy_features, is_copy, num_holdout, args.disc_hidden,
-                                                  args.disc_epochs, args.disc_learning_rate)
+            head, disc_record = fit_discriminator(*features, num_holdout, args.disc_hidden, args.disc_epochs,
+                                                  args.disc_learning_rate)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         disc_record.update(layers=args.disc_layers, encoder=args.disc_encoder or args.model)
-        if distributed.is_main():  # every rank fitted the same discriminator; one writes it
-            torch.save(disc_record, output_dir / (DISCRIMINATOR + ".tmp"))
-            os.replace(output_dir / (DISCRIMINATOR + ".tmp"), output_dir / DISCRIMINATOR)
+        discriminator.save_record(disc_record, output_dir / DISCRIMINATOR)
         print(f"discriminator: held-out accuracy {disc_record['heldout_accuracy']:.3f}, AUC {disc_record['heldout_auc']:.3f} "
               f"on {num_holdout} held-out prompts (chance 0.5; fit accuracy {disc_record['fit_accuracy']:.3f}); "
               f"{disc_record['dropped_copies']} of {len(disc_prompts)} rollouts equal to the expert's dropped as negatives; "
               f"anchor scale {disc_record['anchor_scale']:.3f} nats; saved to {output_dir / DISCRIMINATOR}")
-        logger.log(0, {f"disc/{key}": disc_record[key] for key in (
-            "heldout_accuracy", "heldout_auc", "fit_accuracy", "fit_loss", "anchor_scale", "dropped_copies")})
-    head = make_discriminator(disc_record["width"], disc_record["hidden"]).to(args.device)
-    head.load_state_dict(disc_record["state_dict"])
-    head.eval().requires_grad_(False)  # frozen: never updated during policy optimisation
+        logger.log(0, {f"disc/{key}": disc_record[key] for key in discriminator.FIT_NUMBERS})
+    head = discriminator.frozen_head(disc_record, args.device)
 
     def discriminator_logits(prompts, responses):
         features = sentence_embeddings(encoder, encoder_tokenizer, prompts, responses, args.device, disc_record["layers"])
         return head((features - disc_record["feature_mean"]) / disc_record["feature_std"])
 
     holdout_expert_logits = discriminator_logits(holdout_prompts, [cache[p] for p in holdout_prompts])
-
-    def anchor_metrics(step):
-        """Fresh rollouts on the discriminator's held-out prompts, judged by it (drawn from their
-        own generators, seeded by -step - 1: no training step's draws, the same after a resume)."""
-        fresh = generate_texts(model, tokenizer, holdout_prompts, args.generation_batch_size, args.max_new_tokens,
-                               args.temperature, seeds=seeding.prompt_seeds(args.seed, -step - 1, len(holdout_prompts)),
-                               autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p)
-        fresh_logits = discriminator_logits(holdout_prompts, fresh)
-        return {
-            "anchor_score_rollouts": float(anchor_scores(fresh_logits).mean()),
-            "anchor_score_expert": float(anchor_scores(holdout_expert_logits).mean()),
-            "disc_accuracy_fresh": float(
-                0.5 * ((holdout_expert_logits > 0).float().mean() + (fresh_logits <= 0).float().mean())
-            ),
-        }
-
+    # anchor_metrics(step): fresh rollouts on the discriminator's held-out prompts, judged by it
+    anchor_metrics = functools.partial(discriminator.fresh_rollout_metrics, model, tokenizer, holdout_prompts,
+                                       holdout_expert_logits, discriminator_logits, anchor_scores, args=args)
     run_eval = functools.partial(
         evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics
     )
@@ -521,10 +449,12 @@ if __name__ == "__main__":
         coef = anchor_coefficient(step, args.steps, args.anchor_coef, args.anchor_schedule)
         rl_weight, expert_weight = {"grpo": (1.0, 0.0), "sft": (1.0, 1.0), "chord": (1 - args.chord_mu, args.chord_mu)}[base]
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        generator = seeding.step_generator(args.seed, step)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
+        generator = seeding.step_generator(args.seed, step)  # the prompts' draw, then the expert rows'
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=generator
+        ).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
-        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
+        rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
             model,
             tokenizer,
@@ -542,7 +472,7 @@ if __name__ == "__main__":
 
         # ---- score: task reward, anchor score s = log D(x, y), advantages A_task + lambda * A_anchor
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))  # whole batch
         rollout_logits = distributed.gather(discriminator_logits([r["prompt"] for r in group_rows], rollouts["texts"]))
         scores = anchor_scores(rollout_logits).cpu()
         advantages = distributed.local_share(advantage_fn(rewards, scores, args.group_size, coef, disc_record["anchor_scale"],
@@ -552,9 +482,8 @@ if __name__ == "__main__":
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()] \
             if expert_weight > 0 else []
-        expert_batches, num_expert_tokens = expert_micro_batches(
-            tokenizer, expert_prompts, cache, len(micro_starts), args.device
-        )
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts),
+                                                                 args.device)
         clock.lap("score")
 
         # ---- old (sampling) and reference log-probs, no grad, once per generation batch

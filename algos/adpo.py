@@ -270,7 +270,7 @@ if __name__ == "__main__":
         indices = torch.randint(
             len(train_rows), (args.prompts_per_step,), generator=seeding.step_generator(args.seed, step)
         ).tolist()
-        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
+        rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
             model,
             tokenizer,
@@ -288,7 +288,7 @@ if __name__ == "__main__":
 
         # ---- score and compute group-relative advantages
         group_rows = [row for row in rows for _ in range(args.group_size)]
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))  # whole batch
         advantages = distributed.local_share(advantage_fn(rewards, args.group_size)).to(args.device)
         input_ids, attention_mask, prompt_len = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
         completion_mask = rollouts["completion_mask"]

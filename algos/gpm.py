@@ -27,10 +27,8 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_pairs
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import GPM_HEADS, load_model, load_tokenizer
 from shared.rollout import encode_prompt_response
-
-GPM_HEADS = "gpm_heads.pt"  # value and gate heads, saved beside the backbone in <output_dir>/checkpoint
 
 
 @dataclass

@@ -31,14 +31,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding, toyworld
+from shared import checkpoint, distributed, drift_probe, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
 from shared.logprobs import completion_logps, old_and_ref_logps
-from shared.modeling import adapters_off, load_model, load_policy, load_reference, load_tokenizer
+from shared.modeling import load_gpm, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import encode_prompt_response, generate_rollouts, generate_texts
-
-GPM_HEADS = "gpm_heads.pt"  # written by algos/gpm.py beside the backbone
+from shared.rollout import encode_prompt_response, generate_rollouts
 
 
 @dataclass
@@ -74,7 +72,7 @@ class Args(flags.RunFlags):
     max_new_tokens: int = 16
     """maximum completion length"""
     temperature: float = 0.7
-    """sampling temperature, log-probs use the same"""
+    """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     top_k: int = 0
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
@@ -253,27 +251,6 @@ def drift_update(margins, margin_se, rho, eps, beta, *, eps0=0.2, beta0=0.04, do
     return rho, eps, beta, event
 
 
-def axis_agreement(true_preference, scores):
-    """Per dimension, the fraction of pairs on which the GPM's sign agrees with the true
-    preference (1: first response better, 0: second, 0.5: tie), ties excluded; nan where
-    every pair ties. [n, k], [n, k] -> [k]."""
-    decided = true_preference != 0.5
-    right = ((scores > 0) == (true_preference == 1)) & decided
-    return torch.where(
-        decided.sum(0) > 0, right.sum(0) / decided.sum(0).clamp(min=1), torch.full_like(scores[0], float("nan"))
-    )
-
-
-def judge_accuracy_log(true_preference, scores, dim_names):
-    """drift/judge_* entries: per axis, the GPM's agreement with the truth and how many
-    probe pairs the truth decides; an axis the truth never decides logs no accuracy."""
-    if true_preference is None:
-        return {}
-    accuracy, decided = axis_agreement(true_preference, scores), (true_preference != 0.5).sum(0)
-    return {**{f"drift/judge_accuracy/{n}": float(a) for n, a, d in zip(dim_names, accuracy, decided) if d > 0},
-            **{f"drift/judge_pairs/{n}": int(d) for n, d in zip(dim_names, decided)}}
-
-
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.0,
               loss_type="dapo", importance_sampling_level="token", max_completion_length=None,
               num_sequences=None, num_tokens=None):
@@ -346,32 +323,6 @@ def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, de
     return v, gate
 
 
-def load_gpm(path: str, dtype: str, device: str, system_prompt: str, chat_template_kwargs: str):
-    """The GPM backbone (frozen) and its heads, as algos/gpm.py saved them."""
-    heads_path = Path(path) / GPM_HEADS
-    if not heads_path.exists():
-        raise SystemExit(f"error: --gpm {path!r} has no {GPM_HEADS}; train one with algos/gpm.py")
-    try:
-        tokenizer, backbone = (
-            load_tokenizer(path, system_prompt, chat_template_kwargs),
-            distributed.shard(load_model(path, dtype, device).eval().requires_grad_(False)),
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    hidden_size = backbone.config.hidden_size
-    try:  # weights_only: a user-given file is never unpickled as code
-        heads = torch.load(heads_path, weights_only=True)
-        value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"], bias=False).to(device)
-        gate_head = torch.nn.Linear(hidden_size, heads["dims"], bias=False).to(device)
-        value_head.load_state_dict(heads["value_head"])
-        gate_head.load_state_dict(heads["gate_head"])
-    except Exception as error:
-        raise SystemExit(f"error: --gpm {path!r}: {GPM_HEADS} is not GPM heads saved by algos/gpm.py for this backbone "
-                         f"({type(error).__name__})") from None
-    names = heads["axes"] or [f"dim{l}" for l in range(heads["dims"])]
-    return backbone, value_head.requires_grad_(False), gate_head.requires_grad_(False), tokenizer, names
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     flags.check_flags(args, FLAG_RANGES)
@@ -383,24 +334,15 @@ if __name__ == "__main__":
     seeding.seed_everything(args.seed, args.deterministic)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
-    # ---- data and the preference model
+    # ---- data, reward, the preference model, policy and reference (always: the monitor may raise beta)
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    gpm_backbone, value_head, gate_head, gpm_tokenizer, dim_names = load_gpm(
-        args.gpm, args.dtype, args.device, args.system_prompt, args.chat_template_kwargs
-    )
-
-    @torch.no_grad()
-    def embed(prompts, responses):
-        return gpm_embed(gpm_backbone, value_head, gate_head, gpm_tokenizer, prompts, responses, args.device)
-
-    # ---- policy, reference (always: the monitor may raise beta), optimizer, schedule
-    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
-    try:
+        gpm_backbone, value_head, gate_head, gpm_tokenizer, dim_names = load_gpm(
+            args.gpm, args.dtype, args.device, args.system_prompt, args.chat_template_kwargs)
+        gpm_backbone = distributed.shard(gpm_backbone)
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
@@ -408,6 +350,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
+    # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
@@ -421,17 +364,14 @@ if __name__ == "__main__":
     logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
+    @torch.no_grad()
+    def embed(prompts, responses):
+        return gpm_embed(gpm_backbone, value_head, gate_head, gpm_tokenizer, prompts, responses, args.device)
+
     # ---- drift monitor: probe prompts with frozen reference responses (the initial policy, greedy)
-    probe_order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1))
-    probe_rows = [train_rows[i] for i in probe_order[: args.probe_prompts].tolist()]
+    probe_rows = drift_probe.probe_set(train_rows, args.probe_prompts, args.seed + 1)
     probe_prompts = [row["prompt"] for row in probe_rows]
-    # in the toy world the true per-axis preference is known: the GPM's agreement with it on the policy's own
-    # responses is measured at every check, so an exploited judge is visible (elsewhere there is no such truth)
-    judge_is_checkable = set(dim_names) <= set(toyworld.PREFERENCE_AXES) and all(
-        toyworld.is_toy_instruction(i) for row in probe_rows for i in row["instruction_id_list"])
-    with adapters_off(ref_model):  # --lora-r: the reference is the policy's base
-        reference_texts = generate_texts(ref_model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
-                                         do_sample=False, autocast_bf16=args.autocast_bf16)
+    reference_texts = drift_probe.greedy_responses(ref_model, tokenizer, probe_prompts, args, base_weights=True)
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "alarms": 0}
@@ -439,12 +379,9 @@ if __name__ == "__main__":
     def probe_margins():
         """Per probe prompt, s_l(policy's greedy response, reference response) [n, k], and, in the toy
         world, the true per-axis preference of the same pairs [n, k] (None elsewhere)."""
-        texts = generate_texts(model, tokenizer, probe_prompts, args.generation_batch_size, args.max_new_tokens,
-                               do_sample=False, autocast_bf16=args.autocast_bf16)
+        texts = drift_probe.greedy_responses(model, tokenizer, probe_prompts, args)
         v, _ = embed(probe_prompts, texts)
-        truth = torch.tensor([[toyworld.preference(row, text, reference, axis) for axis in dim_names] for row, text, reference
-                              in zip(probe_rows, texts, reference_texts)]) if judge_is_checkable else None
-        return skew_scores(v, reference_v).cpu(), truth
+        return skew_scores(v, reference_v).cpu(), drift_probe.true_preferences(probe_rows, texts, reference_texts, dim_names)
 
     # run_eval(step, log=True)
     run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
@@ -462,7 +399,7 @@ if __name__ == "__main__":
         indices = torch.randint(
             len(train_rows), (args.prompts_per_step,), generator=seeding.step_generator(args.seed, step)
         ).tolist()
-        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
+        rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
             model,
             tokenizer,
@@ -527,24 +464,10 @@ if __name__ == "__main__":
             margins, margin_se = probe_margin_stats(per_prompt)
             # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
             next_rho, next_eps, next_beta, event = drift_update(
-                margins,
-                margin_se,
-                monitor["rho"],
-                monitor["eps"],
-                monitor["beta"],
-                eps0=args.clip_eps,
-                beta0=args.beta,
-                dominance=args.dominance,
-                noise_z=args.noise_z,
-                rho_shrink=args.rho_shrink,
-                rho_min=args.rho_min,
-                eps_shrink=args.clip_eps_shrink,
-                eps_min=args.clip_eps_min,
-                beta_grow=args.beta_grow,
-                beta_alarm=args.beta_alarm,
-                beta_max=args.beta_max,
-                relax=args.relax,
-            )
+                margins, margin_se, monitor["rho"], monitor["eps"], monitor["beta"], eps0=args.clip_eps, beta0=args.beta,
+                dominance=args.dominance, noise_z=args.noise_z, rho_shrink=args.rho_shrink, rho_min=args.rho_min,
+                eps_shrink=args.clip_eps_shrink, eps_min=args.clip_eps_min, beta_grow=args.beta_grow,
+                beta_alarm=args.beta_alarm, beta_max=args.beta_max, relax=args.relax)
             if not args.drift_adjust:  # the alarm is still counted and logged: would it have fired?
                 next_rho, next_eps, next_beta = monitor["rho"], monitor["eps"], monitor["beta"]
             monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "alarms": monitor["alarms"] + event["alarm"]}
@@ -552,7 +475,7 @@ if __name__ == "__main__":
                          "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,
                          **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
                          **{f"drift/band/{n}": event["band"][l] for l, n in enumerate(dim_names)},
-                         **judge_accuracy_log(truth, per_prompt, dim_names),
+                         **drift_probe.judge_accuracy_log(truth, per_prompt, dim_names),
                          **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
             if event["alarm"]:
                 tqdm.write(

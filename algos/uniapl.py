@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
+from shared.discriminator import make_discriminator
 from shared.embeddings import sentence_embeddings
 from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
@@ -101,11 +102,11 @@ class Args(flags.RunFlags):
     saturation_threshold: float = 0.99
     """log the fraction of responses D judges with confidence beyond this (a saturated D)"""
     micro_batch_size: int = 64
-    """rollout sequences per forward/backward (expert rows are split over the same micro-steps)"""
+    """sequences per forward/backward; gradients are accumulated over the generation batch"""
     max_new_tokens: int = 16
     """maximum completion length"""
     temperature: float = 0.7
-    """sampling temperature, rollout log-probs use the same"""
+    """sampling temperature, log-probs use the same (TRL's default is 1.0; 0.7 suits the tiny model)"""
     top_k: int = 0
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
@@ -126,7 +127,8 @@ class Args(flags.RunFlags):
     eps_high: float = 0.2
     """upper clip range: rho <= 1 + eps_high"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """how per-token policy-gradient losses are aggregated (see grpo_loss)"""
+    """how per-token losses are aggregated (see grpo_loss); bnpo normalises each micro-batch by its own
+    tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: per group, over the batch, or no scaling"""
     eval_every: int = 20
@@ -291,13 +293,6 @@ def dual_update(multiplier: float, divergence: float, epsilon: float, lr: float)
     return max(0.0, multiplier + lr * (divergence - epsilon))
 
 
-def make_discriminator(width: int, hidden: int) -> torch.nn.Module:
-    """The lightweight head: [N, width] sentence features -> [N] logits."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)
-    )
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     flags.check_flags(args, FLAG_RANGES)
@@ -308,7 +303,7 @@ if __name__ == "__main__":
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
     expert_temperature = args.expert_temperature or args.temperature
-    batch_size = args.prompts_per_step * args.group_size  # rollout sequences per generation batch
+    batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
@@ -388,11 +383,13 @@ if __name__ == "__main__":
     for step in progress:
         clock = runlog.PhaseTimer()
         # ---- collect: G completions per prompt, one batched generate (seeded by step: resumable)
-        generator = seeding.step_generator(args.seed, step)
-        indices = torch.randint(len(train_rows), (args.prompts_per_step,), generator=generator).tolist()
+        generator = seeding.step_generator(args.seed, step)  # the prompts' draw, then the expert rows'
+        indices = torch.randint(
+            len(train_rows), (args.prompts_per_step,), generator=generator
+        ).tolist()
         expert_indices = torch.randint(len(expert_pool), (expert_rows_per_step,), generator=generator)
         disc_indices = torch.randint(len(expert_pool), (args.prompts_per_step,), generator=generator)  # more expert rows for D
-        rows = distributed.local_share([train_rows[i] for i in indices])  # this rank's prompts (all in one process)
+        rows = distributed.local_share([train_rows[i] for i in indices])
         rollouts = generate_rollouts(
             model,
             tokenizer,
@@ -442,7 +439,7 @@ if __name__ == "__main__":
         saturated = torch.cat([policy_logits < -high, expert_logits > high]).float().mean()
 
         # ---- score: A = A_task + (lambda [+ nu]) * A_adv, each group-normalised on its own
-        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))
+        rewards = distributed.gather(reward_scores(reward_fn, group_rows, rollouts["texts"], args.strip_think))  # whole batch
         adv_coef = args.adv_coef + (multiplier if args.divergence == "disc" else 0.0)
         advantages = distributed.local_share(
             advantage_fn(rewards, policy_logits.cpu(), args.group_size, adv_coef, args.scale_rewards)).to(args.device)
@@ -450,9 +447,8 @@ if __name__ == "__main__":
         completion_mask = rollouts["completion_mask"]
         num_tokens = distributed.all_sum(completion_mask.sum())  # the whole batch's: the loss is normalised by it
         expert_prompts = [expert_pool[i] for i in distributed.local_share(expert_indices).tolist()]
-        expert_batches, num_expert_tokens = expert_micro_batches(
-            tokenizer, expert_prompts, cache, len(micro_starts), args.device
-        )
+        expert_batches, num_expert_tokens = expert_micro_batches(tokenizer, expert_prompts, cache, len(micro_starts),
+                                                                 args.device)
         clock.lap("score")
 
         # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)

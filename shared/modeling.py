@@ -26,6 +26,7 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPM_HEADS = "gpm_heads.pt"  # the GPM's value and gate heads, saved by algos/gpm.py beside its backbone
 
 
 def build_tiny_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
@@ -185,6 +186,29 @@ def load_reference(args, policy):
     if args.lora_r:
         return policy
     return distributed.shard(load_model(args.model, args.dtype, args.device).eval().requires_grad_(False))
+
+
+def load_gpm(path: str, dtype: str, device: str, system_prompt: str, chat_template_kwargs: str):
+    """The GPM that algos/gpm.py saved in `path`: its frozen backbone, value and gate heads
+    (bias-free linear maps of the hidden state), tokenizer and dimension names.
+    ValueError, naming --gpm, for a folder without heads or with heads for another backbone."""
+    heads_path = Path(path) / GPM_HEADS
+    if not heads_path.exists():
+        raise ValueError(f"--gpm {path!r} has no {GPM_HEADS}; train one with algos/gpm.py")
+    tokenizer = load_tokenizer(path, system_prompt, chat_template_kwargs)
+    backbone = load_model(path, dtype, device).eval().requires_grad_(False)
+    hidden_size = backbone.config.hidden_size
+    try:  # weights_only: a user-given file is never unpickled as code
+        heads = torch.load(heads_path, weights_only=True)
+        value_head = torch.nn.Linear(hidden_size, 2 * heads["dims"], bias=False).to(device)
+        gate_head = torch.nn.Linear(hidden_size, heads["dims"], bias=False).to(device)
+        value_head.load_state_dict(heads["value_head"])
+        gate_head.load_state_dict(heads["gate_head"])
+    except Exception as error:
+        raise ValueError(f"--gpm {path!r}: {GPM_HEADS} is not GPM heads saved by algos/gpm.py for this backbone "
+                         f"({type(error).__name__})") from None
+    names = heads["axes"] or [f"dim{l}" for l in range(heads["dims"])]
+    return backbone, value_head.requires_grad_(False), gate_head.requires_grad_(False), tokenizer, names
 
 
 def adapters_off(model):

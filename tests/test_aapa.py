@@ -12,12 +12,11 @@ from algos.aapa import (
     aapa_loss,
     anchor_coefficient,
     anchor_scores,
-    binary_auc,
     discriminator_loss,
     fit_discriminator,
     group_advantages,
-    make_discriminator,
 )
+from shared.discriminator import binary_auc, make_discriminator
 
 
 def batch(seed=0):

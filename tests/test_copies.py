@@ -13,7 +13,6 @@ COPIES = {  # function: (the original, the files that carry a copy)
     "skew_scores": ("gpm", ["gprl"]),
     "gpm_scores": ("gpm", ["gprl"]),
     "gpm_embed": ("gpm", ["gprl"]),
-    "make_discriminator": ("aapa", ["uniapl"]),
     "sequence_logps": ("adpo", ["adpo_pairwise"]),
 }
 

@@ -18,6 +18,7 @@ import algos.gprl as gprl
 import algos.grpo as grpo
 import algos.sft as sft
 import algos.uniapl as uniapl
+from shared import discriminator
 from shared.data import keep_short_prompts, load_expert_cache, load_rows
 from shared.modeling import build_tiny_tokenizer, chat_prompt
 
@@ -156,6 +157,6 @@ def test_preference_model_functions_stay_finite_on_edge_values(seed):
     assert_finite("gpm_loss", gpm.gpm_loss(v[:4], v[4:], gate[:4], torch.rand(4, generator=g), 0.1, torch.rand(4, 3, generator=g), 1.0))
     margins = torch.randn(3, generator=g) * scale
     assert_finite("drift_update", *gprl.drift_update(margins, torch.zeros(3), torch.ones(3), 0.2, 0.0)[:3])
-    head = aapa.make_discriminator(6, 4)
+    head = discriminator.make_discriminator(6, 4)
     assert_finite("aapa discriminator", aapa.discriminator_loss(head(v), torch.randint(2, (8,), generator=g)))
     assert_finite("uniapl discriminator", uniapl.online_discriminator_loss(head, v[:4], v[4:], 0.1, 0.5))

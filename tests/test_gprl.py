@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from algos.gpm import gpm_loss, gpm_scores
-from algos.gprl import axis_agreement, drift_update, gprl_advantages, group_dim_scores, grpo_loss, probe_margin_stats
+from algos.gprl import drift_update, gprl_advantages, group_dim_scores, grpo_loss, probe_margin_stats
+from shared.drift_probe import axis_agreement
 
 
 def random_v(n, k, seed=0):

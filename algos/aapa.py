@@ -399,7 +399,7 @@ if __name__ == "__main__":
     disc_order = torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[: args.disc_prompts]
     disc_prompts = [expert_pool[i] for i in disc_order.tolist()]
     num_holdout = max(1, int(len(disc_prompts) * args.disc_holdout))
-    holdout_prompts, fit_prompts = disc_prompts[:num_holdout], disc_prompts[num_holdout:]
+    holdout_prompts = disc_prompts[:num_holdout]  # the rest are the fit's
     if state:
         disc_record = state["extra"]["discriminator"]
     elif args.disc_path:
@@ -434,9 +434,11 @@ if __name__ == "__main__":
     # anchor_metrics(step): fresh rollouts on the discriminator's held-out prompts, judged by it
     anchor_metrics = functools.partial(discriminator.fresh_rollout_metrics, model, tokenizer, holdout_prompts,
                                        holdout_expert_logits, discriminator_logits, anchor_scores, args=args)
-    run_eval = functools.partial(
-        evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args, extra=anchor_metrics
-    )
+
+    # run_eval(step, log=True)
+    run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args,
+                                 extra=anchor_metrics)
+
     micro_starts = range(0, batch_size // distributed.world_size(), args.micro_batch_size)  # this rank's micro-batches
     if start_step == 0:
         runfolder.write_json(output_dir / "initial_eval.json", {k: v for k, v in run_eval(0).items() if k != "texts"})
@@ -490,10 +492,10 @@ if __name__ == "__main__":
         old_logps, ref_logps = old_and_ref_logps(model, ref_model if args.beta > 0 else None, rollouts, args)
         clock.lap("logps")
 
-        # ---- optimise: num_iterations passes; each micro-step = one rollout slice (+ one expert slice)
+        # ---- optimise: num_iterations passes over the generation batch
         for iteration in range(args.num_iterations):
             total_loss, rl_loss, expert_loss, metric_sums = 0.0, 0.0, 0.0, {}
-            for s, expert_batch in zip(micro_starts, expert_batches):
+            for s, expert_batch in zip(micro_starts, expert_batches):  # a rollout slice (and an expert slice)
                 sl = slice(s, s + args.micro_batch_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,

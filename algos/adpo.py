@@ -215,31 +215,27 @@ if __name__ == "__main__":
                          f"{args.group_size} (a group's softmax needs all of its samples)")
     if args.tau_min > args.tau_max:
         raise SystemExit(f"error: --tau-min {args.tau_min} must be <= --tau-max {args.tau_max}")
-    output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
+    output_dir = Path(args.output_dir)
     state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
     batch_size = args.prompts_per_step * args.group_size  # sequences per generation batch
 
-    # ---- data and reward
+    # ---- data, reward and policy (the anchor is the sampling policy itself: no reference model)
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-
-    # ---- policy (and anchor: the sampling policy itself), optimizer, schedule
-    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
-    try:
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
+    # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
@@ -297,18 +293,9 @@ if __name__ == "__main__":
 
         # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
         with torch.no_grad(), autocast:
-            anchor = [
-                completion_logps(
-                    model,
-                    input_ids[s : s + args.micro_batch_size],
-                    attention_mask[s : s + args.micro_batch_size],
-                    prompt_len,
-                    args.temperature,
-                    args.logp_chunk_tokens,
-                    with_entropy=True,
-                )
-                for s in micro_starts
-            ]
+            anchor = [completion_logps(model, input_ids[s : s + args.micro_batch_size],
+                                       attention_mask[s : s + args.micro_batch_size], prompt_len, args.temperature,
+                                       args.logp_chunk_tokens, with_entropy=True) for s in micro_starts]
         anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
         normalized_entropy = distributed.gather(group_entropy(entropies, completion_mask, args.group_size) / log_vocab)
         group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
@@ -323,10 +310,8 @@ if __name__ == "__main__":
         for iteration in range(args.num_iterations):
             total_loss, metric_sums = 0.0, {}
             for s in micro_starts:
-                sl, groups = (
-                    slice(s, s + args.micro_batch_size),
-                    slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size),
-                )
+                sl = slice(s, s + args.micro_batch_size)
+                groups = slice(s // args.group_size, (s + args.micro_batch_size) // args.group_size)
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
                                              args.temperature, args.logp_chunk_tokens).float()

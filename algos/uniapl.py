@@ -307,19 +307,14 @@ if __name__ == "__main__":
     expert_rows_per_step = max(1, round(batch_size * args.expert_data_ratio / (1 - args.expert_data_ratio)))
     distributed.check_divisible(expert_rows_per_step, "the expert rows per step (from --expert-data-ratio)")
 
-    # ---- data, expert demonstrations and reward
+    # ---- data, reward, expert demonstrations, policy, frozen initial policy (KL reference, default encoder)
     reward_fn, eval_fn = load_reward_fn(args.reward_fn), load_eval_fn(args.eval_fn)
     try:
         train_rows = load_rows(args.train_data, required=required_fields(reward_fn))
         eval_rows = load_eval_rows(args.eval_data, args.eval_prompts)
         expert_pool, cache, cache_header = load_expert_pool(args.expert_pool, train_rows, args.expert_cache,
             min_prompts=2, why="the discriminator's features are standardised by their spread over expert responses")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-
-    # ---- policy, frozen initial policy (KL reference and default encoder), optimizer, schedule
-    model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
-    try:
+        model_path = str(output_dir / runfolder.CHECKPOINT) if state else args.model
         tokenizer = load_tokenizer(model_path, args.system_prompt, args.chat_template_kwargs)
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
@@ -332,6 +327,7 @@ if __name__ == "__main__":
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
+    # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
     advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
@@ -343,18 +339,12 @@ if __name__ == "__main__":
     if state:
         disc_state = state["extra"]["discriminator"]
     else:
-        probe = [
-            expert_pool[i]
-            for i in torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[:256].tolist()
-        ]
-        probe_features = sentence_embeddings(
-            encoder, encoder_tokenizer, probe, [cache[p] for p in probe], args.device, args.disc_layers
-        )
-        disc_state = {
-            "feature_mean": probe_features.mean(0),
-            "feature_std": probe_features.std(0) + 1e-6,
-            "multiplier": args.initial_multiplier,
-        }
+        order = torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))
+        probe = [expert_pool[i] for i in order[:256].tolist()]
+        probe_features = sentence_embeddings(encoder, encoder_tokenizer, probe, [cache[p] for p in probe], args.device,
+                                             args.disc_layers)
+        disc_state = {"feature_mean": probe_features.mean(0), "feature_std": probe_features.std(0) + 1e-6,
+                      "multiplier": args.initial_multiplier}
     head = make_discriminator(disc_state["feature_mean"].numel(), args.disc_hidden).to(args.device)
     disc_optimizer = torch.optim.Adam(head.parameters(), lr=args.disc_learning_rate)
     multiplier = disc_state["multiplier"]
@@ -411,18 +401,9 @@ if __name__ == "__main__":
         disc_prompts = [expert_pool[i] for i in disc_indices.tolist() + expert_indices.tolist()]
         mine = distributed.local_share(disc_prompts)  # each rank embeds its share; every rank fits the same head
         own_samples = generate_rollouts(
-            model,
-            tokenizer,
-            mine,
-            1,
-            args.max_new_tokens,
-            args.temperature,
+            model, tokenizer, mine, 1, args.max_new_tokens, args.temperature,
             seeds=distributed.local_share(seeding.prompt_seeds(args.seed, -step - 1, len(disc_prompts))),
-            autocast_bf16=args.autocast_bf16,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            static_cache=args.static_cache,
-        )["texts"]
+            autocast_bf16=args.autocast_bf16, top_k=args.top_k, top_p=args.top_p, static_cache=args.static_cache)["texts"]
         expert_features = distributed.gather(features(mine, [cache[p] for p in mine]))
         policy_features = distributed.gather(features(mine, own_samples))
         disc_metrics = {"accuracy": torch.tensor(float("nan")), "penalty": torch.tensor(0.0)}
@@ -481,10 +462,7 @@ if __name__ == "__main__":
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * share
         total_loss = distributed.all_sum(float(total_loss))
-        rl_loss, expert_nll = (
-            distributed.all_sum(rl_loss),
-            distributed.all_sum(expert_nll),
-        )  # the dual step needs the whole batch's
+        rl_loss, expert_nll = distributed.all_sum(rl_loss), distributed.all_sum(expert_nll)  # the dual step: whole batch's
         grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
         checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
         optimizer.step()
@@ -494,9 +472,8 @@ if __name__ == "__main__":
         clock.lap("update")
 
         # ---- dual ascent on the constraint divergence <= epsilon
-        divergence = (
-            float(expert_nll) if args.divergence == "nll" else float(-torch.nn.functional.logsigmoid(policy_logits).mean())
-        )
+        divergence = float(expert_nll) if args.divergence == "nll" else float(
+            -torch.nn.functional.logsigmoid(policy_logits).mean())
         multiplier_used, multiplier = multiplier, dual_update(multiplier, divergence, args.epsilon, args.dual_lr)
 
         # ---- log, evaluate, checkpoint
@@ -530,9 +507,8 @@ if __name__ == "__main__":
                 **clock.metrics(),
             },
         )
-        progress.set_postfix(
-            reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}", d_acc=f"{float(disc_metrics['accuracy']):.2f}"
-        )
+        progress.set_postfix(reward=f"{rewards.mean():.3f}", nu=f"{multiplier:.3f}",
+                             d_acc=f"{float(disc_metrics['accuracy']):.2f}")
         discriminator_state = {**disc_state, "head": head.state_dict(), "optimizer": disc_optimizer.state_dict(),
                                "multiplier": multiplier}
         final_eval = checkpoint.evaluate_save_or_stop(step + 1, args, run_eval, lambda: checkpoint.save_checkpoint(

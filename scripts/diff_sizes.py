@@ -1,7 +1,7 @@
 """How far each algorithm file is from the base it was written from: the lines that
 differ between algos/grpo.py and each RL algorithm (and algos/sft.py and
 algos/adpo_pairwise.py, whose own bases are not GRPO, for reference), counted as
-`diff` counts them (a changed line is one removed plus one added). Issue 36's
+`diff` counts them (a changed line is one removed plus one added). The project's
 targets: chord <= 110, adpo <= 170, gprl, uniapl and aapa <= 240.
 
     python scripts/diff_sizes.py

@@ -34,12 +34,18 @@ def weights(out):
     return AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
 
 
-def assert_same_run(single, dist):
+def assert_same_run(single, dist, learning_rate=1e-3):
+    """Same losses, and the same weights to within 1e-5, except that Adam may turn the
+    rounding of a near-zero gradient (two processes sum in another order) into an
+    lr-sized step: a few elements in a thousand may differ, by at most the learning rate
+    (seen: 2 of 8,352 embedding entries by 1.1e-5 in GPRL, where weights moved 2.5e-3)."""
     assert losses(dist) == pytest.approx(losses(single), rel=1e-5, abs=1e-7)
     a, b = weights(single), weights(dist)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        difference = (a[key] - b[key]).abs()
+        off = difference > 1e-5
+        assert off.float().mean() <= 1e-3 and difference.max() <= learning_rate, (key, int(off.sum()), difference.max())
 
 
 def without(flags, name):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
-from shared.logprobs import completion_logps, old_and_ref_logps
+from shared.logprobs import completion_logps, expert_row_logps, old_and_ref_logps
 from shared.modeling import load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import generate_rollouts
@@ -383,12 +383,8 @@ if __name__ == "__main__":
                 with autocast:
                     logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
                                              args.temperature, args.logp_chunk_tokens).float()
-                    if expert_batch is None:  # fewer expert rows than micro-steps
-                        expert_logps, expert_mask = logps.new_zeros(0, 1), logps.new_zeros(0, 1)
-                    else:
-                        ids, mask, expert_mask, expert_prompt_len = expert_batch
-                        expert_logps = completion_logps(model, ids, mask, expert_prompt_len, expert_temperature,
-                                                        args.logp_chunk_tokens).float()
+                    expert_logps, expert_mask = expert_row_logps(model, expert_batch, expert_temperature,
+                                                                 args.logp_chunk_tokens, like=logps)
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],

@@ -174,6 +174,16 @@ def packed_token_logps(model, ids: torch.Tensor, doc: torch.Tensor, chunk_tokens
     return logps, (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
 
 
+def expert_row_logps(model, expert_batch, temperature: float, chunk_tokens: int, like: torch.Tensor):
+    """Float log-probs [E, L] and response mask of one micro-step's expert rows (an item of
+    shared/data.py:expert_micro_batches); empty [0, 1] tensors like `like` for a micro-step
+    without any (base GRPO, or fewer expert rows than micro-steps)."""
+    if expert_batch is None:
+        return like.new_zeros(0, 1), like.new_zeros(0, 1)
+    ids, mask, expert_mask, prompt_len = expert_batch
+    return completion_logps(model, ids, mask, prompt_len, temperature, chunk_tokens).float(), expert_mask
+
+
 @torch.no_grad()
 def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The no-grad log-probs of a generation batch, [B, L] each, --micro-batch-size rows

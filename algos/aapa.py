@@ -1,20 +1,16 @@
-"""AAPA: Adversarially Anchored Preference Alignment (arXiv 2509.25148 v2), a plug-in
-sentence-level anchoring term for SFT, GRPO and CHORD.
+"""AAPA: Adversarially Anchored Preference Alignment (arXiv 2509.25148 v2), a plug-in for SFT, GRPO and CHORD.
 
-A FIXED lightweight discriminator D(x, y) (a small head on frozen sentence embeddings)
-is trained once, before policy optimisation, to tell offline expert responses (the
-expert cache) from the initial policy's rollouts; it is then frozen. Each rollout
-gets an anchor score s = log D(x, y), normalised within its group like a reward and
-added to the task advantage: A = A_task + lambda * A_anchor. With base SFT the loss is
-L_SFT + lambda * (policy gradient on A_anchor); with base CHORD the GRPO part of
-(1 - mu) * L_GRPO + mu * L_SFT-phi uses A. --staged runs A-SFT, then A-GRPO, in one command.
-From the paper (its abstract; the method section is not public): the plug-in term,
-the fixed discriminator, offline expert data, the three bases, the staged setting.
-Ours, each with its flag: s = log D (anchor_scores); the initial policy's rollouts as
-negatives (--disc-prompts); the features (--disc-layers, --disc-encoder) and head
-(--disc-hidden); the separate group normalisation of s and its weight (--anchor-coef,
---anchor-schedule); the A-SFT form (--base sft); CHORD's constant mu (--chord-mu, --phi);
-expert rows at the sampling temperature (--expert-temperature). docs/algorithms.md#aapa.
+Per step: sample G completions for each prompt, score them, normalise rewards
+within each group into advantages, then minimise the clipped surrogate
+-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
+aggregated by loss_type. With num_iterations == 1 the old policy is the current
+one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
+AAPA first fits a FIXED discriminator D(x, y) (a small head on frozen sentence
+embeddings: offline expert responses vs the initial policy's rollouts) and freezes it;
+each rollout's anchor score s = log D is centred per group and added to the advantage:
+A = A_task + lambda * A_anchor. Base sft: L_SFT + lambda * (policy gradient on A_anchor);
+base chord: CHORD's loss with A. --staged: A-SFT, then A-GRPO, in one command.
+The paper's method section is not public; our reading and its flags: docs/algorithms.md#aapa.
 """
 
 import functools
@@ -29,9 +25,9 @@ from tqdm import tqdm
 
 from shared import checkpoint, discriminator, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
-from shared.embeddings import sentence_embeddings
+from shared.embeddings import load_encoder, sentence_embeddings
 from shared.logprobs import completion_logps, expert_row_logps, old_and_ref_logps
-from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
+from shared.modeling import load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import generate_rollouts
 
@@ -41,7 +37,7 @@ ANCHOR_SCALE_MIN = 0.1  # nats: the floor of the anchor scale, so a D that canno
 
 
 @dataclass
-class Args(flags.RunFlags):
+class Args(flags.ExpertFlags, flags.RunFlags):
     base: Literal["grpo", "sft", "chord"] = "grpo"
     """the algorithm the anchoring term is added to"""
     staged: bool = False
@@ -62,11 +58,6 @@ class Args(flags.RunFlags):
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
-    expert_cache: str = "data/toy/expert_cache.jsonl"
-    """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
-    expert_pool: str = "data/toy/sft_prompts.jsonl"
-    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
-    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/aapa"
@@ -116,9 +107,6 @@ class Args(flags.RunFlags):
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
     """sample among the likeliest tokens holding this much probability only (1.0: off)"""
-    expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
-    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0 (stage 2 with --staged)"""
     weight_decay: float = 0.0
@@ -136,10 +124,12 @@ class Args(flags.RunFlags):
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """task-reward advantage std: per group, over the batch, or none (the anchor is divided by its fixed scale)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """per-token ratio, or one ratio per sequence (GSPO)"""
     num_iterations: int = 1
     """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     eval_every: int = 20
-    """evaluate (gold accuracy, anchor scores, discriminator accuracy on fresh rollouts) every this many steps"""
+    """evaluate on the held-out split every this many steps (and at start and end)"""
     eval_prompts: int = 256
     """held-out prompts used per evaluation"""
     save_every: int = 20
@@ -159,7 +149,6 @@ FLAG_RANGES = dict(
     temperature=flags.TEMPERATURE,
     top_k=flags.NON_NEGATIVE,
     top_p=flags.TOP_P,
-    expert_temperature=flags.NON_NEGATIVE,
     learning_rate=flags.POSITIVE,
     weight_decay=flags.NON_NEGATIVE,
     max_grad_norm=flags.POSITIVE,
@@ -341,9 +330,9 @@ if __name__ == "__main__":
     flags.check_flags(args, FLAG_RANGES)
     if args.staged and not 0 < args.stage1_steps < args.steps:
         raise SystemExit(f"error: --stage1-steps must be in (0, --steps) with --staged, got {args.stage1_steps}")
-    output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
+    output_dir = Path(args.output_dir)
     state = runfolder.claim_output_dir(args, own_outputs=(DISCRIMINATOR, STAGE1))  # one run per folder; --resume's state
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
@@ -364,11 +353,7 @@ if __name__ == "__main__":
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
         ref_model = load_reference(args, model) if args.beta > 0 or not args.disc_encoder else None
-        if args.disc_encoder:
-            encoder_tokenizer = load_tokenizer(args.disc_encoder, args.system_prompt, args.chat_template_kwargs)
-            encoder = distributed.shard(load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False))
-        else:
-            encoder_tokenizer, encoder = tokenizer, ref_model
+        encoder, encoder_tokenizer = load_encoder(args, ref_model, tokenizer)  # D's features: frozen
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
@@ -391,39 +376,22 @@ if __name__ == "__main__":
     advantage_fn = torch.compile(aapa_advantages, dynamic=True) if args.compile else aapa_advantages
     loss_fn = functools.partial(torch.compile(aapa_loss, dynamic=True) if args.compile else aapa_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                importance_sampling_level=args.importance_sampling_level,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
-    # ---- the fixed discriminator: trained once on expert responses vs initial-policy rollouts, then frozen
-    disc_order = torch.randperm(len(expert_pool), generator=torch.Generator().manual_seed(args.seed))[: args.disc_prompts]
-    disc_prompts = [expert_pool[i] for i in disc_order.tolist()]
-    num_holdout = max(1, int(len(disc_prompts) * args.disc_holdout))
-    holdout_prompts = disc_prompts[:num_holdout]  # the rest are the fit's
-    if state:
-        disc_record = state["extra"]["discriminator"]
-    elif args.disc_path:
-        try:
-            disc_record = discriminator.load_record(args.disc_path)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-        print(f"discriminator from {args.disc_path} (held-out accuracy {disc_record['heldout_accuracy']:.3f})")
-    else:
+    # ---- the fixed discriminator: fitted once on expert responses vs initial-policy rollouts (or loaded), then frozen
+    disc_prompts, holdout_prompts = discriminator.split_prompts(expert_pool, args.disc_prompts, args.disc_holdout, args.seed)
+
+    def fit():
         torch.manual_seed(args.seed)  # the initial rollouts and the head's initialisation draw from it
         features = discriminator.expert_and_policy_features(model, tokenizer, encoder, encoder_tokenizer, disc_prompts, cache,
                                                             args)
-        try:
-            head, disc_record = fit_discriminator(*features, num_holdout, args.disc_hidden, args.disc_epochs,
-                                                  args.disc_learning_rate)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-        disc_record.update(layers=args.disc_layers, encoder=args.disc_encoder or args.model)
-        discriminator.save_record(disc_record, output_dir / DISCRIMINATOR)
-        print(f"discriminator: held-out accuracy {disc_record['heldout_accuracy']:.3f}, AUC {disc_record['heldout_auc']:.3f} "
-              f"on {num_holdout} held-out prompts (chance 0.5; fit accuracy {disc_record['fit_accuracy']:.3f}); "
-              f"{disc_record['dropped_copies']} of {len(disc_prompts)} rollouts equal to the expert's dropped as negatives; "
-              f"anchor scale {disc_record['anchor_scale']:.3f} nats; saved to {output_dir / DISCRIMINATOR}")
-        logger.log(0, {f"disc/{key}": disc_record[key] for key in discriminator.FIT_NUMBERS})
+        return fit_discriminator(*features, len(holdout_prompts), args.disc_hidden, args.disc_epochs,
+                                 args.disc_learning_rate)[1]
+
+    disc_record = discriminator.fixed_record(state, args, fit, output_dir / DISCRIMINATOR, logger, len(disc_prompts))
     head = discriminator.frozen_head(disc_record, args.device)
 
     def discriminator_logits(prompts, responses):

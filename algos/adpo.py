@@ -1,19 +1,11 @@
-"""ADPO listwise: Anchored Direct Preference Optimization on on-policy groups (arXiv
-2510.18913, "From Probability to Advantage: Unifying Alignment via Anchored Ranking";
-author code: wk222/TRL-ADPO). The offline pairwise mode is algos/adpo_pairwise.py.
+"""ADPO listwise: Anchored Direct Preference Optimization (arXiv 2510.18913) on on-policy groups.
 
-Per step, as in GRPO: sample G completions for each prompt and score them. Then each
-group's candidates get anchored logits u_i = (l_i - l_i^anchor) / tau, l = sequence
-log-prob and the anchor = the sampling policy (one no-grad pass); the loss is the
-cross-entropy of softmax(u) against q = softmax(group z-scored reward / beta_r).
-Gradient: (1/tau) * sum_i (softmax(u)_i - q_i) * grad l_i. tau is adaptive per prompt,
-softer for uncertain policies (high entropy) and hard prompts (low reward).
-From the paper: the anchored softmax, the adaptive-tau form and tau0 0.8, beta_r 0.5,
-alpha 1.0 (--tau-alpha), tau_min 0.1. From the author's code: the on-policy anchor, no
-extra KL by default (--beta 0), the entropy averaged per sequence.
-Ours: the reward coefficient of the adaptive tau (--tau-reward-coef 1), tau_max 5
-(--tau-max), --num-iterations 2 (on the first pass u = 0, so the anchor only acts
-from the second). docs/algorithms.md#adpo.
+Per step: sample G completions for each prompt, score them, normalise rewards
+within each group into advantages, then minimise the cross-entropy of
+softmax(u) against q = softmax(A / beta_r) within each group, u_i = (l_i - l_i^anchor)
+/ tau, l a sequence log-prob and the anchor the sampling policy; tau is adaptive per
+prompt (softer for high entropy and low reward). The offline pairwise mode: adpo_pairwise.py.
+Formulas, the author's code (wk222/TRL-ADPO) and our choices: docs/algorithms.md#adpo.
 """
 
 import functools
@@ -29,7 +21,7 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
-from shared.logprobs import completion_logps
+from shared.logprobs import batch_logps, completion_logps
 from shared.modeling import load_policy, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import generate_rollouts
@@ -292,11 +284,7 @@ if __name__ == "__main__":
         clock.lap("score")
 
         # ---- anchor = the sampling policy: its log-probs and entropies, one no-grad pass; adaptive tau
-        with torch.no_grad(), autocast:
-            anchor = [completion_logps(model, input_ids[s : s + args.micro_batch_size],
-                                       attention_mask[s : s + args.micro_batch_size], prompt_len, args.temperature,
-                                       args.logp_chunk_tokens, with_entropy=True) for s in micro_starts]
-        anchor_logps, entropies = torch.cat([a[0] for a in anchor]).float(), torch.cat([a[1] for a in anchor]).float()
+        anchor_logps, entropies = batch_logps(model, rollouts, args, with_entropy=True)
         normalized_entropy = distributed.gather(group_entropy(entropies, completion_mask, args.group_size) / log_vocab)
         group_mean_reward = rewards.view(-1, args.group_size).mean(1).to(args.device)
         tau = adaptive_tau(normalized_entropy, group_mean_reward, args.tau0, args.tau_alpha, args.tau_reward_coef,

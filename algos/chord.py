@@ -1,17 +1,14 @@
-"""CHORD: on-policy GRPO with an off-policy expert term (Zhang et al. 2025, "On-Policy
-RL Meets Off-Policy Experts"; reference implementation: Trinity-RFT's mix_chord).
+"""CHORD: GRPO with an off-policy expert term (Zhang et al. 2025, "On-Policy RL Meets Off-Policy Experts").
 
-Per step: sample G completions for each prompt (GRPO's clipped surrogate on group-
-normalised rewards) and draw expert demonstrations from the expert cache; minimise
-L = (1 - mu) * L_GRPO + mu * L_SFT in one optimizer step. mu follows a warmup /
-cosine-decay schedule (CHORD-mu); with phi on, each expert token's NLL is weighted by
-p * (1 - p), p its probability (CHORD-phi), which mutes tokens the policy already
-knows (p ~ 1) and tokens far from it (p ~ 0).
-From the paper and Trinity-RFT: the loss, the mu schedule, phi, the presets, phi
-detached, expert log-probs at the rollout temperature (one pass for both).
-Ours, each with its flag: ms-swift's non-detached phi (--no-detach-phi), expert rows
-at temperature 1 (--expert-temperature 1), expert rows per step = rollouts * r / (1 - r)
-(--expert-data-ratio). Formulas and sources: docs/algorithms.md#chord.
+Per step: sample G completions for each prompt, score them, normalise rewards
+within each group into advantages, then minimise the clipped surrogate
+-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
+aggregated by loss_type. With num_iterations == 1 the old policy is the current
+one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
+CHORD adds expert demonstrations (the expert cache) to every step: the loss is
+(1 - mu) * L_GRPO + mu * L_SFT, mu on a warmup / cosine-decay schedule (CHORD-mu),
+each expert token's NLL optionally weighted by phi = p * (1 - p) (CHORD-phi).
+Formulas, Trinity-RFT's reference and our interpretations: docs/algorithms.md#chord.
 """
 
 import functools
@@ -41,7 +38,7 @@ PRESETS = {
 
 
 @dataclass
-class Args(flags.RunFlags):
+class Args(flags.ExpertFlags, flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (and reference): hub id or local folder, e.g. the SFT checkpoint"""
     train_data: str = "data/toy/train.jsonl"
@@ -54,11 +51,6 @@ class Args(flags.RunFlags):
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
-    expert_cache: str = "data/toy/expert_cache.jsonl"
-    """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
-    expert_pool: str = "data/toy/sft_prompts.jsonl"
-    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
-    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/chord"
@@ -97,9 +89,6 @@ class Args(flags.RunFlags):
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
     """sample among the likeliest tokens holding this much probability only (1.0: off)"""
-    expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
-    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -142,7 +131,6 @@ FLAG_RANGES = dict(
     temperature=flags.TEMPERATURE,
     top_k=flags.NON_NEGATIVE,
     top_p=flags.TOP_P,
-    expert_temperature=flags.NON_NEGATIVE,
     learning_rate=flags.POSITIVE,
     weight_decay=flags.NON_NEGATIVE,
     max_grad_norm=flags.POSITIVE,

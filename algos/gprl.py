@@ -1,23 +1,16 @@
-"""GPRL: policy optimisation against a General Preference Model (arXiv 2605.18721),
-with per-dimension group-relative advantages and a closed-loop drift monitor.
+"""GPRL: policy optimisation against a General Preference Model (arXiv 2605.18721), with a drift monitor.
 
-Per step: G rollouts per prompt; one GPM forward per rollout gives v_i in R^{2k} and
-the prompt's gate lambda(x). For each dimension l, S_l(i) = mean_{j != i} s_l(i, j)
-(group-centred by skew-symmetry) is normalised on its own scale,
-A_l = S_l / max(std(S_l), --adv-std-floor), so that no axis dominates by scale and an
-axis tied within noise stays near 0; A = sum_l w_l A_l, w_l proportional to
-lambda_l(x) * rho_l (rho: the drift weights); --judge scalar normalises the weighted
-sum once instead (a scalar judge). Loss: PPO-clip + beta * k3 KL to the reference.
-Every N steps the drift monitor measures per-dimension margins of the policy's greedy
-responses over frozen reference responses on a probe set, cumulatively (against the
-reference, not the last check) and against the probe noise (noise_z standard errors);
-when one dimension holds most of the gain while another has fallen (single-axis
-exploitation), it shrinks that dimension's rho, tightens the clip range and raises
-beta; when clear, it relaxes them back. In the toy world it also logs the GPM's
-agreement with the true per-axis preference on those probe pairs. Interpretation (the
-paper's body is not available): the forms of S_l, A_l, w_l, the margins and the alarm
-rule above; every threshold is a flag. The GPM is read as algos/gpm.py saved it.
-docs/algorithms.md#gpm-and-gprl.
+Per step: sample G completions for each prompt, score them, normalise rewards
+within each group into advantages, then minimise the clipped surrogate
+-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
+aggregated by loss_type. With num_iterations == 1 the old policy is the current
+one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
+GPRL's advantage comes from the GPM, per dimension: S_l(i) = mean_{j != i} s_l(i, j),
+A_l = S_l / max(std S_l, floor), A = sum_l w_l A_l, w_l ~ gate_l(x) * rho_l. Every N
+steps a drift monitor compares the policy's greedy responses with frozen reference
+ones on probe prompts; when one axis holds the gain while another falls (single-axis
+exploitation) it shrinks that axis's rho, tightens the clip range and raises beta.
+The paper's body is not available; our reading and its flags: docs/algorithms.md#gpm-and-gprl.
 """
 
 import functools
@@ -33,10 +26,11 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, drift_probe, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
+from shared.embeddings import gpm_embed
 from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_gpm, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import encode_prompt_response, generate_rollouts
+from shared.rollout import generate_rollouts
 
 
 @dataclass
@@ -307,28 +301,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
     return loss, metrics
 
 
-def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
-    """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
-    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
-    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
-    response_lengths = response_mask.sum(1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
-    rows = torch.arange(ids.size(0), device=ids.device)
-    v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
-    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
-    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
-    k = gate_head.out_features
-    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
-    return v, gate
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     flags.check_flags(args, FLAG_RANGES)
-    output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
+    output_dir = Path(args.output_dir)
     state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
@@ -359,8 +337,9 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         print(f"resumed from {output_dir / runfolder.CHECKPOINT} at step {start_step}")
     advantage_fn = torch.compile(gprl_advantages, dynamic=True) if args.compile else gprl_advantages
-    # eps and beta change only at drift checks, so a compiled loss recompiles at most once per check
-    loss_fn = torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss
+    # eps and beta are the drift monitor's, given per call: they change only at checks (a compiled loss recompiles then)
+    loss_fn = functools.partial(torch.compile(grpo_loss, dynamic=True) if args.compile else grpo_loss,
+                                loss_type=args.loss_type, max_completion_length=args.max_new_tokens, num_sequences=batch_size)
     logger = runlog.RunLogger(output_dir, args, args.track, args.wandb_project, resume_step=start_step)
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
 
@@ -375,13 +354,6 @@ if __name__ == "__main__":
     reference_v, _ = embed(probe_prompts, reference_texts)
     monitor = state["extra"]["monitor"] if state else {
         "rho": torch.ones(len(dim_names)), "eps": args.clip_eps, "beta": args.beta, "alarms": 0}
-
-    def probe_margins():
-        """Per probe prompt, s_l(policy's greedy response, reference response) [n, k], and, in the toy
-        world, the true per-axis preference of the same pairs [n, k] (None elsewhere)."""
-        texts = drift_probe.greedy_responses(model, tokenizer, probe_prompts, args)
-        v, _ = embed(probe_prompts, texts)
-        return skew_scores(v, reference_v).cpu(), drift_probe.true_preferences(probe_rows, texts, reference_texts, dim_names)
 
     # run_eval(step, log=True)
     run_eval = functools.partial(evaluation.evaluate_and_log, model, tokenizer, eval_rows, eval_fn, logger, args)
@@ -441,8 +413,7 @@ if __name__ == "__main__":
                 loss, metrics = loss_fn(
                     logps, logps.detach() if old_logps is None else old_logps[sl].float(),
                     None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
-                    eps_low=eps, eps_high=eps, beta=beta, loss_type=args.loss_type,
-                    max_completion_length=args.max_new_tokens, num_sequences=batch_size, num_tokens=num_tokens)
+                    eps_low=eps, eps_high=eps, beta=beta, num_tokens=num_tokens)
                 loss.backward()
                 total_loss += loss.detach()
                 share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
@@ -460,7 +431,8 @@ if __name__ == "__main__":
         # ---- drift monitor every drift_every steps: margins vs the frozen reference responses
         drift_log = {}
         if (step + 1) % args.drift_every == 0:
-            per_prompt, truth = probe_margins()
+            texts = drift_probe.greedy_responses(model, tokenizer, probe_prompts, args)
+            per_prompt = skew_scores(embed(probe_prompts, texts)[0], reference_v).cpu()  # [n, k]: s_l(policy, reference)
             margins, margin_se = probe_margin_stats(per_prompt)
             # the next steps' rho, eps and beta; this step's loss used the ones above (logged as train/*)
             next_rho, next_eps, next_beta, event = drift_update(
@@ -471,20 +443,10 @@ if __name__ == "__main__":
             if not args.drift_adjust:  # the alarm is still counted and logged: would it have fired?
                 next_rho, next_eps, next_beta = monitor["rho"], monitor["eps"], monitor["beta"]
             monitor = {"rho": next_rho, "eps": next_eps, "beta": next_beta, "alarms": monitor["alarms"] + event["alarm"]}
-            drift_log = {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
-                         "drift/alarms_total": monitor["alarms"], "drift/eps": next_eps, "drift/beta": next_beta,
-                         **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
-                         **{f"drift/band/{n}": event["band"][l] for l, n in enumerate(dim_names)},
-                         **drift_probe.judge_accuracy_log(truth, per_prompt, dim_names),
-                         **{f"drift/rho/{n}": float(next_rho[l]) for l, n in enumerate(dim_names)}}
+            truth = drift_probe.true_preferences(probe_rows, texts, reference_texts, dim_names)  # toy world only
+            drift_log = drift_probe.monitor_log(event, monitor, margins, per_prompt, truth, dim_names)
             if event["alarm"]:
-                tqdm.write(
-                    f"step {step + 1}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "
-                    f"of the gain over the reference while {', '.join(dim_names[l] for l in event['falling'])} fell (margins "
-                    f"{', '.join(f'{m:+.4f}' for m in event['margins'])}, noise band "
-                    f"{', '.join(f'{b:.4f}' for b in event['band'])}); rho -> {[round(float(r), 3) for r in next_rho]}, "
-                    f"eps -> {next_eps:.3f}, beta -> {next_beta:.3f}"
-                )
+                tqdm.write(drift_probe.alarm_message(step + 1, event, monitor, dim_names))
 
         # ---- log, evaluate, checkpoint
         lengths = distributed.gather(completion_mask.sum(1).float())

@@ -1,22 +1,15 @@
-"""UniAPL: Unified Adversarial Preference Learning (arXiv 2509.25148 v1), one
-single-stage objective.
+"""UniAPL: Unified Adversarial Preference Learning (arXiv 2509.25148 v1), one single-stage objective.
 
-Every optimizer step sees expert demonstrations (the expert cache) and on-policy
-groups: L = L_GRPO(A_task + lambda * A_adv) + (c_sft + nu) * L_NLL(expert), where A_adv
-is the group advantage of log D(x, y), normalised separately from the task reward's.
-The discriminator D (a small head on frozen sentence embeddings) is co-trained online,
-GAIL-style: k BCE steps per policy step, expert responses vs the current rollouts.
-Alignment is a constrained problem, max reward s.t. divergence-from-expert <= epsilon,
-solved with a Lagrange multiplier nu >= 0 updated by dual ascent every step.
-From the paper (its abstract; the method section is not public): one single-stage
-objective on mixed SFT and RL data, expert demonstrations in every step, adversarial
-alignment with the expert distribution, constrained optimisation.
-Ours, the whole objective above, each part with its flag: the adversarial reward
-(--adv-coef), the co-trained D (--disc-steps, --label-smoothing, --gradient-penalty),
-the divergence (--divergence nll: expert NLL per token, nu raises the NLL weight;
-disc: -E log D of rollouts, nu raises the adversarial weight), the bound and dual step
-(--epsilon, --dual-lr), expert rows at the sampling temperature (--expert-temperature).
-docs/algorithms.md#uniapl.
+Per step: sample G completions for each prompt, score them, normalise rewards
+within each group into advantages, then minimise the clipped surrogate
+-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
+aggregated by loss_type. With num_iterations == 1 the old policy is the current
+one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
+UniAPL adds expert demonstrations and an online (GAIL-style) discriminator D to every
+step: A = A_task + lambda * A_adv, A_adv the group advantage of log D(x, y), and
+L = L_GRPO(A) + (c_sft + nu) * NLL(expert rows), nu a Lagrange multiplier (dual ascent)
+for the constraint divergence-from-expert <= epsilon.
+The paper's method section is not public; our reading and its flags: docs/algorithms.md#uniapl.
 """
 
 import functools
@@ -33,15 +26,15 @@ from tqdm import tqdm
 from shared import checkpoint, distributed, evaluation, flags, runfolder, runlog, seeding
 from shared.data import expert_micro_batches, keep_short_prompts, load_eval_rows, load_expert_pool, load_rows
 from shared.discriminator import make_discriminator
-from shared.embeddings import sentence_embeddings
+from shared.embeddings import load_encoder, sentence_embeddings
 from shared.logprobs import completion_logps, expert_row_logps, old_and_ref_logps
-from shared.modeling import load_model, load_policy, load_reference, load_tokenizer
+from shared.modeling import load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
 from shared.rollout import generate_rollouts
 
 
 @dataclass
-class Args(flags.RunFlags):
+class Args(flags.ExpertFlags, flags.RunFlags):
     model: str = "runs/sft/checkpoint"
     """initial policy (the SFT checkpoint, or a base model: UniAPL is single-stage) and default encoder"""
     train_data: str = "data/toy/train.jsonl"
@@ -54,11 +47,6 @@ class Args(flags.RunFlags):
     """held-out prompts with instruction ids, for gold accuracy"""
     eval_fn: str = "shared.scoring:instruction_scores"
     """'module:function' scoring held-out responses: (rows, texts) -> {name: value}, 'gold' and 'reward' among them"""
-    expert_cache: str = "data/toy/expert_cache.jsonl"
-    """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
-    expert_pool: str = "data/toy/sft_prompts.jsonl"
-    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
-    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
     reward_fn: str = "shared.scoring:reward"
     """'module:function' taking (row, completion_text) and returning a float"""
     output_dir: str = "runs/uniapl"
@@ -66,7 +54,7 @@ class Args(flags.RunFlags):
     seed: int = 1
     """seed for prompt order and sampling"""
     steps: int = 60
-    """policy steps (generation batches)"""
+    """generation batches; each gives num_iterations optimizer steps"""
     prompts_per_step: int = 16
     """prompts per generation batch"""
     group_size: int = 8
@@ -111,9 +99,6 @@ class Args(flags.RunFlags):
     """sample among the k likeliest tokens only (0: off, as the papers' GRPO)"""
     top_p: float = 1.0
     """sample among the likeliest tokens holding this much probability only (1.0: off)"""
-    expert_temperature: float = 0.0
-    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
-    expert rows in one pass; 1: the raw model)"""
     learning_rate: float = 5e-5
     """peak AdamW learning rate, linearly decayed to 0"""
     weight_decay: float = 0.0
@@ -131,6 +116,10 @@ class Args(flags.RunFlags):
     tokens (TRL), so its result depends on --micro-batch-size and the number of processes"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage std: per group, over the batch, or no scaling"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """per-token ratio, or one ratio per sequence (GSPO)"""
+    num_iterations: int = 1
+    """optimizer steps per generation batch; > 1 stores old log-probs at generation"""
     eval_every: int = 20
     """evaluate on the held-out split every this many steps (and at start and end)"""
     eval_prompts: int = 256
@@ -152,13 +141,13 @@ FLAG_RANGES = dict(
     temperature=flags.TEMPERATURE,
     top_k=flags.NON_NEGATIVE,
     top_p=flags.TOP_P,
-    expert_temperature=flags.NON_NEGATIVE,
     learning_rate=flags.POSITIVE,
     weight_decay=flags.NON_NEGATIVE,
     max_grad_norm=flags.POSITIVE,
     beta=flags.NON_NEGATIVE,
     eps_low=flags.FRACTION,
     eps_high=flags.NON_NEGATIVE,
+    num_iterations=flags.AT_LEAST_1,
     eval_every=flags.AT_LEAST_1,
     eval_prompts=flags.AT_LEAST_1,
     save_every=flags.AT_LEAST_1,
@@ -296,9 +285,9 @@ def dual_update(multiplier: float, divergence: float, epsilon: float, lr: float)
 if __name__ == "__main__":
     args = tyro.cli(Args)
     flags.check_flags(args, FLAG_RANGES)
-    output_dir = Path(args.output_dir)
     distributed.setup(args)  # under torchrun: each rank takes 1/N of every step's prompts
     distributed.check_divisible(args.prompts_per_step, "--prompts-per-step")
+    output_dir = Path(args.output_dir)
     state = runfolder.claim_output_dir(args)  # one run per folder; the checkpoint's state with --resume
     start_step = state["step"] if state else 0
     seeding.seed_everything(args.seed, args.deterministic)
@@ -319,20 +308,18 @@ if __name__ == "__main__":
         train_rows = keep_short_prompts(train_rows, tokenizer, args.max_prompt_tokens, args.long_prompts, args.train_data)
         model = distributed.shard(load_policy(model_path, args))
         ref_model = load_reference(args, model) if args.beta > 0 or not args.disc_encoder else None
-        if args.disc_encoder:
-            encoder_tokenizer = load_tokenizer(args.disc_encoder, args.system_prompt, args.chat_template_kwargs)
-            encoder = distributed.shard(load_model(args.disc_encoder, args.dtype, args.device).eval().requires_grad_(False))
-        else:
-            encoder_tokenizer, encoder = tokenizer, ref_model
+        encoder, encoder_tokenizer = load_encoder(args, ref_model, tokenizer)  # D's features: frozen
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.train()
     # ---- optimizer and schedule
     optimizer = torch.optim.AdamW(distributed.optimizer_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    # the learning rate decays once per optimizer step (TRL), num_iterations of them per generation batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / (args.steps * args.num_iterations)))
     advantage_fn = torch.compile(uniapl_advantages, dynamic=True) if args.compile else uniapl_advantages
     loss_fn = functools.partial(torch.compile(uniapl_policy_loss, dynamic=True) if args.compile else uniapl_policy_loss,
                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                                importance_sampling_level=args.importance_sampling_level,
                                 max_completion_length=args.max_new_tokens, num_sequences=batch_size)
 
     # ---- the online discriminator: features standardised with fixed statistics of expert responses
@@ -432,39 +419,40 @@ if __name__ == "__main__":
                                                                  args.device)
         clock.lap("score")
 
-        # ---- reference log-probs, no grad (one pass; the policy is updated once per batch)
-        _, ref_logps = old_and_ref_logps(model, ref_model if args.beta > 0 else None, rollouts, args)
+        # ---- old (sampling) and reference log-probs, no grad, once per generation batch
+        old_logps, ref_logps = old_and_ref_logps(model, ref_model if args.beta > 0 else None, rollouts, args)
         clock.lap("logps")
 
-        # ---- optimise the policy: L_GRPO + (c_sft [+ nu]) * expert NLL, one step
+        # ---- optimise: L_GRPO + (c_sft [+ nu]) * expert NLL, num_iterations passes over the generation batch
         expert_coef = args.sft_coef + (multiplier if args.divergence == "nll" else 0.0)
-        total_loss, rl_loss, expert_nll, metric_sums = 0.0, 0.0, 0.0, {}
-        for s, expert_batch in zip(micro_starts, expert_batches):
-            sl = slice(s, s + args.micro_batch_size)
-            with autocast:
-                logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
-                                         args.temperature, args.logp_chunk_tokens).float()
-                expert_logps, expert_mask = expert_row_logps(model, expert_batch, expert_temperature, args.logp_chunk_tokens,
-                                                             like=logps)
-            loss, metrics = loss_fn(
-                logps, logps.detach(), None if ref_logps is None else ref_logps[sl].float(), advantages[sl],
-                completion_mask[sl], expert_logps, expert_mask, expert_coef, num_expert_tokens=num_expert_tokens,
-                num_tokens=num_tokens)
-            loss.backward()
-            total_loss += loss.detach()
-            rl_loss += metrics.pop("rl_loss")
-            expert_nll += metrics.pop("expert_nll")
-            share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + value * share
-        total_loss = distributed.all_sum(float(total_loss))
-        rl_loss, expert_nll = distributed.all_sum(rl_loss), distributed.all_sum(expert_nll)  # the dual step: whole batch's
-        grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
-        checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
-        optimizer.step()
-        checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        for iteration in range(args.num_iterations):
+            total_loss, rl_loss, expert_nll, metric_sums = 0.0, 0.0, 0.0, {}
+            for s, expert_batch in zip(micro_starts, expert_batches):  # a rollout slice and an expert slice
+                sl = slice(s, s + args.micro_batch_size)
+                with autocast:
+                    logps = completion_logps(model, input_ids[sl], attention_mask[sl], prompt_len,
+                                             args.temperature, args.logp_chunk_tokens).float()
+                    expert_logps, expert_mask = expert_row_logps(model, expert_batch, expert_temperature,
+                                                                 args.logp_chunk_tokens, like=logps)
+                loss, metrics = loss_fn(
+                    logps, logps.detach() if old_logps is None else old_logps[sl].float(),
+                    None if ref_logps is None else ref_logps[sl].float(), advantages[sl], completion_mask[sl],
+                    expert_logps, expert_mask, expert_coef, num_expert_tokens=num_expert_tokens, num_tokens=num_tokens)
+                loss.backward()
+                total_loss += loss.detach()
+                rl_loss += metrics.pop("rl_loss")
+                expert_nll += metrics.pop("expert_nll")
+                share = completion_mask[sl].sum() / num_tokens.clamp(min=1)
+                for key, value in metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value * share
+            total_loss = distributed.all_sum(float(total_loss))
+            rl_loss, expert_nll = distributed.all_sum(rl_loss), distributed.all_sum(expert_nll)  # the dual step's: whole batch
+            grad_norm = distributed.sum_gradients_and_clip(model.parameters(), args.max_grad_norm)
+            checkpoint.stop_if_not_finite(total_loss, step + 1, output_dir, grad_norm)
+            optimizer.step()
+            checkpoint.stop_if_weights_not_finite(model, step + 1, output_dir)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         clock.lap("update")
 
         # ---- dual ascent on the constraint divergence <= epsilon

@@ -46,6 +46,37 @@ def expert_and_policy_features(model, tokenizer, encoder, encoder_tokenizer, pro
     return expert_features, policy_features, torch.tensor([text == cache[p] for p, text in zip(prompts, rollouts)])
 
 
+def split_prompts(pool: list[str], num_prompts: int, holdout: float, seed: int) -> tuple[list[str], list[str]]:
+    """A fixed discriminator's prompts (num_prompts of the pool, drawn by seed) and the
+    first `holdout` fraction of them (at least one), held out from its fit."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:num_prompts]
+    prompts = [pool[i] for i in order.tolist()]
+    return prompts, prompts[: max(1, int(len(prompts) * holdout))]
+
+
+def fixed_record(state, args, fit, path, logger, num_prompts: int) -> dict:
+    """The fixed discriminator's record: the resumed checkpoint's, the one --disc-path
+    names, or the one `fit()` returns now, saved to `path` with its numbers printed and
+    logged at step 0. A fit or a file that cannot be used ends the run with one line."""
+    if state:
+        return state["extra"]["discriminator"]
+    try:
+        record = load_record(args.disc_path) if args.disc_path else fit()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.disc_path:
+        print(f"discriminator from {args.disc_path} (held-out accuracy {record['heldout_accuracy']:.3f})")
+        return record
+    record.update(layers=args.disc_layers, encoder=args.disc_encoder or args.model)
+    save_record(record, path)
+    print(f"discriminator: held-out accuracy {record['heldout_accuracy']:.3f}, AUC {record['heldout_auc']:.3f} "
+          f"on {record['heldout_prompts']} held-out prompts (chance 0.5; fit accuracy {record['fit_accuracy']:.3f}); "
+          f"{record['dropped_copies']} of {num_prompts} rollouts equal to the expert's dropped as negatives; "
+          f"anchor scale {record['anchor_scale']:.3f} nats; saved to {path}")
+    logger.log(0, {f"disc/{key}": record[key] for key in FIT_NUMBERS})
+    return record
+
+
 def fit_on_split(expert_features, policy_features, policy_is_copy, num_holdout, hidden, epochs, learning_rate, loss_fn):
     """Fit a head once, full batch, on standardised features, minimising loss_fn(logits, is_expert).
 

@@ -2,7 +2,7 @@
 reference (once) and of the policy (at every check), and, in the toy world, where the
 true per-axis preference between two responses is known, how often the judge's sign
 agrees with it on the policy's own responses, so an exploited judge shows in the logs
-(elsewhere there is no such truth and nothing is logged)."""
+(elsewhere there is no such truth and nothing is logged); and what a check logs and prints."""
 
 import contextlib
 
@@ -56,3 +56,24 @@ def judge_accuracy_log(true_preference, scores, dim_names) -> dict:
     accuracy, decided = axis_agreement(true_preference, scores), (true_preference != 0.5).sum(0)
     return {**{f"drift/judge_accuracy/{n}": float(a) for n, a, d in zip(dim_names, accuracy, decided) if d > 0},
             **{f"drift/judge_pairs/{n}": int(d) for n, d in zip(dim_names, decided)}}
+
+
+def monitor_log(event: dict, monitor: dict, margins, per_prompt, true_preference, dim_names) -> dict:
+    """drift/* entries of one check: the alarm and the numbers behind it (margins, noise
+    band), the rho, eps and beta the next steps use (`monitor`, after the check), and, in
+    the toy world, the judge's agreement with the true preference on the probe pairs."""
+    return {"drift/alarm": float(event["alarm"]), "drift/dominant_share": event["dominant_share"],
+            "drift/alarms_total": monitor["alarms"], "drift/eps": monitor["eps"], "drift/beta": monitor["beta"],
+            **{f"drift/margin/{n}": float(margins[l]) for l, n in enumerate(dim_names)},
+            **{f"drift/band/{n}": event["band"][l] for l, n in enumerate(dim_names)},
+            **judge_accuracy_log(true_preference, per_prompt, dim_names),
+            **{f"drift/rho/{n}": float(monitor["rho"][l]) for l, n in enumerate(dim_names)}}
+
+
+def alarm_message(step: int, event: dict, monitor: dict, dim_names) -> str:
+    """One line for an alarm: which axis holds the gain, which fell, the numbers, and what changed."""
+    return (f"step {step}: drift alarm: {dim_names[event['dominant']]} holds {event['dominant_share']:.0%} "
+            f"of the gain over the reference while {', '.join(dim_names[l] for l in event['falling'])} fell (margins "
+            f"{', '.join(f'{m:+.4f}' for m in event['margins'])}, noise band "
+            f"{', '.join(f'{b:.4f}' for b in event['band'])}); rho -> {[round(float(r), 3) for r in monitor['rho']]}, "
+            f"eps -> {monitor['eps']:.3f}, beta -> {monitor['beta']:.3f}")

@@ -1,5 +1,5 @@
-"""The flags every script shares (RunFlags) and the checks that refuse a bad value
-with one error line before any data or model is read."""
+"""The flags every script shares (RunFlags), those of the scripts with expert demonstrations (ExpertFlags),
+and the checks that refuse a bad value with one error line before any data or model is read."""
 
 import dataclasses
 import json
@@ -57,6 +57,20 @@ class RunFlags:
     """JSON object of options for the tokenizer's chat template (Qwen3: enable_thinking; the tiny template ignores them)"""
     strip_think: bool = True
     """reward and evaluation functions see the answer after a reasoning model's </think> (an unclosed <think>: empty)"""
+
+
+@dataclasses.dataclass
+class ExpertFlags:
+    """Where the expert demonstrations of CHORD, AAPA and UniAPL come from, and the
+    temperature their log-probs are taken at: the same three flags in each."""
+    expert_cache: str = "data/toy/expert_cache.jsonl"
+    """expert responses keyed by prompt (scripts/build_expert_cache.py)"""
+    expert_pool: str = "data/toy/sft_prompts.jsonl"
+    """prompts whose expert demonstrations the run may use: by default SFT's 500 (data/toy/sft_prompts.jsonl), the
+    demonstrations the SFT checkpoint saw, so the method gets no extra supervised data; '' = every training prompt"""
+    expert_temperature: float = 0.0
+    """temperature of the expert rows' log-probs (0: the sampling temperature, as Trinity-RFT computes rollouts and
+    expert rows in one pass; 1: the raw model)"""
 
 
 def check_range(args, **rules) -> None:
@@ -119,6 +133,8 @@ def check_flags(args, flag_ranges: dict) -> None:
                          "float32 with --autocast-bf16")
     check_chat_template_kwargs(args.chat_template_kwargs)
     check_range(args, generation_batch_size=AT_LEAST_1, lora_r=NON_NEGATIVE, lora_alpha=POSITIVE)
+    if isinstance(args, ExpertFlags):
+        check_range(args, expert_temperature=NON_NEGATIVE)
     if args.lora_r and not args.lora_target_modules:
         raise SystemExit("error: --lora-target-modules must name at least one module when --lora-r > 0")
     device = args.device

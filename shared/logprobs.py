@@ -185,25 +185,31 @@ def expert_row_logps(model, expert_batch, temperature: float, chunk_tokens: int,
 
 
 @torch.no_grad()
-def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The no-grad log-probs of a generation batch, [B, L] each, --micro-batch-size rows
-    at a time at the sampling temperature: the sampling (old) policy's when the batch
-    is optimised more than once (--num-iterations > 1; otherwise old = current, detached),
-    and the reference's when ref_model is given (else None)."""
+def batch_logps(policy, rollouts: dict, args, with_entropy: bool = False):
+    """No-grad log-probs of a generation batch under `policy` at the sampling temperature,
+    --micro-batch-size rows at a time: [B, L] (and the token entropies [B, L], float32,
+    when with_entropy: ADPO's anchor and its adaptive tau)."""
     autocast = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast_bf16)
     ids, mask, start = rollouts["input_ids"], rollouts["attention_mask"], rollouts["prompt_len"]
+    with autocast:
+        parts = [completion_logps(policy, ids[s:s + args.micro_batch_size], mask[s:s + args.micro_batch_size], start,
+                                  args.temperature, args.logp_chunk_tokens, with_entropy=with_entropy)
+                 for s in range(0, ids.size(0), args.micro_batch_size)]
+    if with_entropy:
+        return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+    return torch.cat(parts)
 
-    def logps_of(policy):
-        with autocast:
-            return torch.cat([completion_logps(policy, ids[s:s + args.micro_batch_size], mask[s:s + args.micro_batch_size],
-                                               start, args.temperature, args.logp_chunk_tokens)
-                              for s in range(0, ids.size(0), args.micro_batch_size)])
 
-    old = logps_of(model) if getattr(args, "num_iterations", 1) > 1 else None
+@torch.no_grad()
+def old_and_ref_logps(model, ref_model, rollouts: dict, args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The no-grad log-probs of a generation batch (batch_logps): the sampling (old)
+    policy's when the batch is optimised more than once (--num-iterations > 1; otherwise
+    old = current, detached), and the reference's when ref_model is given (else None)."""
+    old = batch_logps(model, rollouts, args) if getattr(args, "num_iterations", 1) > 1 else None
     if ref_model is None:
         return old, None
     with adapters_off(ref_model):  # a LoRA policy is its own reference, with the adapters off
-        return old, logps_of(ref_model)
+        return old, batch_logps(ref_model, rollouts, args)
 
 
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,

@@ -148,7 +148,7 @@ def other_algorithms(tiny_world, pairs, gpm):
                                                                               "--expert-data-ratio", "0.2"],
         "algos/aapa.py": lambda out: rl_flags(tiny_world, out) + expert + ["--disc-prompts", "32", "--staged",
                                                                              "--stage1-steps", "1", "--expert-data-ratio", "0.2"],
-        "algos/uniapl.py": lambda out: without(rl_flags(tiny_world, out), "--num-iterations") + expert
+        "algos/uniapl.py": lambda out: rl_flags(tiny_world, out) + expert
         + ["--disc-steps", "2", "--expert-data-ratio", "0.2"],
         "algos/adpo.py": lambda out: without(rl_flags(tiny_world, out), "--beta") + ["--steps", "2"],
         "algos/adpo_pairwise.py": lambda out: pair_flags + ["--eval-data", tiny_world["eval"], "--eval-prompts", "8",

@@ -245,8 +245,7 @@ def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft
 
 def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
-    flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))
-    del flags[flags.index("--num-iterations"):flags.index("--num-iterations") + 2]
+    flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))  # --num-iterations 2: old log-probs stored
     flags += ["--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--epsilon", "0.0", "--disc-steps", "2", "--gradient-penalty", "0.1"]
     run_script("algos/uniapl.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
@@ -470,8 +469,6 @@ def test_expert_rows_come_only_from_the_expert_pool(tiny_world, sft_run, tmp_pat
                           ("algos/aapa.py", ["--base", "sft", "--disc-prompts", "10", "--disc-epochs", "3"])]:
         flags = grpo_flags(tiny_world, tmp_path / script.split("/")[1], str(sft_run / "checkpoint"))
         flags[flags.index("--steps") + 1] = "1"
-        if script == "algos/uniapl.py":
-            del flags[flags.index("--num-iterations"):flags.index("--num-iterations") + 2]
         run_script(script, *flags, *extra, "--expert-cache", str(small_cache), "--expert-pool", str(pool))
     result = run_script("algos/chord.py", *flags, "--expert-cache", str(small_cache), "--expert-pool", "",
                         "--output-dir", str(tmp_path / "everything"), expect_ok=False)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, train_in_process
 from test_scripts import common_flags, grpo_flags, losses
 from transformers import AutoModelForCausalLM
 
@@ -68,7 +68,7 @@ def rl_flags(world, out):
                                                ("algos/grpo.py", rl_flags)])
 def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path, script, make_flags):
     single, dist = tmp_path / f"{script}-single", tmp_path / f"{script}-dist"
-    run_script(script, *make_flags(tiny_world, single))
+    train_in_process(script, *make_flags(tiny_world, single))
     torchrun(script, *make_flags(tiny_world, dist))
     assert_same_run(single, dist)
     # one metrics line per step and evaluation: only rank 0 wrote
@@ -79,14 +79,14 @@ def test_sft_and_grpo_under_torchrun_equal_one_process(tiny_world, tmp_path, scr
 @pytest.mark.slow
 def test_interrupted_torchrun_run_resumes_exactly(tiny_world, tmp_path):
     full, parts, moved = tmp_path / "full", tmp_path / "parts", tmp_path / "moved"
-    run_script("algos/grpo.py", *rl_flags(tiny_world, full))  # equal to the torchrun run (test above)
+    train_in_process("algos/grpo.py", *rl_flags(tiny_world, full))  # equal to the torchrun run (test above)
     torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--stop-at-step", "1")
     assert (parts / "checkpoint" / "complete").exists() and not (parts / "eval.json").exists()
     shutil.copytree(parts, moved, ignore=shutil.ignore_patterns(".lock"))
     torchrun("algos/grpo.py", *rl_flags(tiny_world, parts), "--resume")
     assert_same_run(full, parts)
     # the optimizer state is saved whole, in the one-process format: one process resumes it too
-    run_script("algos/grpo.py", *rl_flags(tiny_world, moved), "--resume")
+    train_in_process("algos/grpo.py", *rl_flags(tiny_world, moved), "--resume")
     assert_same_run(full, moved)
 
 
@@ -132,7 +132,7 @@ def test_an_error_on_one_rank_stops_every_rank_within_seconds_with_one_line(tiny
 @pytest.fixture(scope="module")
 def pairs(tiny_world, tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    run_script("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
+    train_in_process("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
                "--out", str(path), "--num-prompts", "32", "--max-new-tokens", "8")
     return path
 
@@ -175,7 +175,7 @@ def test_every_other_algorithm_runs_under_torchrun_and_saves_a_loadable_checkpoi
 def test_every_other_algorithm_under_torchrun_equals_one_process(tiny_world, pairs, tmp_path):
     for script, make_flags in other_algorithms(tiny_world, pairs, tmp_path / "single" / "algos/gpm.py").items():
         single, dist = tmp_path / "single" / script, tmp_path / "dist" / script
-        run_script(script, *make_flags(single))
+        train_in_process(script, *make_flags(single))
         torchrun(script, *make_flags(dist))
         assert_same_run(single, dist)
 
@@ -190,7 +190,7 @@ def test_killed_torchrun_run_resumes_exactly(tiny_world, tmp_path):
         made[made.index("--steps") + 1] = "6"
         return made
 
-    run_script("algos/grpo.py", *flags(full))
+    train_in_process("algos/grpo.py", *flags(full))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(ROOT / "algos/grpo.py"), *flags(killed)]
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -307,7 +307,7 @@ def test_an_optimizer_state_saved_with_other_groups_is_refused_in_one_line(tiny_
 @pytest.mark.slow
 def test_a_lora_run_under_torchrun_equals_one_process(tiny_world, tmp_path):
     lora = ["--lora-r", "4", "--learning-rate", "3e-2"]
-    run_script("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "single"), *lora)
+    train_in_process("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "single"), *lora)
     torchrun("algos/grpo.py", *rl_flags(tiny_world, tmp_path / "dist"), *lora)
     assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-5, abs=1e-7)
     from safetensors.torch import load_file

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, train_in_process
 from transformers import AutoModelForCausalLM
 
 from shared.rewards import reward_scores
@@ -52,8 +52,8 @@ def assert_interrupted_run_resumes_exactly(script: str, flags: list[str], full, 
     flags = list(flags)
     interrupted = full.with_name(full.name + "_interrupted")
     flags[flags.index("--output-dir") + 1] = str(interrupted)
-    run_script(script, *flags, "--stop-at-step", str(stop_at))
-    run_script(script, *flags, "--resume")
+    train_in_process(script, *flags, "--stop-at-step", str(stop_at))
+    train_in_process(script, *flags, "--resume")
     assert losses(interrupted) == pytest.approx(losses(full), rel=1e-5, abs=1e-7)
     assert_same_weights(interrupted, full)
 
@@ -80,7 +80,7 @@ def test_every_algorithm_has_help_listing_every_flag(name, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def sft_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    run_script("algos/sft.py", *sft_flags(tiny_world, out))
+    train_in_process("algos/sft.py", *sft_flags(tiny_world, out))
     return out
 
 
@@ -95,16 +95,16 @@ def test_sft_end_to_end_checkpoint_loads(sft_run):
 
 
 def test_sft_resume_equals_uninterrupted(tiny_world, sft_run, tmp_path):
-    run_script("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--stop-at-step", "2")
+    train_in_process("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--stop-at-step", "2")
     assert len(losses(tmp_path)) == 2
-    run_script("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--resume")
+    train_in_process("algos/sft.py", *sft_flags(tiny_world, tmp_path), "--resume")
     assert losses(tmp_path) == pytest.approx(losses(sft_run), rel=1e-5)
     assert_same_weights(tmp_path, sft_run)
 
 
 def test_grpo_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
-    run_script("algos/grpo.py", *grpo_flags(tiny_world, full, str(sft_run / "checkpoint")))
+    train_in_process("algos/grpo.py", *grpo_flags(tiny_world, full, str(sft_run / "checkpoint")))
     assert len(losses(full)) == 4
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
@@ -126,8 +126,8 @@ def test_micro_batches_and_gradient_checkpointing_leave_training_unchanged(tiny_
             ("algos/grpo.py", grpo_flags(tiny_world, tmp_path / "grpo_full", str(sft_run / "checkpoint")), 8, [])]:
         full = Path(flags[flags.index("--output-dir") + 1])
         small = full.with_name(full.name.replace("full", "small"))
-        run_script(script, *flags, "--micro-batch-size", str(batch))
-        run_script(script, *flags, "--output-dir", str(small), "--micro-batch-size", "2", *knobs)
+        train_in_process(script, *flags, "--micro-batch-size", str(batch))
+        train_in_process(script, *flags, "--output-dir", str(small), "--micro-batch-size", "2", *knobs)
         assert losses(small) == pytest.approx(losses(full), rel=1e-5, abs=1e-7), script
         assert_same_weights(small, full)
 
@@ -136,7 +136,7 @@ def test_chord_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint")) + [
         "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--preset", "example", "--mu-warmup", "2", "--mu-decay", "2"]
-    run_script("algos/chord.py", *flags)
+    train_in_process("algos/chord.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["train/mu"] for m in metrics if "train/mu" in m] == pytest.approx([0.0, 0.25, 0.5, 0.26])
     assert all(0 < m["train/expert_token_prob"] < 1 for m in metrics if "train/mu" in m)
@@ -154,7 +154,7 @@ def adpo_listwise_flags(world, sft_run, out):
 def adpo_listwise_run(tiny_world, sft_run, tmp_path_factory):
     """One 4-step ADPO listwise run (two micro-batches of 4 rollouts a step), shared by the tests below."""
     full = tmp_path_factory.mktemp("adpo_listwise") / "full"
-    run_script("algos/adpo.py", *adpo_listwise_flags(tiny_world, sft_run, full))
+    train_in_process("algos/adpo.py", *adpo_listwise_flags(tiny_world, sft_run, full))
     return full
 
 
@@ -172,7 +172,7 @@ def test_adpo_listwise_logged_kl_does_not_depend_on_micro_batches(tiny_world, sf
     full, split = adpo_listwise_run, tmp_path / "split"
     split_flags = adpo_listwise_flags(tiny_world, sft_run, split)
     split_flags[split_flags.index("--micro-batch-size") + 1] = "8"  # one micro-batch of the 2 x 4 rollouts
-    run_script("algos/adpo.py", *split_flags)
+    train_in_process("algos/adpo.py", *split_flags)
     kl = {name: [m["train/kl"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "train/kl" in m]
           for name, folder in (("two micro-batches", full), ("one", split))}
     assert kl["two micro-batches"][0] > 0 and kl["two micro-batches"] == pytest.approx(kl["one"], rel=1e-4, abs=1e-9)
@@ -181,7 +181,7 @@ def test_adpo_listwise_logged_kl_does_not_depend_on_micro_batches(tiny_world, sf
 @pytest.fixture(scope="module")
 def pairs_file(tiny_world, sft_run, tmp_path_factory):
     pairs = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    run_script("scripts/build_preference_pairs.py", "--model", str(sft_run / "checkpoint"), "--data", tiny_world["train"],
+    train_in_process("scripts/build_preference_pairs.py", "--model", str(sft_run / "checkpoint"), "--data", tiny_world["train"],
                "--out", str(pairs), "--num-prompts", "64", "--max-new-tokens", "8")
     return pairs
 
@@ -196,7 +196,7 @@ def test_preference_pairs_and_adpo_pairwise_end_to_end(tiny_world, sft_run, pair
     flags = common_flags(tiny_world, out) + ["--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs),
                                              "--steps", "3", "--batch-size", "4", "--micro-batch-size", "1", "--max-new-tokens", "8"]
     del flags[flags.index("--train-data"):flags.index("--train-data") + 2]
-    run_script("algos/adpo_pairwise.py", *flags)
+    train_in_process("algos/adpo_pairwise.py", *flags)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert len(metrics) == 3 and all(0 <= m["train/accuracy"] <= 1 for m in metrics)
     # at step 1 the policy is the reference: every margin is 0 and the loss is log 2 whatever the labels
@@ -216,7 +216,7 @@ def test_aapa_staged_from_base_model_discriminator_frozen_and_resume(tiny_world,
     flags = grpo_flags(tiny_world, full, tiny_world["model"]) + [
         "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--staged", "--stage1-steps", "2", "--disc-prompts", "64",
         "--disc-holdout", "0.25"]
-    run_script("algos/aapa.py", *flags)
+    train_in_process("algos/aapa.py", *flags)
     saved = torch.load(full / "discriminator.pt", weights_only=True)
     assert saved["heldout_accuracy"] > 0.75
     final = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=True)["extra"]["discriminator"]
@@ -233,10 +233,10 @@ def test_aapa_sft_and_chord_bases_run_with_a_saved_discriminator(tiny_world, sft
     first = tmp_path / "first"
     flags = grpo_flags(tiny_world, first, str(sft_run / "checkpoint")) + [
         "--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--disc-prompts", "32", "--steps", "2"]
-    run_script("algos/aapa.py", *flags)
+    train_in_process("algos/aapa.py", *flags)
     for base in ["sft", "chord"]:
         flags[flags.index("--output-dir") + 1] = str(tmp_path / base)
-        run_script("algos/aapa.py", *flags, "--base", base, "--disc-path", str(first / "discriminator.pt"))
+        train_in_process("algos/aapa.py", *flags, "--base", base, "--disc-path", str(first / "discriminator.pt"))
         metrics = [json.loads(line) for line in (tmp_path / base / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in line]
         assert len(metrics) == 2 and all(m["train/expert_loss"] > 0 for m in metrics)
@@ -247,7 +247,7 @@ def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     full = tmp_path / "full"
     flags = grpo_flags(tiny_world, full, str(sft_run / "checkpoint"))  # --num-iterations 2: old log-probs stored
     flags += ["--expert-cache", tiny_world["expert_cache"], "--expert-pool", tiny_world["train"], "--epsilon", "0.0", "--disc-steps", "2", "--gradient-penalty", "0.1"]
-    run_script("algos/uniapl.py", *flags)
+    train_in_process("algos/uniapl.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     # epsilon 0 is always violated: the multiplier starts at 0 and grows by the divergence every step
     multipliers = [m["constraint/multiplier"] for m in metrics]
@@ -264,7 +264,7 @@ GPM_FLAGS = ["--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdou
 @pytest.fixture(scope="module")
 def gpm_run(sft_run, pairs_file, tmp_path_factory):
     gpm = tmp_path_factory.mktemp("gpm") / "gpm"
-    run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
+    train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
                *GPM_FLAGS)
     return gpm
 
@@ -277,7 +277,7 @@ def test_gpm_end_to_end(gpm_run):
 
 def test_gpm_uneven_micro_batches_with_checkpointing_train_the_same_model(sft_run, pairs_file, gpm_run, tmp_path):
     gpm, gpm_small = gpm_run, tmp_path / "gpm_small"  # 3 + 3 + 2 pairs a step
-    run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir",
+    train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir",
                str(gpm_small), *GPM_FLAGS, "--micro-batch-size", "3", "--gradient-checkpointing")
     assert losses(gpm_small) == pytest.approx(losses(gpm), rel=1e-5, abs=1e-7)
     assert_same_weights(gpm_small, gpm)
@@ -296,7 +296,7 @@ def gprl_flags(world, sft_run, gpm_run, out):
 def test_gprl_end_to_end_and_resume(tiny_world, sft_run, gpm_run, tmp_path):
     full = tmp_path / "full"
     flags = gprl_flags(tiny_world, sft_run, gpm_run, full)
-    run_script("algos/gprl.py", *flags)
+    train_in_process("algos/gprl.py", *flags)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     drift = [m for m in metrics if "drift/alarm" in m]
     assert [m["step"] for m in drift] == [2, 4]
@@ -324,7 +324,7 @@ def test_grpo_on_ifeval_style_data(tiny_world, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "grpo"
     flags = grpo_flags(tiny_world, out, tiny_world["model"]) + ["--train-data", str(data), "--eval-data", str(data), "--steps", "2"]
-    run_script("algos/grpo.py", *flags)
+    train_in_process("algos/grpo.py", *flags)
     result = json.loads((out / "eval.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the gold in eval.json is the verifiers' verdict on the saved greedy responses
@@ -394,7 +394,7 @@ def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_reco
     assert json.loads((out / "eval.json").read_text())["step"] == 2
     assert json.loads((out / "eval.json").read_text())["prompts"] == 16
     flags[flags.index("--steps") + 1] = "4"
-    run_script("algos/grpo.py", *flags, "--resume", "--allow-flag-changes")
+    train_in_process("algos/grpo.py", *flags, "--resume", "--allow-flag-changes")
     record = json.loads((out / "eval.json").read_text())
     last_eval = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/gold" in line][-1]
     assert record["step"] == 4 and last_eval["step"] == 4 and record["gold"] == last_eval["eval/gold"]
@@ -406,12 +406,12 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     eps and beta for the NEXT steps: train/eps and train/beta of a step are the values
     its loss used, i.e. the previous check's drift/eps and drift/beta."""
     gpm = tmp_path / "gpm"
-    run_script("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
+    train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
                "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.25")
     out = tmp_path / "gprl"
     flags = grpo_flags(tiny_world, out, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
-    run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
+    train_in_process("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
                "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
@@ -422,7 +422,7 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     # the monitor-off twin: the same alarms are counted and logged, but eps and beta never move
     off = tmp_path / "gprl_off"
     flags[flags.index("--output-dir") + 1] = str(off)
-    run_script("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
+    train_in_process("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
                "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
     metrics = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
@@ -442,9 +442,9 @@ def test_aapa_grpo_with_anchor_0_is_grpo(tiny_world, sft_run, tmp_path):
     """The table uses the GRPO run as AAPA-GRPO's anchor-0 control: the two must train the same policy."""
     flags = grpo_flags(tiny_world, tmp_path / "grpo", str(sft_run / "checkpoint"))
     flags[flags.index("--steps") + 1] = "2"
-    run_script("algos/grpo.py", *flags)
+    train_in_process("algos/grpo.py", *flags)
     flags[flags.index("--output-dir") + 1] = str(tmp_path / "aapa")
-    run_script("algos/aapa.py", *flags, "--anchor-coef", "0", "--expert-cache", tiny_world["expert_cache"],
+    train_in_process("algos/aapa.py", *flags, "--anchor-coef", "0", "--expert-cache", tiny_world["expert_cache"],
                "--expert-pool", "", "--disc-prompts", "16", "--disc-epochs", "3")
     grpo, aapa = metrics_by_step(tmp_path / "grpo"), metrics_by_step(tmp_path / "aapa")
     for step, record in grpo.items():
@@ -469,7 +469,7 @@ def test_expert_rows_come_only_from_the_expert_pool(tiny_world, sft_run, tmp_pat
                           ("algos/aapa.py", ["--base", "sft", "--disc-prompts", "10", "--disc-epochs", "3"])]:
         flags = grpo_flags(tiny_world, tmp_path / script.split("/")[1], str(sft_run / "checkpoint"))
         flags[flags.index("--steps") + 1] = "1"
-        run_script(script, *flags, *extra, "--expert-cache", str(small_cache), "--expert-pool", str(pool))
+        train_in_process(script, *flags, *extra, "--expert-cache", str(small_cache), "--expert-pool", str(pool))
     result = run_script("algos/chord.py", *flags, "--expert-cache", str(small_cache), "--expert-pool", "",
                         "--output-dir", str(tmp_path / "everything"), expect_ok=False)
     assert result.returncode != 0 and "error: expert cache" in result.stderr and "Traceback" not in result.stderr

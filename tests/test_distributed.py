@@ -133,7 +133,7 @@ def test_an_error_on_one_rank_stops_every_rank_within_seconds_with_one_line(tiny
 def pairs(tiny_world, tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     train_in_process("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"],
-               "--out", str(path), "--num-prompts", "32", "--max-new-tokens", "8")
+                     "--out", str(path), "--num-prompts", "32", "--max-new-tokens", "8")
     return path
 
 

@@ -182,7 +182,7 @@ def test_adpo_listwise_logged_kl_does_not_depend_on_micro_batches(tiny_world, sf
 def pairs_file(tiny_world, sft_run, tmp_path_factory):
     pairs = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     train_in_process("scripts/build_preference_pairs.py", "--model", str(sft_run / "checkpoint"), "--data", tiny_world["train"],
-               "--out", str(pairs), "--num-prompts", "64", "--max-new-tokens", "8")
+                     "--out", str(pairs), "--num-prompts", "64", "--max-new-tokens", "8")
     return pairs
 
 
@@ -265,7 +265,7 @@ GPM_FLAGS = ["--steps", "3", "--batch-size", "8", "--eval-every", "3", "--holdou
 def gpm_run(sft_run, pairs_file, tmp_path_factory):
     gpm = tmp_path_factory.mktemp("gpm") / "gpm"
     train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
-               *GPM_FLAGS)
+                     *GPM_FLAGS)
     return gpm
 
 
@@ -278,7 +278,7 @@ def test_gpm_end_to_end(gpm_run):
 def test_gpm_uneven_micro_batches_with_checkpointing_train_the_same_model(sft_run, pairs_file, gpm_run, tmp_path):
     gpm, gpm_small = gpm_run, tmp_path / "gpm_small"  # 3 + 3 + 2 pairs a step
     train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir",
-               str(gpm_small), *GPM_FLAGS, "--micro-batch-size", "3", "--gradient-checkpointing")
+                     str(gpm_small), *GPM_FLAGS, "--micro-batch-size", "3", "--gradient-checkpointing")
     assert losses(gpm_small) == pytest.approx(losses(gpm), rel=1e-5, abs=1e-7)
     assert_same_weights(gpm_small, gpm)
     heads, small_heads = (torch.load(d / "checkpoint" / "gpm_heads.pt", weights_only=True) for d in (gpm, gpm_small))
@@ -384,13 +384,15 @@ def test_a_reward_that_overflows_float32_is_named():
         reward_scores(lambda row, text: 1e39, [{"prompt": "copy ab"}], ["ab"])
 
 
-def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_recorded(tiny_world, tmp_path):
+def test_extending_a_finished_run_rewrites_its_eval_and_a_short_eval_set_is_recorded(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
     flags = grpo_flags(tiny_world, out, tiny_world["model"])
     flags[flags.index("--steps") + 1] = "2"
     flags[flags.index("--eval-prompts") + 1] = "999"  # the eval set has 16 rows
-    first = run_script("algos/grpo.py", *flags)
-    assert "--eval-prompts 999 but" in first.stdout and "has 16 rows" in first.stdout
+    capsys.readouterr()
+    train_in_process("algos/grpo.py", *flags)
+    printed = capsys.readouterr().out
+    assert "--eval-prompts 999 but" in printed and "has 16 rows" in printed
     assert json.loads((out / "eval.json").read_text())["step"] == 2
     assert json.loads((out / "eval.json").read_text())["prompts"] == 16
     flags[flags.index("--steps") + 1] = "4"
@@ -407,12 +409,12 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     its loss used, i.e. the previous check's drift/eps and drift/beta."""
     gpm = tmp_path / "gpm"
     train_in_process("algos/gpm.py", "--model", str(sft_run / "checkpoint"), "--pairs-data", str(pairs_file), "--output-dir", str(gpm),
-               "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.25")
+                     "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--holdout", "0.25")
     out = tmp_path / "gprl"
     flags = grpo_flags(tiny_world, out, str(sft_run / "checkpoint"))
     del flags[flags.index("--beta"):flags.index("--beta") + 2]
     train_in_process("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
-               "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
+                     "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
     assert metrics[0]["train/eps"] == pytest.approx(0.2) and metrics[0]["train/beta"] == pytest.approx(0.04)
@@ -423,7 +425,7 @@ def test_gprl_logs_the_eps_and_beta_its_loss_used(tiny_world, sft_run, pairs_fil
     off = tmp_path / "gprl_off"
     flags[flags.index("--output-dir") + 1] = str(off)
     train_in_process("algos/gprl.py", *flags, "--gpm", str(gpm / "checkpoint"), "--drift-every", "1", "--probe-prompts", "8",
-               "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
+                     "--dominance", "0", "--noise-z", "-1000", "--beta", "0.04", "--learning-rate", "0.05", "--no-drift-adjust")
     metrics = [json.loads(line) for line in (off / "metrics.jsonl").read_text().splitlines() if "train/eps" in line]
     assert sum(m["drift/alarm"] for m in metrics) >= 1
     assert all(m["train/eps"] == 0.2 and m["drift/eps"] == 0.2 and m["train/beta"] == 0.04 for m in metrics)
@@ -445,7 +447,7 @@ def test_aapa_grpo_with_anchor_0_is_grpo(tiny_world, sft_run, tmp_path):
     train_in_process("algos/grpo.py", *flags)
     flags[flags.index("--output-dir") + 1] = str(tmp_path / "aapa")
     train_in_process("algos/aapa.py", *flags, "--anchor-coef", "0", "--expert-cache", tiny_world["expert_cache"],
-               "--expert-pool", "", "--disc-prompts", "16", "--disc-epochs", "3")
+                     "--expert-pool", "", "--disc-prompts", "16", "--disc-epochs", "3")
     grpo, aapa = metrics_by_step(tmp_path / "grpo"), metrics_by_step(tmp_path / "aapa")
     for step, record in grpo.items():
         for key, value in record.items():

@@ -2,14 +2,14 @@
 
 Per step: sample G completions for each prompt, score them, normalise rewards
 within each group into advantages, then minimise the clipped surrogate
--min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*KL_k3 per token,
+-min(r*A, clip(r, 1-eps, 1+eps)*A) + beta*KL_k3 per token, r = pi/pi_old,
 aggregated by loss_type. With num_iterations == 1 the old policy is the current
-one (old_logps = logps.detach()), so rho == 1 and only its gradient matters.
-GPRL's advantage comes from the GPM, per dimension: S_l(i) = mean_{j != i} s_l(i, j),
+one (old_logps = logps.detach()), so r == 1 and only its gradient matters.
+The rewards are a GPM's, per dimension: S_l(i) = mean_{j != i} s_l(i, j),
 A_l = S_l / max(std S_l, floor), A = sum_l w_l A_l, w_l ~ gate_l(x) * rho_l. Every N
 steps a drift monitor compares the policy's greedy responses with frozen reference
-ones on probe prompts; when one axis holds the gain while another falls (single-axis
-exploitation) it shrinks that axis's rho, tightens the clip range and raises beta.
+ones on probe prompts; on single-axis exploitation (one axis holds the gain while
+another falls) it shrinks that axis's weight rho_l, tightens eps and raises beta.
 The paper's body is not available; our reading and its flags: docs/algorithms.md#gpm-and-gprl.
 """
 

@@ -99,26 +99,10 @@ class Args(flags.RunFlags):
     """tokens per chunk when computing log-probs from hidden states (0: 64 MiB of logits per chunk)"""
 
 
-# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read
+# each flag's valid range, (low, high, low inclusive, high inclusive), checked before anything is read:
+# those every RL script shares (shared/flags.py), then this script's own
 FLAG_RANGES = dict(
-    max_prompt_tokens=flags.NON_NEGATIVE,
-    steps=flags.AT_LEAST_1,
-    prompts_per_step=flags.AT_LEAST_1,
-    group_size=flags.AT_LEAST_2,
-    micro_batch_size=flags.AT_LEAST_1,
-    max_new_tokens=flags.AT_LEAST_1,
-    temperature=flags.TEMPERATURE,
-    top_k=flags.NON_NEGATIVE,
-    top_p=flags.TOP_P,
-    learning_rate=flags.POSITIVE,
-    weight_decay=flags.NON_NEGATIVE,
-    max_grad_norm=flags.POSITIVE,
-    num_iterations=flags.AT_LEAST_1,
-    beta=flags.NON_NEGATIVE,
-    eval_every=flags.AT_LEAST_1,
-    eval_prompts=flags.AT_LEAST_1,
-    save_every=flags.AT_LEAST_1,
-    logp_chunk_tokens=flags.NON_NEGATIVE,
+    **flags.RL_RANGES,
     tau0=flags.POSITIVE,
     beta_r=flags.POSITIVE,
     tau_min=flags.POSITIVE,

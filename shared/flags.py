@@ -93,6 +93,29 @@ TEMPERATURE = (1e-3, None, True, False)  # logits / T overflow below 1e-3
 TOP_P = (0, 1, False, True)  # 0 would keep no token
 
 
+# the ranges of the flags every RL script (grpo, chord, aapa, uniapl, adpo, gprl) has; each adds its own
+RL_RANGES = dict(
+    max_prompt_tokens=NON_NEGATIVE,
+    steps=AT_LEAST_1,
+    prompts_per_step=AT_LEAST_1,
+    group_size=AT_LEAST_2,
+    micro_batch_size=AT_LEAST_1,
+    max_new_tokens=AT_LEAST_1,
+    temperature=TEMPERATURE,
+    top_k=NON_NEGATIVE,
+    top_p=TOP_P,
+    learning_rate=POSITIVE,
+    weight_decay=NON_NEGATIVE,
+    max_grad_norm=POSITIVE,
+    beta=NON_NEGATIVE,
+    num_iterations=AT_LEAST_1,
+    eval_every=AT_LEAST_1,
+    eval_prompts=AT_LEAST_1,
+    save_every=AT_LEAST_1,
+    logp_chunk_tokens=NON_NEGATIVE,
+)
+
+
 def _same_file(a: str, b: str) -> bool:
     """The same path, or two names (a link, ../) of one existing file."""
     a, b = Path(a), Path(b)

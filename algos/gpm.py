@@ -4,8 +4,7 @@ Model for Language Model Alignment", ICML 2025), the preference model GPRL optim
 Each response gets an embedding v(x, y) in R^{2k} (a value head on the last token's
 hidden state, L2-normalised) and each prompt a gate lambda(x) = k * softmax(W h / sqrt(H))
 over k dimensions (h the last prompt token's hidden state, H its width; the gates sum to
-k, as in the reference repository, whose bias-free heads we follow too; both are computed
-by shared/embeddings.py:gpm_embed, which GPRL calls too). The score
+k, as in the reference repository, whose bias-free heads we follow too). The score
     s(i, j) = sum_l lambda_l(x) * (v_i[2l] v_j[2l+1] - v_i[2l+1] v_j[2l])
 is skew-symmetric, s(i, j) = -s(j, i), and P(i > j) = sigmoid(s(i, j) / tau). Unlike a
 scalar Bradley-Terry reward it can represent cyclic (intransitive) preferences.
@@ -16,6 +15,7 @@ that dimension l means axis l and GPRL's drift monitor can name what drifts.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_pairs
-from shared.embeddings import gpm_embed
 from shared.modeling import GPM_HEADS, load_model, load_tokenizer
+from shared.rollout import encode_prompt_response
 
 
 @dataclass
@@ -108,6 +108,22 @@ def gpm_loss(v_chosen, v_rejected, gate, label, tau=0.1, axis_labels=None, axis_
     with torch.no_grad():
         metrics = {"accuracy": (score > 0).to(score.dtype).mean(), "axis_loss": axis_loss.detach()}
     return loss, metrics
+
+
+def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
+    """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
+    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
+    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
+    response_lengths = response_mask.sum(1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
+    rows = torch.arange(ids.size(0), device=ids.device)
+    v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
+    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
+    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
+    k = gate_head.out_features
+    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
+    return v, gate
 
 
 if __name__ == "__main__":

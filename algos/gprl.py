@@ -26,11 +26,10 @@ from tqdm import tqdm
 
 from shared import checkpoint, distributed, drift_probe, evaluation, flags, runfolder, runlog, seeding
 from shared.data import keep_short_prompts, load_eval_rows, load_rows
-from shared.embeddings import gpm_embed
 from shared.logprobs import completion_logps, old_and_ref_logps
 from shared.modeling import load_gpm, load_policy, load_reference, load_tokenizer
 from shared.rewards import load_eval_fn, load_reward_fn, required_fields, reward_scores
-from shared.rollout import generate_rollouts
+from shared.rollout import encode_prompt_response, generate_rollouts
 
 
 @dataclass
@@ -283,6 +282,22 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, eps_low=0.2, eps
             "kl": (kl * mask).sum() / active,
         }
     return loss, metrics
+
+
+def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
+    """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
+    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
+    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
+    response_lengths = response_mask.sum(1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
+    rows = torch.arange(ids.size(0), device=ids.device)
+    v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
+    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
+    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
+    k = gate_head.out_features
+    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
+    return v, gate
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""Features of (prompt, response) pairs: the sentence embeddings AAPA's and UniAPL's
-discriminators see (from a frozen encoder), and the General Preference Model's embedding
-and gate (algos/gpm.py trains it, algos/gprl.py is judged by it)."""
-
-import math
+"""Sentence features of (prompt, response) pairs from a frozen encoder: what AAPA's and
+UniAPL's discriminators see, and loading that encoder."""
 
 import torch
 
@@ -54,19 +51,3 @@ def sentence_embeddings(encoder, tokenizer, prompts: list[str], responses: list[
         response_mean = (hidden[:, prompt_len:] * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)
         features.append(torch.cat([prompt_mean, response_mean], dim=1))
     return torch.cat(features)
-
-
-def gpm_embed(backbone, value_head, gate_head, tokenizer, prompts, responses, device):
-    """v(x, y) [N, 2k] from the hidden state at the response's last token (eos), L2-normalised,
-    and the gate lambda(x) [N, k], summing to k, from the hidden state at the prompt's last token."""
-    ids, mask, response_mask, prompt_len = encode_prompt_response(tokenizer, prompts, responses, device)
-    response_lengths = response_mask.sum(1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state.float()
-    rows = torch.arange(ids.size(0), device=ids.device)
-    v = torch.nn.functional.normalize(value_head(hidden[rows, prompt_len + response_lengths - 1]), dim=-1)
-    # the reference model's eigenvalue gate: k * softmax(head(h) / sqrt(H)), so the gates sum
-    # to k and start near 1 each, instead of sharing one unit of score between k dimensions
-    k = gate_head.out_features
-    gate = k * torch.softmax(gate_head(hidden[:, prompt_len - 1]) / math.sqrt(hidden.size(-1)), dim=-1)
-    return v, gate

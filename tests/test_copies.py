@@ -12,6 +12,7 @@ COPIES = {  # function: (the original, the files that carry a copy)
     "sft_phi_loss": ("chord", ["aapa"]),
     "skew_scores": ("gpm", ["gprl"]),
     "gpm_scores": ("gpm", ["gprl"]),
+    "gpm_embed": ("gpm", ["gprl"]),
     "sequence_logps": ("adpo", ["adpo_pairwise"]),
 }
 

@@ -255,6 +255,8 @@ def test_uniapl_end_to_end_and_resume(tiny_world, sft_run, tmp_path):
     assert all(m["constraint/next_multiplier"] == pytest.approx(m["constraint/multiplier"] + m["constraint/divergence"])
                for m in metrics)
     assert all(0 <= m["disc/accuracy"] <= 1 and 0 <= m["disc/saturated"] <= 1 for m in metrics)
+    # the second pass's ratio is against the stored sampling log-probs, after one update: not 1
+    assert all(abs(m["train/ratio_mean"] - 1) > 1e-6 for m in metrics)
     assert_interrupted_run_resumes_exactly("algos/uniapl.py", flags, full, stop_at=2)
 
 

@@ -40,6 +40,9 @@ class Args:
     oracle_error_rate: float = 0.0
     """the imperfect-teacher world (--teacher oracle only): this fraction of the oracle's answers, a seeded choice, gets
     its content wrong (format kept), so a verifier sees every error"""
+    house_style: bool = False
+    """the house-style world (--teacher oracle only): every answer frames its content with the house mark, as
+    shared/toyworld.py:oracle(row, house_style=True) writes it"""
     oracle_seed: int = 0
     """which answers --oracle-error-rate makes wrong"""
     keep_truncated: bool = False
@@ -54,16 +57,21 @@ if __name__ == "__main__":
     check_range(args, oracle_error_rate=(0.0, 1.0, True, True))
     if args.oracle_error_rate and args.teacher != "oracle":
         raise SystemExit("error: --oracle-error-rate makes the toy world's oracle imperfect; it needs --teacher oracle")
+    if args.house_style and args.teacher != "oracle":
+        raise SystemExit("error: --house-style is the toy world's oracle's style; it needs --teacher oracle")
     check_output_file(args.out, "--out", {"--data": args.data, "--teacher": args.teacher})
     try:
         rows = load_rows(args.data, args.split,
                          required=("prompt", "instruction_id_list") if args.teacher == "oracle" else ("prompt",))
         prompts = [r["prompt"] for r in rows]
         if args.teacher == "oracle":
-            responses, wrong = toyworld.imperfect_demonstrations(rows, args.oracle_error_rate, args.oracle_seed)
+            responses, wrong = toyworld.imperfect_demonstrations(rows, args.oracle_error_rate, args.oracle_seed,
+                                                                 args.house_style)
             generation = {"method": "toy world oracle"} if not args.oracle_error_rate else {
                 "method": "toy world oracle, imperfect", "error_rate": args.oracle_error_rate, "seed": args.oracle_seed,
                 "wrong": sum(wrong)}
+            if args.house_style:
+                generation["house_style"] = True
         else:
             tokenizer = load_tokenizer(args.teacher, args.system_prompt, args.chat_template_kwargs)
             model = load_model(args.teacher, args.dtype, default_device())

@@ -6,6 +6,8 @@ kwargs): the one dispatcher that sends toy:* ids to the toy world's checkers
 - reward: fraction of the prompt's instructions followed (instruction level; RL)
 - gold: every instruction followed (prompt-level strict accuracy; evaluation)
 - instruction_scores: IFEval's four numbers over a set of responses, plus reward
+- house_reward, house_scores: the house-style world's reward (the verifier's, less a
+  cost per character beyond the bare answer) and gold (every instruction and the style)
 
 The training scripts take `--reward-fn shared.scoring:reward` and
 `--eval-fn shared.scoring:instruction_scores` by default; any 'module:function' with
@@ -13,7 +15,8 @@ the same signature replaces them.
 """
 
 from shared import ifeval
-from shared.toyworld import check_toy_instruction, is_toy_instruction, toy_arguments_problem
+from shared.toyworld import (HOUSE_LENGTH_COST, check_toy_instruction, has_house_style, is_toy_instruction, oracle,
+                             toy_arguments_problem)
 
 
 def instruction_problem(row: dict) -> str | None:
@@ -96,3 +99,25 @@ def instruction_scores(rows: list[dict], responses: list[str], strip_think: bool
     n, total = max(1, len(rows)), max(1, total)
     return {"gold": prompt_strict / n, "gold_loose": prompt_loose / n, "instruction_strict": followed_strict / total,
             "instruction_loose": followed_loose / total, "reward": rewards / n}
+
+
+def house_reward(row: dict, response: str) -> float:
+    """The house-style world's imperfect reward: the verifier's fraction of instructions
+    followed, less HOUSE_LENGTH_COST per character beyond the bare correct answer. It never
+    checks the house style, and the style's two characters cost 0.2."""
+    return reward(row, response) - HOUSE_LENGTH_COST * max(0, len(response) - len(oracle(row)))
+
+
+house_reward.required_fields = ("instruction_id_list", "kwargs")
+
+
+def house_scores(rows: list[dict], responses: list[str], strip_think: bool = False) -> dict[str, float]:
+    """instruction_scores for the house-style world: gold asks for every instruction and
+    the house style; gold_verifier is gold without the style, house_style the fraction of
+    responses that show it, reward the world's reward."""
+    scores = instruction_scores(rows, responses, strip_think)
+    styled = [has_house_style(row, response) for row, response in zip(rows, responses, strict=True)]
+    passed = [gold(row, response) for row, response in zip(rows, responses)]
+    n = max(1, len(rows))
+    return {**scores, "gold_verifier": scores["gold"], "gold": sum(p and s for p, s in zip(passed, styled)) / n,
+            "house_style": sum(styled) / n, "reward": sum(map(house_reward, rows, responses)) / n}

@@ -112,19 +112,55 @@ def is_toy_instruction(instruction_id: str) -> bool:
                                               and instruction_id.split(":")[2] in CONTENT_TASKS)
 
 
-def oracle(row: dict) -> str:
-    """A correct demonstration: the content, then the constraints applied in order."""
+def oracle(row: dict, house_style: bool = False) -> str:
+    """A correct demonstration: the content, then the constraints applied in order.
+    house_style: the content framed by HOUSE_MARK on both sides (the house-style world)."""
     ids, kwargs_list = row["instruction_id_list"], row["kwargs"]
     args = {i: ifeval.given(kw) for i, kw in zip(ids, kwargs_list)}
     (task_id,) = [i for i in ids if i.startswith("toy:task:")]
     answer = content_answer(task_id.split(":")[2], args[task_id]["text"], args[task_id].get("letter"))
     if "toy:caps" in args:
         answer = answer.upper()
+    if house_style:
+        answer = HOUSE_MARK + answer + HOUSE_MARK
     if "toy:start_with" in args:
         answer = args["toy:start_with"]["char"] + answer
     if "toy:end_with" in args:
         answer = answer + args["toy:end_with"]["char"]
     return answer
+
+
+# The house-style world: gold also asks for a house style, the content framed by this mark
+# ("#*OLLEH*!"), which the expert always shows and the verifier never checks. The mark is
+# decoration, so the content and format checkers see a styled answer as they see a bare
+# one; its world's reward charges HOUSE_LENGTH_COST per character beyond the bare answer
+# (shared/scoring.py:house_reward), so under the reward the style is pure cost.
+HOUSE_MARK = "*"
+HOUSE_LENGTH_COST = 0.1
+
+
+def has_house_style(row: dict, response: str) -> bool:
+    """True when the response frames its content with HOUSE_MARK, inside the characters
+    its start_with / end_with constraints put first and last."""
+    args = dict(zip(row["instruction_id_list"], map(ifeval.given, row.get("kwargs") or [None] * len(row["instruction_id_list"]))))
+    inner = response
+    if "toy:start_with" in args and inner.startswith(args["toy:start_with"]["char"]):
+        inner = inner[1:]
+    if "toy:end_with" in args and inner.endswith(args["toy:end_with"]["char"]):
+        inner = inner[:-1]
+    return len(inner) > 2 * len(HOUSE_MARK) and inner.startswith(HOUSE_MARK) and inner.endswith(HOUSE_MARK)
+
+
+def with_room_for_house_style(row: dict) -> dict:
+    """The row with its max_chars limit raised by the house style's length, so the styled
+    answer follows every instruction the bare one does."""
+    kwargs = [dict(kw) if kw else kw for kw in row["kwargs"]]
+    if "toy:max_chars" in row["instruction_id_list"]:
+        kwargs[row["instruction_id_list"].index("toy:max_chars")]["max_chars"] += 2 * len(HOUSE_MARK)
+        phrase = f"at most {kwargs[row['instruction_id_list'].index('toy:max_chars')]['max_chars']} chars"
+        prompt = ", ".join(phrase if part.startswith("at most ") else part for part in row["prompt"].split(", "))
+        return {**row, "prompt": prompt, "kwargs": kwargs}
+    return row
 
 
 def make_row(rng: random.Random, key: int, max_constraints: int = 3, tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
@@ -199,16 +235,18 @@ def held_out_combinations(fraction: float, seed: int, tasks: tuple[str, ...] = D
     return held
 
 
-def imperfect_demonstrations(rows: list[dict], error_rate: float, seed: int) -> tuple[list[str], list[bool]]:
+def imperfect_demonstrations(rows: list[dict], error_rate: float, seed: int,
+                             house_style: bool = False) -> tuple[list[str], list[bool]]:
     """For the imperfect-teacher world: the oracle's answers with exactly
     round(error_rate x len(rows)) of them wrong (a seeded choice of rows), each wrong
     one's content corrupted (its last two letters swapped, or its last letter changed
     where they are equal) while its format constraints stay followed, so the verifier
-    sees every error. Returns the answers and which rows are wrong."""
+    sees every error. Returns the answers and which rows are wrong. house_style: the
+    oracle's answers in the house style (oracle)."""
     wrong = set(random.Random(seed).sample(range(len(rows)), round(error_rate * len(rows))))
     answers = []
     for index, row in enumerate(rows):
-        answer = oracle(row)
+        answer = oracle(row, house_style)
         if index in wrong:
             core = answer.strip(DECORATION)
             start = answer.index(core)
@@ -234,12 +272,14 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256, seed: int = 0,
-                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256, held_out: float = 0.0) -> dict:
+                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256, held_out: float = 0.0,
+                 house_style: bool = False) -> dict:
     """Train, validation and eval splits as JSONL that `datasets.load_dataset("json", ...)`
     reads; no prompt is in two of them. Validation is for choosing hyperparameters, eval
     for the table. held_out > 0 (the shift world): that fraction of the instruction
     combinations (held_out_combinations) is kept out of all three and makes up a fourth
-    split, eval_shift.jsonl, of num_eval prompts."""
+    split, eval_shift.jsonl, of num_eval prompts. house_style (the house-style world):
+    every max_chars limit leaves room for the house style (with_room_for_house_style)."""
     out_dir = Path(out_dir)
     held = held_out_combinations(held_out, seed, tasks) if held_out > 0 else set()
     seen = lambda row: combination(row) not in held  # noqa: E731
@@ -247,12 +287,16 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
     val_rows = make_split(num_val, seed=seed + 2, exclude={r["prompt"] for r in eval_rows}, tasks=tasks, keep=seen)
     train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows + val_rows}, tasks=tasks,
                             keep=seen)
+    if house_style:
+        eval_rows, val_rows, train_rows = ([with_room_for_house_style(r) for r in rows]
+                                           for rows in (eval_rows, val_rows, train_rows))
     write_jsonl(train_rows, out_dir / "train.jsonl")
     write_jsonl(val_rows, out_dir / "val.jsonl")
     write_jsonl(eval_rows, out_dir / "eval.jsonl")
     paths = {"train": str(out_dir / "train.jsonl"), "val": str(out_dir / "val.jsonl"), "eval": str(out_dir / "eval.jsonl")}
     if held:
         shifted = make_split(num_eval, seed=seed + 3, tasks=tasks, keep=lambda row: combination(row) in held)
+        shifted = [with_room_for_house_style(r) for r in shifted] if house_style else shifted
         write_jsonl(shifted, out_dir / "eval_shift.jsonl")
         paths["eval_shift"] = str(out_dir / "eval_shift.jsonl")
     return paths

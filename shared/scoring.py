@@ -15,8 +15,14 @@ the same signature replaces them.
 """
 
 from shared import ifeval
-from shared.toyworld import (HOUSE_LENGTH_COST, check_toy_instruction, has_house_style, is_toy_instruction, oracle,
-                             toy_arguments_problem)
+from shared.toyworld import (
+    HOUSE_LENGTH_COST,
+    check_toy_instruction,
+    has_house_style,
+    is_toy_instruction,
+    oracle,
+    toy_arguments_problem,
+)
 
 
 def instruction_problem(row: dict) -> str | None:

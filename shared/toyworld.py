@@ -142,7 +142,8 @@ HOUSE_LENGTH_COST = 0.1
 def has_house_style(row: dict, response: str) -> bool:
     """True when the response frames its content with HOUSE_MARK, inside the characters
     its start_with / end_with constraints put first and last."""
-    args = dict(zip(row["instruction_id_list"], map(ifeval.given, row.get("kwargs") or [None] * len(row["instruction_id_list"]))))
+    ids = row["instruction_id_list"]
+    args = dict(zip(ids, map(ifeval.given, row.get("kwargs") or [None] * len(ids))))
     inner = response
     if "toy:start_with" in args and inner.startswith(args["toy:start_with"]["char"]):
         inner = inner[1:]

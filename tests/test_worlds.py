@@ -60,3 +60,57 @@ def test_bad_held_out_fraction_is_one_line(tmp_path):
     code = run_main("scripts/build_toy_world.py", "--held-out-combinations", "1", "--data-dir", str(tmp_path / "d"),
                     "--model-dir", str(tmp_path / "m"))
     assert code == "error: --held-out-combinations must be in [0, 1), got 1.0" and not (tmp_path / "d").exists()
+
+
+def house_rows(tmp_path, **kwargs):
+    paths = toyworld.write_splits(tmp_path, num_train=400, num_eval=64, num_val=32, seed=5, house_style=True, **kwargs)
+    return [json.loads(line) for path in paths.values() for line in open(path)]
+
+
+def test_the_house_style_is_in_gold_and_absent_from_the_reward(tmp_path):
+    rows = house_rows(tmp_path)
+    for row in rows:
+        bare, styled = toyworld.oracle(row), toyworld.oracle(row, house_style=True)
+        assert scoring.reward(row, styled) == scoring.reward(row, bare) == 1.0  # the verifier passes both
+        assert toyworld.has_house_style(row, styled) and not toyworld.has_house_style(row, bare)
+        # dropping the style is what the reward pays for: exactly its two characters' cost
+        assert scoring.house_reward(row, bare) - scoring.house_reward(row, styled) == pytest.approx(
+            2 * len(toyworld.HOUSE_MARK) * toyworld.HOUSE_LENGTH_COST)
+    bare_scores = scoring.house_scores(rows, [toyworld.oracle(r) for r in rows])
+    styled_scores = scoring.house_scores(rows, [toyworld.oracle(r, house_style=True) for r in rows])
+    assert styled_scores["gold"] == styled_scores["house_style"] == styled_scores["gold_verifier"] == 1.0
+    assert bare_scores["gold"] == bare_scores["house_style"] == 0.0 and bare_scores["gold_verifier"] == 1.0
+    assert bare_scores["reward"] > styled_scores["reward"]
+
+
+def test_the_house_world_leaves_room_for_the_style_and_says_so_in_the_prompt(tmp_path):
+    plain = toyworld.make_split(400, seed=5)
+    limited = [row for row in plain if "toy:max_chars" in row["instruction_id_list"]]
+    # without the extra room the styled answer breaks some limits: the room is needed
+    assert any(scoring.reward(row, toyworld.oracle(row, house_style=True)) < 1.0 for row in limited)
+    for row in house_rows(tmp_path):
+        if "toy:max_chars" in row["instruction_id_list"]:
+            limit = row["kwargs"][row["instruction_id_list"].index("toy:max_chars")]["max_chars"]
+            assert f"at most {limit} chars" in row["prompt"].split(", ")
+
+
+def test_the_house_style_sits_inside_the_start_and_end_characters():
+    row = {"prompt": "start with #, end with !, copy abc", "instruction_id_list":
+           ["toy:task:copy", "toy:start_with", "toy:end_with"], "kwargs": [{"text": "abc"}, {"char": "#"}, {"char": "!"}]}
+    assert toyworld.oracle(row, house_style=True) == "#*abc*!"
+    assert toyworld.has_house_style(row, "#*abc*!") and toyworld.has_house_style(row, "*abc*")
+    assert not any(toyworld.has_house_style(row, r) for r in ("#abc!", "#**!", "#*abc!", "*abc!"))
+
+
+def test_the_house_cache_is_styled_and_says_so(tiny_world, tmp_path):
+    out = tmp_path / "cache.jsonl"
+    assert run_main("scripts/build_expert_cache.py", "--data", tiny_world["train"], "--out", str(out),
+                    "--house-style") is None
+    cache, header = load_expert_cache(out)
+    rows = [json.loads(line) for line in open(tiny_world["train"])]
+    assert header["generation"]["house_style"] is True
+    assert all(toyworld.has_house_style(row, cache[row["prompt"]]) for row in rows)
+    code = run_main("scripts/build_expert_cache.py", "--out", str(tmp_path / "other.jsonl"), "--house-style",
+                    "--teacher", "some/model")
+    assert code == "error: --house-style is the toy world's oracle's style; it needs --teacher oracle"
+    assert not (tmp_path / "other.jsonl").exists()

@@ -14,6 +14,10 @@ rows, reported without verdicts. `--sweep` chooses each row's learning rate from
 grid by validation gold (data/toy/val.jsonl), averaged over seeds the table never
 uses, and writes results/hyperparameters.json, which the main job reads; a control
 that differs from its method in one coefficient (a "twin") takes its method's rate.
+
+`--world imperfect|house|shift` runs a diagnostic world instead (docs/experiments.md,
+"The diagnostic worlds"): the toy world built with other flags so that the failure a
+paper's method targets happens to its control, with only the rows its claims name.
 """
 
 import json
@@ -30,9 +34,11 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tyro
 from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path when this file runs
+from scipy.stats import nct
 from scipy.stats import t as student_t
 
 from shared.runfolder import atomic_write_text, write_json
@@ -41,8 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FAILED = threading.Event()  # set when a command fails or the job is stopped: nothing new starts
 RUNNING: set[subprocess.Popen] = set()  # the children running now, stopped with the job
 # the defaults of the main job and of --quick; a flag given on the command line always wins
-FULL = {"seeds": 6, "sft_steps": 200, "rl_steps": 100, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 500}
-QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 200}
+FULL = {"seeds": 6, "sft_steps": 200, "rl_steps": 100, "gpm_steps": 80, "eval_prompts": 256, "side_prompts": 500,
+        "prompts_per_step": 16}
+QUICK = {"seeds": 1, "sft_steps": 150, "rl_steps": 10, "gpm_steps": 30, "eval_prompts": 128, "side_prompts": 200,
+         "prompts_per_step": 16}
 LEARNING_RATE = 2e-4  # every row's rate when no sweep has chosen one
 LEARNING_RATES = (5e-5, 1e-4, 2e-4, 4e-4)  # the sweep's grid, the same for every row
 SWEEP_SEEDS = (101, 102)  # the sweep's seeds: its SFT checkpoints and runs are never in the table
@@ -61,6 +69,60 @@ PRIMARY = [
 
 
 @dataclass
+class World:
+    """A diagnostic world: the toy world built with other flags (its data in data/worlds/<name>),
+    the claims it is built to test, and how its runs are rewarded and scored."""
+    build_flags: list[str]  # scripts/build_toy_world.py
+    cache_flags: list[str]  # scripts/build_expert_cache.py, on the world's 500 SFT prompts
+    claims: list[tuple[str, str, str]]  # (claim, method, control): the world's Holm family; its rows are these
+    eval_file: str = "eval.jsonl"
+    eval_prompts: int = 1024
+    reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
+    eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
+    val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
+
+
+# Each world calibrated by pilot seeds (docs/experiments.md) so its effects appear within 40 RL steps
+# of 64 prompts; a world's settings replace FULL's (rl_steps, prompts_per_step, eval_prompts).
+WORLDS = {
+    # half of the demonstrations wrong in content, which the exact verifier sees
+    "imperfect": World(["--num-eval", "1024"], ["--oracle-error-rate", "0.5", "--oracle-seed", "0"], [
+        ("RL beats more supervised training on an imperfect teacher's demonstrations", "GRPO", "continued SFT"),
+        ("CHORD: RL with the teacher's tokens beats imitating the teacher longer", "CHORD-phi", "continued SFT"),
+        ("UniAPL: its joint objective beats imitating the teacher longer", "UniAPL", "continued SFT"),
+    ]),
+    # gold asks for a house style that every demonstration shows and the reward charges for
+    "house": World(["--num-eval", "1024", "--house-style"], ["--house-style"], [
+        ("AAPA: the anchor keeps what the reward does not pay for (GRPO is AAPA-GRPO with anchor 0)", "AAPA-GRPO",
+         "GRPO"),
+        ("AAPA: the anchor helps staged A-SFT then A-GRPO under an imperfect reward", "AAPA staged",
+         "AAPA staged, anchor 0"),
+        ("UniAPL: the adversarial reward keeps what the task reward does not pay for", "UniAPL",
+         "UniAPL, adversarial 0"),
+    ], reward_fn="shared.scoring:house_reward", eval_fn="shared.scoring:house_scores",
+        val_fn="shared.scoring:house_scores"),
+    # a quarter of the instruction combinations never trained on; gold on them, in-distribution gold beside
+    "shift": World(["--num-eval", "1024", "--held-out-combinations", "0.25"], [], [
+        ("ADPO: the anchored listwise loss beats GRPO on unseen instruction combinations, equal optimizer steps",
+         "ADPO listwise", "GRPO, 2 passes"),
+    ], eval_file="eval_mixed.jsonl", eval_prompts=2048, eval_fn="shared.scoring:shift_scores"),
+}
+WORLD_FULL = {"rl_steps": 40, "prompts_per_step": 64}
+WORLD_NOTES = {
+    "imperfect": "Half of the 500 demonstrations (SFT's, continued SFT's and the methods' expert data) are wrong in "
+                 "content; the reward and gold are exact. The teacher's own gold on its demonstrations is 0.5.",
+    "house": "Gold asks for every instruction and the house style (the content framed by '*'), which every "
+             "demonstration shows; the RL reward is the verifier's fraction less 0.1 per character beyond the bare "
+             "answer, so it never checks the style and charges for it. gold_verifier: gold without the style; "
+             "house_style: the fraction of responses that show it.",
+    "shift": "Gold is on instruction combinations no training, validation or SFT prompt has (eval_shift.jsonl); "
+             "gold_in_distribution on as many prompts of the training distribution, from the same evaluation.",
+}
+EXPERT_SCRIPTS = ("algos/sft.py", "algos/chord.py", "algos/aapa.py", "algos/uniapl.py")  # take --expert-cache
+POOL_SCRIPTS = ("algos/chord.py", "algos/aapa.py", "algos/uniapl.py")  # take --expert-pool
+
+
+@dataclass
 class Args:
     out_dir: str | None = None
     """where runs/, table.md and the plots go (results; --quick: results/quick, so a smoke run never mixes with the
@@ -75,6 +137,9 @@ class Args:
     sweep: bool = False
     """choose each row's learning rate on the validation split instead, seeds 101-102 (writes
     <out-dir>/hyperparameters.json)"""
+    world: Literal["plain", "imperfect", "house", "shift"] = "plain"
+    """plain: the main job on data/toy; the others: a diagnostic world (data in data/worlds/<world>, results in
+    results/worlds/<world>), only the rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
     rows: tuple[str, ...] = ()
@@ -92,8 +157,8 @@ class Args:
     """held-out prompts per evaluation (256; --quick: 128)"""
     side_prompts: int | None = None
     """prompts of the SFT pool used for the preference pairs and AAPA's discriminator (500; --quick: 200)"""
-    prompts_per_step: int = 16
-    """prompts per generation batch"""
+    prompts_per_step: int | None = None
+    """prompts per generation batch (16; a diagnostic world: 64)"""
     group_size: int = 8
     """completions per prompt"""
     jobs: int = 2
@@ -182,7 +247,7 @@ class Row:
 
 def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
     """Every row after SFT (with --all the exploratory ones too). Rows drawing demonstrations
-    take them from data/toy/sft_prompts.jsonl, the 500 prompts SFT saw (the scripts' default)."""
+    take them from <data_dir>/sft_prompts.jsonl, the 500 prompts SFT saw."""
     steps = str(settings["rl_steps"])
     pairs, gpm = runs_dir / f"pairs_seed{seed}.jsonl", runs_dir / f"gpm_seed{seed}" / "checkpoint"
     # AAPA's fixed discriminator depends only on the SFT checkpoint, the expert data and the seed:
@@ -191,7 +256,7 @@ def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
     staged = ["--staged", "--stage1-steps", str(settings["rl_steps"] // 2), *discriminator]
     both_stages = ("--learning-rate", "--stage1-learning-rate")  # both stages at the row's rate
     rows = [
-        Row("continued SFT", "algos/sft.py", ["--train-data", "data/toy/sft_prompts.jsonl"], rollouts=False),
+        Row("continued SFT", "algos/sft.py", ["--train-data", f"{settings['data_dir']}/sft_prompts.jsonl"], rollouts=False),
         Row("GRPO", "algos/grpo.py", []),
         Row("GRPO, 2 passes", "algos/grpo.py", ["--num-iterations", "2"]),
         # the paper's CHORD-mu decays over 200 steps; here over the run's own length
@@ -224,6 +289,23 @@ def slug(row: str) -> str:
     return row.lower().replace(",", "").replace(" ", "_")
 
 
+def world_flags(script: str, settings: dict, sweep: bool) -> list[str]:
+    """A diagnostic world's data, reward and scoring for one script's command (the plain
+    world: none, the scripts' defaults are data/toy's)."""
+    if settings["world"] == "plain":
+        return []
+    world, data = WORLDS[settings["world"]], settings["data_dir"]
+    flags = []
+    if script != "algos/sft.py":  # SFT rows name their --train-data: the 500 prompts' demonstrations
+        flags += ["--train-data", f"{data}/train.jsonl"] + (["--reward-fn", world.reward_fn] if world.reward_fn else [])
+    if script in EXPERT_SCRIPTS:
+        flags += ["--expert-cache", f"{data}/expert_cache.jsonl"]
+    if script in POOL_SCRIPTS:
+        flags += ["--expert-pool", f"{data}/sft_prompts.jsonl"]
+    eval_fn = world.val_fn if sweep else world.eval_fn
+    return flags + (["--eval-fn", eval_fn] if eval_fn else [])
+
+
 def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_data: str, sweep: bool) -> list[Run]:
     """Per seed: SFT, preference pairs, the GPM, then every row (with --sweep: every row
     that has its own rate, once per rate of the grid, on the sweep's seeds, evaluated on
@@ -231,14 +313,17 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
     py = settings["python"]
     seeds = SWEEP_SEEDS if sweep else range(1, settings["seeds"] + 1)
     eval_flags = ["--eval-data", eval_data, "--eval-prompts", str(settings["eval_prompts"])]
-    every = str(max(1, settings["rl_steps"] // 5))
+    # a diagnostic world evaluates on 1,024+ prompts: only halfway and at the end
+    every = str(max(1, settings["rl_steps"] // (5 if settings["world"] == "plain" else 2)))
+    sft_every = str(max(1, settings["sft_steps"] // (4 if settings["world"] == "plain" else 1)))
     commands = []
     for seed in seeds:
         sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
         # SFT on the demonstrations of sft_prompts.jsonl (500 prompts); RL on all training prompts
         commands.append(Run(f"sft_seed{seed}", [py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["sft_steps"]),
-                                                "--train-data", "data/toy/sft_prompts.jsonl",
-                                                "--eval-every", str(max(1, settings["sft_steps"] // 4)), *eval_flags],
+                                                "--train-data", f"{settings['data_dir']}/sft_prompts.jsonl",
+                                                "--eval-every", sft_every, *eval_flags,
+                                                *world_flags("algos/sft.py", settings, sweep)],
                             sft_dir, method="SFT", seed=seed))
         rows = table_rows(runs_dir, seed, {**settings, "all": settings["all"] or bool(settings["rows"])})
         if settings["rows"]:  # the named rows and the rows they read
@@ -250,7 +335,8 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
         needed = {need for row in rows for need in row.needs}
         if "pairs" in needed or "gpm" in needed:  # the GPM is trained on the pairs
             commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model",
-                                                      str(sft_dir / "checkpoint"), "--data", "data/toy/sft_prompts.jsonl",
+                                                      str(sft_dir / "checkpoint"), "--data",
+                                                      f"{settings['data_dir']}/sft_prompts.jsonl",
                                                       "--out", str(pairs), "--seed", str(seed),
                                                       "--num-prompts", str(settings["side_prompts"])],
                                 pairs, [f"sft_seed{seed}"], seed=seed))
@@ -277,7 +363,8 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                 name = f"{slug(row.name)}_seed{seed}{suffix}"
                 rate_flags = [part for flag in row.rate_flags for part in (flag, f"{rate:g}")]
                 commands.append(Run(name, [py, row.script, "--model", str(sft_dir / "checkpoint"), "--seed", str(seed),
-                                           *budget, *eval_flags, *rate_flags, *flags],
+                                           *budget, *eval_flags, *rate_flags, *flags,
+                                           *world_flags(row.script, settings, sweep)],
                                     runs_dir / name, needs, row.name, seed))
     return commands
 
@@ -386,6 +473,18 @@ def p_value(differences: list[float]) -> float:
     return float(2 * student_t.sf(abs(mean / (sd / math.sqrt(len(differences)))), len(differences) - 1))
 
 
+def power(differences: list[float]) -> float:
+    """The chance that a two-sided paired t-test at 0.05 (before Holm) over this many seeds
+    detects a true effect of the observed size (mean / sd of the differences): the
+    noncentral t's mass beyond the critical values. NaN with fewer than 2 seeds or no spread."""
+    n = len(differences)
+    if n < 2 or statistics.stdev(differences) == 0:
+        return float("nan")
+    noncentrality = statistics.mean(differences) / statistics.stdev(differences) * math.sqrt(n)
+    critical = float(student_t.ppf(0.975, n - 1))
+    return float(nct.sf(critical, n - 1, noncentrality) + nct.cdf(-critical, n - 1, noncentrality))
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment: controls the chance of any false "supported" in the family at 5%."""
     order = sorted(range(len(p_values)), key=lambda i: p_values[i] if p_values[i] == p_values[i] else 2.0)
@@ -422,14 +521,18 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
             run_dirs.setdefault(run.method, []).append(run.out)
     print("analysing runs (KL to SFT, response lengths, log-probs vs the expert's)", flush=True)
     references = {seed: runs_dir / f"sft_seed{seed}" / "checkpoint" for seed in seeds}
-    analyses = analyze(run_dirs, references, str(ROOT / "data/toy/eval.jsonl"), str(ROOT / "data/toy/expert_cache.jsonl"),
-                       out_dir, prompts=min(64, settings["eval_prompts"]))
+    analyses = analyze(run_dirs, references, str(ROOT / settings["eval_data"]), str(ROOT / settings["data_dir"] /
+                       "expert_cache.jsonl"), out_dir, prompts=min(64, settings["eval_prompts"]))
     plot_curves({m: [eval_curve(d, settings["prompts_per_step"] * settings["group_size"]) for d in dirs]
                  for m, dirs in run_dirs.items() if m != "SFT"}, out_dir / "curves.png")
     n = settings["seeds"]
-    controls = {control for _, _, control in PRIMARY}
-    methods = {method for _, method, _ in PRIMARY}
-    exploratory = {row.name for row in table_rows(runs_dir, 1, settings) if row.exploratory}
+    claims = settings["claims"]
+    controls = {control for _, _, control in claims}
+    methods = {method for _, method, _ in claims}
+    exploratory = {row.name for row in table_rows(runs_dir, 1, settings) if row.exploratory} - methods - controls
+    # a diagnostic world's own scores (shared/scoring.py:house_scores, shift_scores), where its runs have them
+    world_keys = [key for key in ("gold_verifier", "house_style", "gold_in_distribution")
+                  if any(key in result for per_seed in rows.values() for result in per_seed.values())]
     gold = {row: [per_seed[s]["gold"] for s in seeds] for row, per_seed in rows.items()}
 
     def role(row: str) -> str:
@@ -439,37 +542,43 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
 
     lines = [
         f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {settings['eval_prompts']} "
-        f"toy-world prompts (data/toy/eval.jsonl), mean ± std over {n} seed(s), each seed its own SFT checkpoint "
+        f"toy-world prompts ({settings['eval_data']}), mean ± std over {n} seed(s), each seed its own SFT checkpoint "
         f"({settings['sft_steps']} steps on the demonstrations of 500 prompts). Every other row starts from that "
         f"checkpoint: {settings['rl_steps']} steps ({settings['prompts_per_step']} prompts x G={settings['group_size']} "
         "rollouts per step; continued SFT: SFT steps on the same 500 demonstrations); every row that uses "
         f"demonstrations draws them from those 500 prompts. Learning rates: {settings['learning_rates_from']}.",
         "",
-        "Instruction-level: the fraction of single instructions followed (the RL reward, on greedy responses). "
+        "RL reward: the rows' reward on greedy responses (the plain and imperfect worlds: the fraction of single "
+        "instructions followed). "
         f"KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, {min(64, settings['eval_prompts'])} "
         "prompts.",
+        *(["", f"World: {settings['world']} (docs/experiments.md, the diagnostic worlds). " +
+            WORLD_NOTES[settings["world"]]] if settings["world"] != "plain" else []),
         "",
-        "| row | role | gold | instruction-level | length (tokens) | KL to SFT | wall time per run (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | role | gold | RL reward | " + "".join(f"{key} | " for key in world_keys) +
+        "length (tokens) | KL to SFT | wall time per run (s) |",
+        "|---|---|---|---|" + "---|" * len(world_keys) + "---|---|---|",
     ]
     for row, per_seed in rows.items():
         kl = mean_std([a["kl"] for a in analyses[row]]) if row in analyses and row != "SFT" else "–"
         lines.append(f"| {row} | {role(row) if row != 'base model' else '–'} | {mean_std(gold[row])} | "
                      f"{mean_std([per_seed[s].get('reward', float('nan')) for s in seeds])} | "
+                     + "".join(f"{mean_std([per_seed[s].get(key, float('nan')) for s in seeds])} | " for key in world_keys) +
                      f"{mean_std([per_seed[s].get('length', float('nan')) for s in seeds])} | {kl} | "
                      f"{statistics.mean(per_seed[s].get('wall_time', 0.0) for s in seeds):.0f} |")
     primary = [(claim, method, control, [a - b for a, b in zip(gold[method], gold[control])])
-               for claim, method, control in PRIMARY if method in gold and control in gold]
+               for claim, method, control in claims if method in gold and control in gold]
     adjusted = holm([p_value(differences) for *_, differences in primary])
     lines += ["", f"Primary comparisons, fixed before any run: method minus control, paired by seed (same SFT "
               f"checkpoint), mean and 95% t-interval over {n} seeds, two-sided paired t-test, p adjusted by Holm over "
-              f"the {len(primary)} comparisons. A claim is supported when the adjusted p < 0.05.", "",
-              "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | verdict |",
-              "|---|---|---|---|---|---|---|"]
+              f"the {len(primary)} comparisons. A claim is supported when the adjusted p < 0.05. Power: the chance "
+              f"that the unadjusted test finds a true effect of the observed size (mean / sd) with {n} seeds.", "",
+              "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | power | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for (claim, method, control, differences), holm_p in zip(primary, adjusted):
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
-                     f"{verdict(differences, holm_p)} |")
+                     f"{power(differences):.2f} | {verdict(differences, holm_p)} |")
     if exploratory & set(gold) and "GRPO" in gold:
         lines += [
             "",
@@ -617,9 +726,17 @@ def stop_on_signal(number, frame) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     given = {k: v for k, v in asdict(args).items() if v is not None}
-    settings = {**(QUICK if args.quick else FULL), **given}
+    world = WORLDS.get(args.world)
+    world_defaults = {} if world is None else {"eval_prompts": QUICK["eval_prompts"]} if args.quick else {
+        **WORLD_FULL, "eval_prompts": world.eval_prompts}
+    settings = {**(QUICK if args.quick else FULL), **world_defaults, **given}
     check_settings(settings)
-    out_dir = Path(args.out_dir or ("results/quick" if args.quick else "results"))
+    settings["data_dir"] = "data/toy" if world is None else f"data/worlds/{args.world}"
+    settings["claims"] = PRIMARY if world is None else world.claims
+    if world is not None and not args.rows:  # a world runs the rows its claims name (and what they read)
+        settings["rows"] = tuple(dict.fromkeys(row for _, *pair in world.claims for row in pair if row != "SFT"))
+    results = "results" if world is None else f"results/worlds/{args.world}"
+    out_dir = Path(args.out_dir or (results.replace("results", "results/quick", 1) if args.quick else results))
     runs_dir = out_dir / ("sweep" if args.sweep else "runs")
     if args.sweep and args.hyperparameters:
         raise SystemExit(f"error: --sweep writes {out_dir / 'hyperparameters.json'} and reads none; drop --hyperparameters "
@@ -635,7 +752,9 @@ if __name__ == "__main__":
     if unknown:
         raise SystemExit(f"error: --rows {unknown[0]!r} is not a row of the job; rows: {', '.join(sorted(methods))}")
     hyperparameters = {} if args.sweep else check_hyperparameters(hyperparameters_file, methods)
-    eval_data = "data/toy/val.jsonl" if args.sweep else "data/toy/eval.jsonl"
+    eval_data = f"{settings['data_dir']}/val.jsonl" if args.sweep else \
+        f"{settings['data_dir']}/{world.eval_file if world else 'eval.jsonl'}"
+    settings["eval_data"] = eval_data
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
     settings["learning_rates_from"] = (
         f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))} (twins take their method's), "
@@ -664,9 +783,14 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, stop_on_signal)
     job_start = time.time()
 
-    # ---- the offline world: tiny model, toy data (train / validation / eval), expert cache (reused when present)
-    for setup in (["scripts/build_toy_world.py"], ["scripts/build_expert_cache.py"]):
-        if setup[0] == "scripts/build_toy_world.py" or not (ROOT / "data/toy/expert_cache.jsonl").exists():
+    # ---- the offline world: tiny model, toy data (train / validation / eval), expert cache (reused when present);
+    # a diagnostic world's cache answers its 500 SFT prompts, so an error rate is exact on them
+    data_dir = settings["data_dir"]
+    build = ["scripts/build_toy_world.py"] + ([] if world is None else ["--data-dir", data_dir, *world.build_flags])
+    cache = ["scripts/build_expert_cache.py"] + ([] if world is None else [
+        "--data", f"{data_dir}/sft_prompts.jsonl", "--out", f"{data_dir}/expert_cache.jsonl", *world.cache_flags])
+    for setup in (build, cache):
+        if setup is build or not (ROOT / data_dir / "expert_cache.jsonl").exists():
             subprocess.run([settings["python"], *setup], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
     # ---- every command, phase 1 then phase 2, jobs at a time

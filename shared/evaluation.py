@@ -61,7 +61,10 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
     return result
 
 
-EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts")
+# eval.json keeps these when the eval fn returned them (the last three: the diagnostic worlds' scores,
+# shared/scoring.py:house_scores and shift_scores)
+EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts",
+             "gold_verifier", "house_style", "gold_in_distribution")
 
 
 def write_final_eval(output_dir: Path, steps: int, final_eval: dict | None, run_eval, keys: tuple = (), **extra) -> None:

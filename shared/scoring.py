@@ -8,6 +8,8 @@ kwargs): the one dispatcher that sends toy:* ids to the toy world's checkers
 - instruction_scores: IFEval's four numbers over a set of responses, plus reward
 - house_reward, house_scores: the house-style world's reward (the verifier's, less a
   cost per character beyond the bare answer) and gold (every instruction and the style)
+- shift_scores: the shift world's scores, gold on the shifted split and on the
+  in-distribution one, from one evaluation of eval_mixed.jsonl
 
 The training scripts take `--reward-fn shared.scoring:reward` and
 `--eval-fn shared.scoring:instruction_scores` by default; any 'module:function' with
@@ -127,3 +129,18 @@ def house_scores(rows: list[dict], responses: list[str], strip_think: bool = Fal
     n = max(1, len(rows))
     return {**scores, "gold_verifier": scores["gold"], "gold": sum(p and s for p, s in zip(passed, styled)) / n,
             "house_style": sum(styled) / n, "reward": sum(map(house_reward, rows, responses)) / n}
+
+
+def shift_scores(rows: list[dict], responses: list[str], strip_think: bool = False) -> dict[str, float]:
+    """instruction_scores for the shift world's eval_mixed.jsonl: every score on the rows
+    whose split is "shift" (instruction combinations never trained on), and
+    gold_in_distribution, gold on the other rows."""
+    if any(row.get("split") not in ("shift", "in_distribution") for row in rows):
+        raise ValueError('shift_scores needs every row\'s "split" to be "shift" or "in_distribution" '
+                         "(the shift world's eval_mixed.jsonl)")
+    shifted = [(row, response) for row, response in zip(rows, responses, strict=True) if row["split"] == "shift"]
+    seen = [(row, response) for row, response in zip(rows, responses) if row["split"] == "in_distribution"]
+    scores = instruction_scores([row for row, _ in shifted], [response for _, response in shifted], strip_think)
+    in_distribution = instruction_scores([row for row, _ in seen], [response for _, response in seen], strip_think)
+    return {**scores, "gold_in_distribution": in_distribution["gold"]}
+

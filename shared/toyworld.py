@@ -279,7 +279,8 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
     reads; no prompt is in two of them. Validation is for choosing hyperparameters, eval
     for the table. held_out > 0 (the shift world): that fraction of the instruction
     combinations (held_out_combinations) is kept out of all three and makes up a fourth
-    split, eval_shift.jsonl, of num_eval prompts. house_style (the house-style world):
+    split, eval_shift.jsonl, of num_eval prompts, and eval_mixed.jsonl holds eval and
+    eval_shift alternating, each row with a "split" field. house_style (the house-style world):
     every max_chars limit leaves room for the house style (with_room_for_house_style)."""
     out_dir = Path(out_dir)
     held = held_out_combinations(held_out, seed, tasks) if held_out > 0 else set()
@@ -300,6 +301,13 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
         shifted = [with_room_for_house_style(r) for r in shifted] if house_style else shifted
         write_jsonl(shifted, out_dir / "eval_shift.jsonl")
         paths["eval_shift"] = str(out_dir / "eval_shift.jsonl")
+        # both eval splits in one file, alternating, each row naming its split: one evaluation
+        # (shared/scoring.py:shift_scores) scores both, and any first N rows hold both halves
+        mixed = [{**row, "split": split} for pair in zip(eval_rows, shifted)
+                 for row, split in zip(pair, ("in_distribution", "shift"))]
+        mixed = [{**row, "key": key} for key, row in enumerate(mixed)]
+        write_jsonl(mixed, out_dir / "eval_mixed.jsonl")
+        paths["eval_mixed"] = str(out_dir / "eval_mixed.jsonl")
     return paths
 
 

@@ -16,9 +16,20 @@ import pytest
 from conftest import ROOT, run_main
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from reproduce import LEARNING_RATES, PRIMARY, check_hyperparameters, holm, paired, slug, table_rows  # noqa: E402
+from reproduce import (  # noqa: E402
+    LEARNING_RATES,
+    POOL_SCRIPTS,
+    PRIMARY,
+    WORLDS,
+    check_hyperparameters,
+    holm,
+    paired,
+    power,
+    slug,
+    table_rows,
+)
 
-SETTINGS = {"rl_steps": 8, "side_prompts": 200, "prompts_per_step": 4, "group_size": 4}
+SETTINGS = {"rl_steps": 8, "side_prompts": 200, "prompts_per_step": 4, "group_size": 4, "data_dir": "data/toy"}
 TABLE_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": False})  # the rows of the table, from the job's description
 ALL_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": True})
 ROWS = ["base model", "SFT", *[row.name for row in TABLE_ROWS]]
@@ -102,9 +113,48 @@ def test_each_row_field_reaches_its_command(capsys, monkeypatch):
 
 
 def test_every_primary_comparison_names_two_rows_of_the_job():
-    rows = set(ROWS)
-    assert all(method in rows and control in rows and method != control for _, method, control in PRIMARY)
-    assert len({(method, control) for _, method, control in PRIMARY}) == len(PRIMARY)
+    rows = {"SFT", *(row.name for row in ALL_ROWS)}
+    for claims in [PRIMARY, *(world.claims for world in WORLDS.values())]:
+        assert all(method in rows and control in rows and method != control for _, method, control in claims)
+        assert len({(method, control) for _, method, control in claims}) == len(claims)
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_a_world_runs_the_rows_its_claims_name_on_its_own_data(capsys, monkeypatch, name):
+    monkeypatch.chdir(ROOT)
+    world, data = WORLDS[name], f"data/worlds/{name}"
+    lines = printed_commands(capsys, "--world", name, "--seeds", "2")
+    named = {row for _, *pair in world.claims for row in pair} - {"SFT"}
+    needed = {need for row in ALL_ROWS if row.name in named for need in row.needs}
+    expected = [row for row in ALL_ROWS if row.name in named or slug(row.name) in needed]
+    assert len(lines) == 2 * (1 + len(expected))  # per seed: SFT, then one run per row, nothing else
+    assert [line.split()[0] for line in lines[1:1 + len(expected)]] == [row.script for row in expected]
+    for line in lines:
+        flags = shlex.split(line)
+        value = {flag: flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag.startswith("--")}
+        assert "data/toy" not in line and f"--output-dir results/worlds/{name}/runs/" in line, line
+        assert value["--eval-data"] == f"{data}/{world.eval_file}" and value["--eval-prompts"] == str(world.eval_prompts)
+        assert value.get("--eval-fn") == (world.eval_fn or None), line
+        if flags[0] == "algos/sft.py":
+            assert value["--train-data"] == f"{data}/sft_prompts.jsonl" and value["--expert-cache"] == f"{data}/expert_cache.jsonl"
+        else:  # an RL row: the world's prompts and reward, 40 steps of 64 prompts
+            assert value["--train-data"] == f"{data}/train.jsonl" and value.get("--reward-fn") == (world.reward_fn or None)
+            assert value["--steps"] == "40" and value["--prompts-per-step"] == "64"
+        assert (value.get("--expert-pool") == f"{data}/sft_prompts.jsonl") == (flags[0] in POOL_SCRIPTS), line
+    sweep = printed_commands(capsys, "--world", name, "--sweep")
+    assert all(f"--eval-data {data}/val.jsonl " in line for line in sweep)
+    assert all(("--eval-fn" in line) == bool(world.val_fn) for line in sweep)  # never the shifted split's scorer
+
+
+def test_power_against_a_simulation_of_the_paired_t_test():
+    rng = __import__("numpy").random.default_rng(0)
+    differences = [0.05, 0.02, 0.09, -0.01, 0.06, 0.04]  # observed effect mean / sd = 1.27
+    effect = statistics.mean(differences) / statistics.stdev(differences)
+    samples = rng.normal(effect, 1.0, size=(40_000, 6))
+    t = samples.mean(1) / (samples.std(1, ddof=1) / math.sqrt(6))
+    simulated = float((abs(t) > 2.5706).mean())  # the t(5) quantile at 0.975
+    assert power(differences) == pytest.approx(simulated, abs=0.01)
+    assert power([0.0, 0.0]) != power([0.0, 0.0]) and power([0.1]) != power([0.1])  # NaN: no spread, one seed
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores; it also rebuilds data/toy, which other tests read
@@ -209,3 +259,24 @@ def test_print_commands_into_a_pipe_closed_early_is_no_traceback():
                             cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.startswith("algos/") and result.stdout.count("\n") == 1
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # about 1.5 minutes on 2 cores; it builds data/worlds/house
+def test_a_world_job_tables_its_own_scores_and_its_claims(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--world", "house", "--quick", "--sft-steps", "10",
+                             "--rl-steps", "2", "--eval-prompts", "16", "--side-prompts", "40", "--out-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, env={"TQDM_DISABLE": "1", **os.environ})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| row"))
+    header = lines[start].strip("| ").split(" | ")
+    table = {cells[0]: dict(zip(header, cells))
+             for cells in (line.strip("| ").split(" | ") for line in lines[start + 2:lines.index("", start)])}
+    claims = WORLDS["house"].claims
+    assert set(table) == {"base model", "SFT", *(row for _, *pair in claims for row in pair)}
+    for row in set(table) - {"base model"}:
+        record = json.loads((tmp_path / "runs" / f"{slug(row)}_seed1" / "eval.json").read_text())
+        for key in ("gold", "house_style", "gold_verifier"):  # the world's scores, each the run's own
+            assert float(table[row][key]) == pytest.approx(record[key], abs=5e-4), (row, key)
+    assert [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ") and " - " in line.split(" | ")[1]
+            and not line.startswith("| claim")] == [claim for claim, _, _ in claims]

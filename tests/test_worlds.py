@@ -52,7 +52,7 @@ def test_the_shifted_split_shares_no_combination_with_training(tmp_path):
     assert shifted and shifted <= held and not shifted & seen
     for task in toyworld.DEFAULT_TASKS:  # every task is still trained, and shifted
         assert (f"toy:task:{task}",) in seen and any(c[0] == f"toy:task:{task}" for c in shifted)
-    prompts = [row["prompt"] for rows in splits.values() for row in rows]
+    prompts = [row["prompt"] for name, rows in splits.items() if name != "eval_mixed" for row in rows]
     assert len(prompts) == len(set(prompts)) and len(splits["eval_shift"]) == 64
 
 
@@ -114,3 +114,20 @@ def test_the_house_cache_is_styled_and_says_so(tiny_world, tmp_path):
                     "--teacher", "some/model")
     assert code == "error: --house-style is the toy world's oracle's style; it needs --teacher oracle"
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_the_mixed_eval_file_alternates_the_two_splits_and_shift_scores_keeps_them_apart(tmp_path):
+    paths = toyworld.write_splits(tmp_path, num_train=300, num_eval=40, num_val=20, seed=2, held_out=0.25)
+    mixed = [json.loads(line) for line in open(paths["eval_mixed"])]
+    split_rows = {name: [json.loads(line) for line in open(paths[name])] for name in ("eval", "eval_shift")}
+    assert [row["split"] for row in mixed[:4]] == ["in_distribution", "shift"] * 2
+    assert [r["prompt"] for r in mixed if r["split"] == "shift"] == [r["prompt"] for r in split_rows["eval_shift"]]
+    assert [r["prompt"] for r in mixed if r["split"] != "shift"] == [r["prompt"] for r in split_rows["eval"]]
+    assert len({row["key"] for row in mixed}) == len(mixed)
+    # right on the shifted rows only, then on the in-distribution rows only
+    only_shift = scoring.shift_scores(mixed, [toyworld.oracle(r) if r["split"] == "shift" else "" for r in mixed])
+    only_seen = scoring.shift_scores(mixed, [toyworld.oracle(r) if r["split"] != "shift" else "" for r in mixed])
+    assert only_shift["gold"] == 1.0 and only_shift["gold_in_distribution"] == 0.0
+    assert only_seen["gold"] == 0.0 and only_seen["gold_in_distribution"] == 1.0
+    with pytest.raises(ValueError, match='"split"'):
+        scoring.shift_scores(split_rows["eval"], [""] * len(split_rows["eval"]))

@@ -77,13 +77,14 @@ class World:
     claims: list[tuple[str, str, str]]  # (claim, method, control): the world's Holm family; its rows are these
     eval_file: str = "eval.jsonl"
     eval_prompts: int = 1024
+    sft_steps: int = 200
     reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
     eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
     val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
 
 
 # Each world calibrated by pilot seeds (docs/experiments.md) so its effects appear within 40 RL steps
-# of 64 prompts; a world's settings replace FULL's (rl_steps, prompts_per_step, eval_prompts).
+# of 64 prompts; a world's settings replace FULL's (rl_steps, prompts_per_step, eval_prompts, sft_steps).
 WORLDS = {
     # half of the demonstrations wrong in content, which the exact verifier sees
     "imperfect": World(["--num-eval", "1024"], ["--oracle-error-rate", "0.5", "--oracle-seed", "0"], [
@@ -100,7 +101,7 @@ WORLDS = {
         ("UniAPL: the adversarial reward keeps what the task reward does not pay for", "UniAPL",
          "UniAPL, adversarial 0"),
     ], reward_fn="shared.scoring:house_reward", eval_fn="shared.scoring:house_scores",
-        val_fn="shared.scoring:house_scores"),
+        val_fn="shared.scoring:house_scores", sft_steps=400),  # 200 steps: styled gold 0.07, style 73% (pilot)
     # a quarter of the instruction combinations never trained on; gold on them, in-distribution gold beside
     "shift": World(["--num-eval", "1024", "--held-out-combinations", "0.25"], [], [
         ("ADPO: the anchored listwise loss beats GRPO on unseen instruction combinations, equal optimizer steps",
@@ -148,7 +149,8 @@ class Args:
     seeds: int | None = None
     """seeds per row, each its own SFT checkpoint (main job: 6; --quick: 1)"""
     sft_steps: int | None = None
-    """SFT optimizer steps on the demonstrations of data/toy/sft_prompts.jsonl (200; --quick: 150)"""
+    """SFT optimizer steps on the demonstrations of the world's sft_prompts.jsonl (200, the house world 400; --quick:
+    150)"""
     rl_steps: int | None = None
     """steps of every row after SFT: generation batches, or SFT steps for continued SFT (100; --quick: 10)"""
     gpm_steps: int | None = None
@@ -728,7 +730,7 @@ if __name__ == "__main__":
     given = {k: v for k, v in asdict(args).items() if v is not None}
     world = WORLDS.get(args.world)
     world_defaults = {} if world is None else {"eval_prompts": QUICK["eval_prompts"]} if args.quick else {
-        **WORLD_FULL, "eval_prompts": world.eval_prompts}
+        **WORLD_FULL, "eval_prompts": world.eval_prompts, "sft_steps": world.sft_steps}
     settings = {**(QUICK if args.quick else FULL), **world_defaults, **given}
     check_settings(settings)
     settings["data_dir"] = "data/toy" if world is None else f"data/worlds/{args.world}"

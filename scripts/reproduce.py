@@ -81,6 +81,9 @@ class World:
     reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
     eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
     val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
+    # per (method, control): the prediction committed in docs/experiments.md before the final runs,
+    # (lowest mean difference, highest, supported after Holm or not); the table says whether it held
+    predictions: dict[tuple[str, str], tuple[float, float, bool]] = field(default_factory=dict)
 
 
 # Each world calibrated by pilot seeds (docs/experiments.md) so its effects appear within 40 RL steps
@@ -91,7 +94,7 @@ WORLDS = {
         ("RL beats more supervised training on an imperfect teacher's demonstrations", "GRPO", "continued SFT"),
         ("CHORD: RL with the teacher's tokens beats imitating the teacher longer", "CHORD-phi", "continued SFT"),
         ("UniAPL: its joint objective beats imitating the teacher longer", "UniAPL", "continued SFT"),
-    ]),
+    ], predictions={(method, "continued SFT"): (0.03, math.inf, True) for method in ("GRPO", "CHORD-phi", "UniAPL")}),
     # gold asks for a house style that every demonstration shows and the reward charges for
     "house": World(["--num-eval", "1024", "--house-style"], ["--house-style"], [
         ("AAPA: the anchor keeps what the reward does not pay for (GRPO is AAPA-GRPO with anchor 0)", "AAPA-GRPO",
@@ -106,7 +109,8 @@ WORLDS = {
     "shift": World(["--num-eval", "1024", "--held-out-combinations", "0.25"], [], [
         ("ADPO: the anchored listwise loss beats GRPO on unseen instruction combinations, equal optimizer steps",
          "ADPO listwise", "GRPO, 2 passes"),
-    ], eval_file="eval_mixed.jsonl", eval_prompts=2048, eval_fn="shared.scoring:shift_scores"),
+    ], eval_file="eval_mixed.jsonl", eval_prompts=2048, eval_fn="shared.scoring:shift_scores",
+        predictions={("ADPO listwise", "GRPO, 2 passes"): (-0.05, 0.05, False)}),
 }
 WORLD_FULL = {"rl_steps": 40, "prompts_per_step": 64}
 WORLD_NOTES = {
@@ -487,6 +491,18 @@ def power(differences: list[float]) -> float:
     return float(nct.sf(critical, n - 1, noncentrality) + nct.cdf(-critical, n - 1, noncentrality))
 
 
+def prediction_outcome(prediction: tuple[float, float, bool] | None, differences: list[float], adjusted_p: float) -> str:
+    """'predicted -> held' or '-> failed': the mean difference within the predicted bounds and
+    the Holm verdict (supported or not) as predicted; '–' with no prediction."""
+    if prediction is None:
+        return "–"
+    low, high, supported = prediction
+    bounds = f">= {low:+.2f}" if high == math.inf else f"{low:+.2f} to {high:+.2f}"
+    mean = statistics.mean(differences)
+    held = low <= mean <= high and (adjusted_p < 0.05 and mean > 0) == supported
+    return f"{bounds}, {'supported' if supported else 'not supported'}: {'held' if held else 'failed'}"
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjustment: controls the chance of any false "supported" in the family at 5%."""
     order = sorted(range(len(p_values)), key=lambda i: p_values[i] if p_values[i] == p_values[i] else 2.0)
@@ -575,12 +591,15 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
               f"checkpoint), mean and 95% t-interval over {n} seeds, two-sided paired t-test, p adjusted by Holm over "
               f"the {len(primary)} comparisons. A claim is supported when the adjusted p < 0.05. Power: the chance "
               f"that the unadjusted test finds a true effect of the observed size (mean / sd) with {n} seeds.", "",
-              "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | power | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | power | verdict | "
+              "prediction (docs/experiments.md) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    predictions = settings["predictions"]
     for (claim, method, control, differences), holm_p in zip(primary, adjusted):
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
-                     f"{power(differences):.2f} | {verdict(differences, holm_p)} |")
+                     f"{power(differences):.2f} | {verdict(differences, holm_p)} | "
+                     f"{prediction_outcome(predictions.get((method, control)), differences, holm_p)} |")
     if exploratory & set(gold) and "GRPO" in gold:
         lines += [
             "",
@@ -735,6 +754,7 @@ if __name__ == "__main__":
     check_settings(settings)
     settings["data_dir"] = "data/toy" if world is None else f"data/worlds/{args.world}"
     settings["claims"] = PRIMARY if world is None else world.claims
+    settings["predictions"] = {} if world is None else world.predictions
     if world is not None and not args.rows:  # a world runs the rows its claims name (and what they read)
         settings["rows"] = tuple(dict.fromkeys(row for _, *pair in world.claims for row in pair if row != "SFT"))
     results = "results" if world is None else f"results/worlds/{args.world}"

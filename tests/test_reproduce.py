@@ -25,6 +25,7 @@ from reproduce import (  # noqa: E402
     holm,
     paired,
     power,
+    prediction_outcome,
     slug,
     table_rows,
 )
@@ -280,3 +281,13 @@ def test_a_world_job_tables_its_own_scores_and_its_claims(tmp_path):
             assert float(table[row][key]) == pytest.approx(record[key], abs=5e-4), (row, key)
     assert [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ") and " - " in line.split(" | ")[1]
             and not line.startswith("| claim")] == [claim for claim, _, _ in claims]
+
+
+def test_a_prediction_holds_only_when_both_its_size_and_its_verdict_come_true():
+    ahead = [0.05, 0.04, 0.06, 0.05, 0.07, 0.04]  # mean +0.052
+    assert prediction_outcome((0.03, math.inf, True), ahead, 0.01).endswith("held")
+    assert prediction_outcome((0.03, math.inf, True), ahead, 0.2).endswith("failed")  # right size, not supported
+    assert prediction_outcome((0.06, math.inf, True), ahead, 0.01).endswith("failed")  # supported, too small
+    assert prediction_outcome((-0.05, 0.05, False), [d - 0.05 for d in ahead], 0.6).endswith("held")  # a tie
+    assert prediction_outcome((-0.05, 0.05, False), ahead, 0.6).endswith("failed")  # outside the tie's bounds
+    assert prediction_outcome(None, ahead, 0.01) == "–"

@@ -488,7 +488,9 @@ def power(differences: list[float]) -> float:
         return float("nan")
     noncentrality = statistics.mean(differences) / statistics.stdev(differences) * math.sqrt(n)
     critical = float(student_t.ppf(0.975, n - 1))
-    return float(nct.sf(critical, n - 1, noncentrality) + nct.cdf(-critical, n - 1, noncentrality))
+    # scipy returns NaN for the far tail of a large effect (a mass below 1e-10): it counts as 0
+    tails = (nct.sf(critical, n - 1, noncentrality), nct.cdf(-critical, n - 1, noncentrality))
+    return float(sum(tail for tail in tails if math.isfinite(tail)))
 
 
 def prediction_outcome(prediction: tuple[float, float, bool] | None, differences: list[float], adjusted_p: float) -> str:

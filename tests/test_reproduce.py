@@ -156,6 +156,8 @@ def test_power_against_a_simulation_of_the_paired_t_test():
     simulated = float((abs(t) > 2.5706).mean())  # the t(5) quantile at 0.975
     assert power(differences) == pytest.approx(simulated, abs=0.01)
     assert power([0.0, 0.0]) != power([0.0, 0.0]) and power([0.1]) != power([0.1])  # NaN: no spread, one seed
+    assert power([0.117, 0.139, 0.139, 0.128, 0.156, 0.133]) == pytest.approx(1.0)  # an effect of 10 sd: certain
+    assert power([-d for d in differences]) == pytest.approx(power(differences))  # two-sided
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores; it also rebuilds data/toy, which other tests read

@@ -95,7 +95,8 @@ WORLDS = {
         ("CHORD: RL with the teacher's tokens beats imitating the teacher longer", "CHORD-phi", "continued SFT"),
         ("UniAPL: its joint objective beats imitating the teacher longer", "UniAPL", "continued SFT"),
     ], predictions={(method, "continued SFT"): (0.03, math.inf, True) for method in ("GRPO", "CHORD-phi", "UniAPL")}),
-    # gold asks for a house style that every demonstration shows and the reward charges for
+    # gold asks for a house style that every demonstration shows and the reward charges for; not calibrated:
+    # in the pilots GRPO kept the style, so nothing here tests the anchors yet (docs/experiments.md)
     "house": World(["--num-eval", "1024", "--house-style"], ["--house-style"], [
         ("AAPA: the anchor keeps what the reward does not pay for (GRPO is AAPA-GRPO with anchor 0)", "AAPA-GRPO",
          "GRPO"),

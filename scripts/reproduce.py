@@ -41,6 +41,7 @@ from analyze import analyze, eval_curve, plot_curves  # scripts/ is on the path 
 from scipy.stats import nct
 from scipy.stats import t as student_t
 
+from shared.evaluation import WORLD_SCORE_KEYS
 from shared.runfolder import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +146,8 @@ class Args:
     <out-dir>/hyperparameters.json)"""
     world: Literal["plain", "imperfect", "house", "shift"] = "plain"
     """plain: the main job on data/toy; the others: a diagnostic world (data in data/worlds/<world>, results in
-    results/worlds/<world>), only the rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts"""
+    results/worlds/<world>), only the rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts (shift:
+    1,024 per split)"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
     rows: tuple[str, ...] = ()
@@ -495,8 +497,8 @@ def power(differences: list[float]) -> float:
 
 
 def prediction_outcome(prediction: tuple[float, float, bool] | None, differences: list[float], adjusted_p: float) -> str:
-    """'predicted -> held' or '-> failed': the mean difference within the predicted bounds and
-    the Holm verdict (supported or not) as predicted; '–' with no prediction."""
+    """The prediction and whether it held: the mean difference within the predicted bounds
+    and the Holm verdict (supported or not) as predicted. '–' with no prediction."""
     if prediction is None:
         return "–"
     low, high, supported = prediction
@@ -551,8 +553,8 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     controls = {control for _, _, control in claims}
     methods = {method for _, method, _ in claims}
     exploratory = {row.name for row in table_rows(runs_dir, 1, settings) if row.exploratory} - methods - controls
-    # a diagnostic world's own scores (shared/scoring.py:house_scores, shift_scores), where its runs have them
-    world_keys = [key for key in ("gold_verifier", "house_style", "gold_in_distribution")
+    # a diagnostic world's own scores, where its runs have them
+    world_keys = [key for key in WORLD_SCORE_KEYS
                   if any(key in result for per_seed in rows.values() for result in per_seed.values())]
     gold = {row: [per_seed[s]["gold"] for s in seeds] for row, per_seed in rows.items()}
 

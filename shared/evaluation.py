@@ -61,10 +61,11 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
     return result
 
 
-# eval.json keeps these when the eval fn returned them (the last three: the diagnostic worlds' scores,
-# shared/scoring.py:house_scores and shift_scores)
+# the diagnostic worlds' own scores (shared/scoring.py:house_scores and shift_scores)
+WORLD_SCORE_KEYS = ("gold_verifier", "house_style", "gold_in_distribution")
+# eval.json keeps these when the eval fn returned them
 EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts",
-             "gold_verifier", "house_style", "gold_in_distribution")
+             *WORLD_SCORE_KEYS)
 
 
 def write_final_eval(output_dir: Path, steps: int, final_eval: dict | None, run_eval, keys: tuple = (), **extra) -> None:

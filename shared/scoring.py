@@ -143,4 +143,3 @@ def shift_scores(rows: list[dict], responses: list[str], strip_think: bool = Fal
     scores = instruction_scores([row for row, _ in shifted], [response for _, response in shifted], strip_think)
     in_distribution = instruction_scores([row for row, _ in seen], [response for _, response in seen], strip_think)
     return {**scores, "gold_in_distribution": in_distribution["gold"]}
-

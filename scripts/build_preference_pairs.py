@@ -10,6 +10,7 @@ pairwise, gpm.py) read this file or a hub dataset alike.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -41,6 +42,9 @@ class Args:
     """prompts per generate call"""
     seed: int = 1
     """sampling seed"""
+    concision: Literal["expert_length", "shorter"] = "expert_length"
+    """how the concision axis is labelled: expert_length, the truth (the response closer to the expert's length
+    wins); shorter, the exploitable-judge world's biased annotators (the shorter response wins)"""
 
 
 if __name__ == "__main__":
@@ -65,7 +69,7 @@ if __name__ == "__main__":
         texts = generate_rollouts(model, tokenizer, [r["prompt"] for r in batch], group_size=2,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature)["texts"]
         for row, a, b in zip(batch, texts[0::2], texts[1::2]):
-            pair = toyworld.preference_pair(row, a, b)
+            pair = toyworld.preference_pair(row, a, b, args.concision)
             if pair is not None:
                 pairs.append(pair)
     if not pairs:

@@ -15,7 +15,7 @@ grid by validation gold (data/toy/val.jsonl), averaged over seeds the table neve
 uses, and writes results/hyperparameters.json, which the main job reads; a control
 that differs from its method in one coefficient (a "twin") takes its method's rate.
 
-`--world imperfect|house|shift` runs a diagnostic world instead (docs/experiments.md,
+`--world imperfect|house|shift|judge` runs a diagnostic world instead (docs/experiments.md,
 "The diagnostic worlds"): the toy world built with other flags so that the failure a
 paper's method targets happens to its control, with only the rows its claims name.
 """
@@ -82,6 +82,7 @@ class World:
     reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
     eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
     val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
+    pairs_flags: list[str] = field(default_factory=list)  # scripts/build_preference_pairs.py
     # per (method, control): the prediction committed in docs/experiments.md before the final runs,
     # (lowest mean difference, highest, supported after Holm or not); the table says whether it held
     predictions: dict[tuple[str, str], tuple[float, float, bool]] = field(default_factory=dict)
@@ -113,6 +114,14 @@ WORLDS = {
          "ADPO listwise", "GRPO, 2 passes"),
     ], eval_file="eval_mixed.jsonl", eval_prompts=2048, eval_fn="shared.scoring:shift_scores",
         predictions={("ADPO listwise", "GRPO, 2 passes"): (-0.05, 0.05, False)}),
+    # the judges are fitted to pairs whose concision axis says "the shorter response wins"; truth and gold
+    # want the expert's length and every instruction, so cutting answers short pleases the judge only
+    "judge": World(["--num-eval", "1024"], [], [
+        ("GPRL: per-axis advantages beat GRPO on a scalar judge of the same pairs", "GPRL", "GRPO, scalar judge"),
+        ("GPRL: acting on the drift monitor's alarms keeps what the exploited axis costs", "GPRL", "GPRL, monitor off"),
+    ], eval_fn="shared.scoring:judge_scores", val_fn="shared.scoring:judge_scores",
+        pairs_flags=["--concision", "shorter"],
+        predictions={("GPRL", "GRPO, scalar judge"): (0.05, 0.35, True), ("GPRL", "GPRL, monitor off"): (0.0, 0.0, False)}),
 }
 WORLD_FULL = {"rl_steps": 40, "prompts_per_step": 64}
 WORLD_NOTES = {
@@ -122,6 +131,11 @@ WORLD_NOTES = {
              "demonstration shows; the RL reward is the verifier's fraction less 0.1 per character beyond the bare "
              "answer, so it never checks the style and charges for it. gold_verifier: gold without the style; "
              "house_style: the fraction of responses that show it.",
+    "judge": "GPRL's GPM (three dimensions, one per axis) and the scalar judge (one dimension, the pairs' overall "
+             "label) are fitted to the same pairs of the SFT model's samples, labelled on correctness, format and a "
+             "biased concision (the shorter response wins). Gold and the true axes want every instruction and the "
+             "expert's length: correct_content, the fraction with the right content; short_of_expert, the fraction "
+             "shorter than the expert's answer; concision_gap, the mean distance from its length in characters.",
     "shift": "Gold is on instruction combinations no training, validation or SFT prompt has (eval_shift.jsonl); "
              "gold_in_distribution on as many prompts of the training distribution, from the same evaluation.",
 }
@@ -144,7 +158,7 @@ class Args:
     sweep: bool = False
     """choose each row's learning rate on the validation split instead, seeds 101-102 (writes
     <out-dir>/hyperparameters.json)"""
-    world: Literal["plain", "imperfect", "house", "shift"] = "plain"
+    world: Literal["plain", "imperfect", "house", "shift", "judge"] = "plain"
     """plain: the main job on data/toy; the others: a diagnostic world (data in data/worlds/<world>, results in
     results/worlds/<world>), only the rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts (shift:
     1,024 per split)"""
@@ -290,6 +304,11 @@ def table_rows(runs_dir: Path, seed: int, settings: dict) -> list[Row]:
             # offline pairs: the same number of sequences per step as the rollouts (pairs x 2 = prompts x G)
             Row("ADPO pairwise", "algos/adpo_pairwise.py", ["--pairs-data", str(pairs), "--batch-size",
                 str(settings["prompts_per_step"] * settings["group_size"] // 2)], ["pairs"], exploratory=True, rollouts=False),
+            # GRPO's loss on a scalar judge of the same pairs: a one-dimension GPM fitted to the pairs' overall label
+            # only (its score is monotone in one angle: a scalar reward), through GPRL's loop, which with one
+            # dimension is GRPO's clipped surrogate on group-normalised rewards; no second axis, so no alarm
+            Row("GRPO, scalar judge", "algos/gprl.py", ["--gpm", str(runs_dir / f"scalar_judge_seed{seed}" /
+                "checkpoint"), "--no-drift-adjust"], ["scalar_judge"], exploratory=True, eval_every=10),
         ]
     return rows
 
@@ -342,24 +361,28 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
         if sweep:
             rows = [row for row in rows if not row.rate_of]  # a twin is not tuned: it takes its method's rate
         needed = {need for row in rows for need in row.needs}
-        if "pairs" in needed or "gpm" in needed:  # the GPM is trained on the pairs
+        if needed & {"pairs", "gpm", "scalar_judge"}:  # the judges are trained on the pairs
+            pairs_flags = WORLDS[settings["world"]].pairs_flags if settings["world"] != "plain" else []
             commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model",
                                                       str(sft_dir / "checkpoint"), "--data",
                                                       f"{settings['data_dir']}/sft_prompts.jsonl",
                                                       "--out", str(pairs), "--seed", str(seed),
-                                                      "--num-prompts", str(settings["side_prompts"])],
+                                                      "--num-prompts", str(settings["side_prompts"]), *pairs_flags],
                                 pairs, [f"sft_seed{seed}"], seed=seed))
-        if "gpm" in needed:
-            commands.append(Run(f"gpm_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"), "--pairs-data",
-                                                    str(pairs), "--seed", str(seed), "--steps", str(settings["gpm_steps"])],
-                                runs_dir / f"gpm_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
+        judges = {"gpm": [], "scalar_judge": ["--dims", "1", "--axis-weight", "0"]}  # the GPM and the scalar judge
+        for judge in sorted(needed & set(judges)):
+            commands.append(Run(f"{judge}_seed{seed}", [py, "algos/gpm.py", "--model", str(sft_dir / "checkpoint"),
+                                                        "--pairs-data", str(pairs), "--seed", str(seed), "--steps",
+                                                        str(settings["gpm_steps"]), *judges[judge]],
+                                runs_dir / f"{judge}_seed{seed}", [f"pairs_seed{seed}"], seed=seed))
         row_slugs = {slug(row.name) for row in rows}
         for row in rows:
             budget = ["--steps", str(settings["rl_steps"])]
             if row.rollouts:
                 budget += ["--prompts-per-step", str(settings["prompts_per_step"]),
                            "--group-size", str(settings["group_size"])]
-            budget += ["--eval-every", str(row.eval_every or every)]
+            # (a world's 1,024 eval prompts cost too much to evaluate GPRL every 10 steps; its monitor logs every 5)
+            budget += ["--eval-every", str(row.eval_every if row.eval_every and settings["world"] == "plain" else every)]
             rates = LEARNING_RATES if sweep else [hyperparameters.get(row.rate_of or row.name, {}).get(
                 "learning_rate", LEARNING_RATE)]
             for rate in rates:
@@ -502,6 +525,8 @@ def prediction_outcome(prediction: tuple[float, float, bool] | None, differences
     if prediction is None:
         return "–"
     low, high, supported = prediction
+    if low == high == 0:  # predicted: the same runs in every seed
+        return f"the same runs in every seed: {'held' if untestable(differences) else 'failed'}"
     bounds = f">= {low:+.2f}" if high == math.inf else f"{low:+.2f} to {high:+.2f}"
     mean = statistics.mean(differences)
     held = low <= mean <= high and (adjusted_p < 0.05 and mean > 0) == supported
@@ -519,8 +544,22 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def holm_over_testable(comparisons: list[list[float]]) -> list[float]:
+    """Holm-adjusted p of each comparison's paired differences, the family being the
+    testable ones; NaN for a comparison whose two runs are the same in every seed (it tests
+    nothing, so it neither takes a share of the family's alpha nor gets a verdict)."""
+    kept = [not untestable(differences) for differences in comparisons]
+    family = iter(holm([p_value(differences) for differences, keep in zip(comparisons, kept) if keep]))
+    return [next(family) if keep else math.nan for keep in kept]
+
+
+def untestable(differences: list[float]) -> bool:
+    """The method and its control are the same runs in every seed (e.g. no alarm fired)."""
+    return all(d == 0 for d in differences)
+
+
 def verdict(differences: list[float], adjusted_p: float) -> str:
-    if all(d == 0 for d in differences):
+    if untestable(differences):
         return "not testable here: the two runs are the same in every seed"
     mean = statistics.mean(differences)
     if adjusted_p != adjusted_p:
@@ -591,10 +630,14 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
                      f"{statistics.mean(per_seed[s].get('wall_time', 0.0) for s in seeds):.0f} |")
     primary = [(claim, method, control, [a - b for a, b in zip(gold[method], gold[control])])
                for claim, method, control in claims if method in gold and control in gold]
-    adjusted = holm([p_value(differences) for *_, differences in primary])
+    adjusted = holm_over_testable([differences for *_, differences in primary])
+    testable = [not untestable(differences) for *_, differences in primary]
+    left = [f"{method} - {control}" for (_, method, control, _), kept in zip(primary, testable) if not kept]
     lines += ["", f"Primary comparisons, fixed before any run: method minus control, paired by seed (same SFT "
               f"checkpoint), mean and 95% t-interval over {n} seeds, two-sided paired t-test, p adjusted by Holm over "
-              f"the {len(primary)} comparisons. A claim is supported when the adjusted p < 0.05. Power: the chance "
+              f"the {sum(testable)} testable comparisons" + (f" ({', '.join(left)}: the same runs in every seed, so "
+                                                              "not in the family)" if left else "") +
+              ". A claim is supported when the adjusted p < 0.05. Power: the chance "
               f"that the unadjusted test finds a true effect of the observed size (mean / sd) with {n} seeds.", "",
               "| claim | method - control | gold difference [95% CI] | per seed | p | Holm p | power | verdict | "
               "prediction (docs/experiments.md) |",
@@ -602,7 +645,8 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     predictions = settings["predictions"]
     for (claim, method, control, differences), holm_p in zip(primary, adjusted):
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
-                     f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | {holm_p:.3f} | "
+                     f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | "
+                     f"{'–' if holm_p != holm_p else f'{holm_p:.3f}'} | "
                      f"{power(differences):.2f} | {verdict(differences, holm_p)} | "
                      f"{prediction_outcome(predictions.get((method, control)), differences, holm_p)} |")
     if exploratory & set(gold) and "GRPO" in gold:

@@ -62,7 +62,8 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
 
 
 # the diagnostic worlds' own scores (shared/scoring.py:house_scores and shift_scores)
-WORLD_SCORE_KEYS = ("gold_verifier", "house_style", "gold_in_distribution")
+WORLD_SCORE_KEYS = ("gold_verifier", "house_style", "gold_in_distribution", "correct_content", "short_of_expert",
+                    "concision_gap")
 # eval.json keeps these when the eval fn returned them
 EVAL_KEYS = ("gold", "gold_loose", "instruction_strict", "instruction_loose", "reward", "length", "truncated", "prompts",
              *WORLD_SCORE_KEYS)

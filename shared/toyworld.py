@@ -311,8 +311,14 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
     return paths
 
 
-def axis_scores(row: dict, response: str) -> dict[str, float]:
-    """Scores along the named quality axes; higher is better on each."""
+# How a preference pair's concision axis is labelled: the truth (closer to the expert's
+# length wins) or the exploitable-judge world's biased annotators (the shorter response
+# wins), whose judge a policy can please by cutting its answers short.
+CONCISION_LABELS = ("expert_length", "shorter")
+
+
+def axis_scores(row: dict, response: str, concision: str = "expert_length") -> dict[str, float]:
+    """Scores along the named quality axes; higher is better on each (concision: see CONCISION_LABELS)."""
     followed = [check_toy_instruction(response, i, k)
                 for i, k in zip(row["instruction_id_list"], row.get("kwargs") or [None] * len(row["instruction_id_list"]))]
     content = [f for i, f in zip(row["instruction_id_list"], followed) if i.startswith("toy:task:")]
@@ -320,24 +326,26 @@ def axis_scores(row: dict, response: str) -> dict[str, float]:
     return {
         "correctness": float(all(content)),
         "format": sum(fmt) / len(fmt) if fmt else 1.0,
-        "concision": -float(abs(len(response) - len(oracle(row)))),
+        "concision": -float(abs(len(response) - len(oracle(row))) if concision == "expert_length" else len(response)),
     }
 
 
-def preference(row: dict, response_a: str, response_b: str, axis: str) -> float:
+def preference(row: dict, response_a: str, response_b: str, axis: str, concision: str = "expert_length") -> float:
     """Pairwise label on one axis: 1.0 if a is better, 0.0 if b is better, 0.5 on a tie."""
     if axis not in PREFERENCE_AXES:
         raise ValueError(f"unknown preference axis {axis!r}; choose from {PREFERENCE_AXES}")
-    a, b = axis_scores(row, response_a)[axis], axis_scores(row, response_b)[axis]
+    if concision not in CONCISION_LABELS:
+        raise ValueError(f"unknown concision label {concision!r}; choose from {CONCISION_LABELS}")
+    a, b = axis_scores(row, response_a, concision)[axis], axis_scores(row, response_b, concision)[axis]
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
-def preference_pair(row: dict, response_a: str, response_b: str) -> dict | None:
+def preference_pair(row: dict, response_a: str, response_b: str, concision: str = "expert_length") -> dict | None:
     """One labelled preference pair, the preferred response (by the mean of the per-axis
     labels) as `chosen`; None when the two tie on every axis. A trade-off pair (better on
     one axis, worse on another) is kept: its scalar label is 0.5 but its per-axis labels
     are what a general preference model learns from."""
-    axes = {axis: preference(row, response_a, response_b, axis) for axis in PREFERENCE_AXES}
+    axes = {axis: preference(row, response_a, response_b, axis, concision) for axis in PREFERENCE_AXES}
     if all(value == 0.5 for value in axes.values()):
         return None
     label = sum(axes.values()) / len(axes)

@@ -23,11 +23,14 @@ from reproduce import (  # noqa: E402
     WORLDS,
     check_hyperparameters,
     holm,
+    holm_over_testable,
+    p_value,
     paired,
     power,
     prediction_outcome,
     slug,
     table_rows,
+    verdict,
 )
 
 SETTINGS = {"rl_steps": 8, "side_prompts": 200, "prompts_per_step": 4, "group_size": 4, "data_dir": "data/toy"}
@@ -84,7 +87,11 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(c
     # every demonstration comes from SFT's pool: the pairs, and the scripts' default --expert-pool
     assert "--data data/toy/sft_prompts.jsonl" in lines[1] and not any("--expert-pool" in line for line in lines)
     everything = printed_commands(capsys, "--quick", "--all")
-    assert len(everything) == 3 + len(ALL_ROWS) and len(ALL_ROWS) > len(TABLE_ROWS)
+    # with the exploratory rows: the scalar judge (GRPO, scalar judge) fitted to the same pairs as the GPM
+    assert [line.split()[0] for line in everything[:4]] == ["algos/sft.py", "scripts/build_preference_pairs.py",
+                                                            "algos/gpm.py", "algos/gpm.py"]
+    assert "--dims 1 --axis-weight 0" in everything[3] and "--dims" not in everything[2]
+    assert len(everything) == 4 + len(ALL_ROWS) and len(ALL_ROWS) > len(TABLE_ROWS)
     sweep = printed_commands(capsys, "--sweep")
     # two seeds the table never uses; every row with its own rate (a twin takes its method's) at each rate
     tuned = [row for row in TABLE_ROWS if not row.rate_of]
@@ -101,7 +108,7 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(c
 def test_each_row_field_reaches_its_command(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     lines = printed_commands(capsys, "--quick", "--all")
-    by_row = dict(zip([slug(row.name) for row in ALL_ROWS], lines[3:]))
+    by_row = dict(zip([slug(row.name) for row in ALL_ROWS], lines[4:]))  # after SFT, pairs, GPM, scalar judge
     for row in ALL_ROWS:
         line = by_row[slug(row.name)]
         assert line.startswith(row.script) and f"--output-dir results/quick/runs/{slug(row.name)}_seed1 " in line, row.name
@@ -132,10 +139,20 @@ def test_a_world_runs_the_rows_its_claims_name_on_its_own_data(capsys, monkeypat
     named = {row for _, *pair in world.claims for row in pair} - {"SFT"}
     needed = {need for row in ALL_ROWS if row.name in named for need in row.needs}
     expected = [row for row in ALL_ROWS if row.name in named or slug(row.name) in needed]
-    assert len(lines) == 2 * (1 + len(expected))  # per seed: SFT, then one run per row, nothing else
-    assert [line.split()[0] for line in lines[1:1 + len(expected)]] == [row.script for row in expected]
+    judges = sorted(needed & {"gpm", "scalar_judge"})  # each trained on the seed's one pairs file
+    data_steps = (1 + len(judges)) if judges else 0
+    per_seed = 1 + data_steps + len(expected)  # SFT, the pairs and judges its rows read, one run per row, nothing else
+    assert len(lines) == 2 * per_seed
+    assert [line.split()[0] for line in lines[1 + data_steps:per_seed]] == [row.script for row in expected]
+    for line in lines[1:1 + data_steps]:  # the pairs, labelled as the world says, then the judges fitted to them
+        flags = shlex.split(line)
+        assert (flags[0] == "scripts/build_preference_pairs.py") == (line is lines[1])
+        assert f"results/worlds/{name}/runs/pairs_seed1.jsonl" in line
+        assert (" ".join(world.pairs_flags) in line) == (line is lines[1]) or not world.pairs_flags
     for line in lines:
         flags = shlex.split(line)
+        if flags[0] in ("scripts/build_preference_pairs.py", "algos/gpm.py"):
+            continue
         value = {flag: flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag.startswith("--")}
         assert "data/toy" not in line and f"--output-dir results/worlds/{name}/runs/" in line, line
         assert value["--eval-data"] == f"{data}/{world.eval_file}" and value["--eval-prompts"] == str(world.eval_prompts)
@@ -146,7 +163,8 @@ def test_a_world_runs_the_rows_its_claims_name_on_its_own_data(capsys, monkeypat
             assert value["--train-data"] == f"{data}/train.jsonl" and value.get("--reward-fn") == (world.reward_fn or None)
             assert value["--steps"] == "40" and value["--prompts-per-step"] == "64"
         assert (value.get("--expert-pool") == f"{data}/sft_prompts.jsonl") == (flags[0] in POOL_SCRIPTS), line
-    sweep = printed_commands(capsys, "--world", name, "--sweep")
+    sweep = [line for line in printed_commands(capsys, "--world", name, "--sweep") if line.startswith("algos/") and
+             not line.startswith("algos/gpm.py")]  # the training runs
     assert all(f"--eval-data {data}/val.jsonl " in line for line in sweep)
     assert all(("--eval-fn" in line) == bool(world.val_fn) for line in sweep)  # never the shifted split's scorer
 
@@ -297,3 +315,14 @@ def test_a_prediction_holds_only_when_both_its_size_and_its_verdict_come_true():
     assert prediction_outcome((-0.05, 0.05, False), [d - 0.05 for d in ahead], 0.6).endswith("held")  # a tie
     assert prediction_outcome((-0.05, 0.05, False), ahead, 0.6).endswith("failed")  # outside the tie's bounds
     assert prediction_outcome(None, ahead, 0.01) == "–"
+
+
+def test_identical_runs_leave_the_holm_family_and_are_predicted_as_such():
+    effect, other, same = [0.05, 0.02, 0.09, -0.01, 0.06, 0.04], [0.01, -0.02, 0.03, 0.0, 0.02, -0.01], [0.0] * 6
+    adjusted = holm_over_testable([effect, same, other])
+    assert adjusted[1] != adjusted[1]  # NaN: no p, no verdict
+    assert adjusted[0] == pytest.approx(holm([p_value(effect), p_value(other)])[0])  # a family of two, not three
+    assert adjusted[2] == pytest.approx(holm([p_value(effect), p_value(other)])[1])
+    assert verdict(same, adjusted[1]).startswith("not testable")
+    assert prediction_outcome((0.0, 0.0, False), same, adjusted[1]).endswith("held")
+    assert prediction_outcome((0.0, 0.0, False), other, adjusted[2]).endswith("failed")

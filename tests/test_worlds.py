@@ -1,6 +1,8 @@
 """The diagnostic worlds' data, each checked for the property it is built to have: the
 imperfect teacher is wrong on exactly the stated fraction, in a way the verifier sees;
-the shifted eval split shares no instruction combination with training."""
+the shifted eval split shares no instruction combination with training; the judge
+world's concision labels pay a scripted policy that cuts its answers short, which gold
+and the true axes charge for."""
 
 import json
 
@@ -131,3 +133,46 @@ def test_the_mixed_eval_file_alternates_the_two_splits_and_shift_scores_keeps_th
     assert only_seen["gold"] == 0.0 and only_seen["gold_in_distribution"] == 1.0
     with pytest.raises(ValueError, match='"split"'):
         scoring.shift_scores(split_rows["eval"], [""] * len(split_rows["eval"]))
+
+
+def cut_short(row: dict) -> str:
+    """A scripted policy that exploits the judge world's concision labels: the expert's
+    answer without its last content character."""
+    answer = toyworld.oracle(row)
+    end = answer[-1] if "toy:end_with" in row["instruction_id_list"] else ""
+    return answer[:len(answer) - len(end) - 1] + end
+
+
+def test_the_exploitable_axis_pays_a_scripted_policy_on_the_judges_labels_only():
+    rows = [row for row in toyworld.make_split(200, seed=6) if len(toyworld.oracle(row)) > 1]
+    for row in rows:
+        exploit, expert = cut_short(row), toyworld.oracle(row)
+        biased = toyworld.preference_pair(row, exploit, expert, concision="shorter")
+        true = toyworld.preference_pair(row, exploit, expert)
+        # the judge's pairs: the cut answer wins concision, loses correctness
+        assert biased["axes"]["concision"] == 1.0 if biased["chosen"] == exploit else biased["axes"]["concision"] == 0.0
+        assert toyworld.preference(row, exploit, expert, "concision", "shorter") == 1.0
+        assert toyworld.preference(row, exploit, expert, "correctness", "shorter") == 0.0
+        # the truth: the expert wins or ties on every axis, so the cut answer is never chosen
+        assert true["chosen"] == expert and all(value >= 0.5 for value in true["axes"].values())
+    scores = scoring.judge_scores(rows, [cut_short(row) for row in rows])
+    assert scores["gold"] == 0.0 and scores["correct_content"] == 0.0 and scores["short_of_expert"] == 1.0
+    assert scores["concision_gap"] == 1.0
+    expert_scores = scoring.judge_scores(rows, [toyworld.oracle(row) for row in rows])
+    assert expert_scores["gold"] == 1.0 and expert_scores["short_of_expert"] == 0.0 and expert_scores["concision_gap"] == 0
+
+
+def test_an_unknown_concision_label_is_refused():
+    row = toyworld.make_split(1, seed=1)[0]
+    with pytest.raises(ValueError, match="unknown concision label 'longer'"):
+        toyworld.preference(row, "a", "b", "concision", "longer")
+
+
+def test_the_judge_worlds_pairs_are_labelled_shorter_wins(tiny_world, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run_main("scripts/build_preference_pairs.py", "--model", tiny_world["model"], "--data", tiny_world["train"], "--out",
+                    str(out), "--num-prompts", "32", "--concision", "shorter") is None
+    pairs = [json.loads(line) for line in open(out)]
+    decided = [pair for pair in pairs if len(pair["chosen"]) != len(pair["rejected"])]
+    assert decided and all(pair["axes"]["concision"] == float(len(pair["chosen"]) < len(pair["rejected"]))
+                           for pair in decided)

@@ -698,10 +698,17 @@ def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
                     for key, value in record.items():
                         if key.startswith("drift/margin/"):
                             values.setdefault(key[len("drift/margin/"):], []).append(value)
-    columns = ["gold", "gold, monitor off"] + sorted({k for v in by_step.values() for k in v} - {"gold", "gold, monitor off"})
+                        if key.startswith("drift/judge_accuracy/"):
+                            values.setdefault("agrees: " + key[len("drift/judge_accuracy/"):], []).append(value)
+    measured = {k for v in by_step.values() for k in v} - {"gold", "gold, monitor off"}
+    columns = ["gold", "gold, monitor off", *sorted(k for k in measured if not k.startswith("agrees")),
+               *sorted(k for k in measured if k.startswith("agrees"))]
     lines = ["", "GPRL over training, mean over seeds: held-out gold, and the drift monitor's margin per GPM dimension "
                  "(the policy's greedy responses scored against the reference's on the probe prompts; > 0: the GPM "
-                 "prefers the policy).", "", "| step | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+                 "prefers the policy)" + (", and how often each dimension's sign agrees with the toy world's true "
+                                          "preference on those pairs (agrees: ...; ties excluded)" if any(
+                                              k.startswith("agrees") for k in measured) else "") + ".", "",
+             "| step | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for step in sorted(by_step):
         if any(by_step[step].get(c) for c in columns):
             lines.append(
@@ -709,7 +716,7 @@ def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
                 + " | ".join(
                     (
                         f"{statistics.mean(by_step[step][c]):.3f}"
-                        if c.startswith("gold")
+                        if c.startswith(("gold", "agrees"))
                         else f"{statistics.mean(by_step[step][c]):+.4f}"
                     )
                     if by_step[step].get(c)

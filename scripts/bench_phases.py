@@ -4,9 +4,10 @@ gives it), one run at a time, from the same SFT checkpoint. Each run's per-step 
 come from its own perf/*_sec log (generate, score, old/reference log-probs, update);
 the table gives the median over the timed steps (the first two are warm-up) and the
 run's whole wall time, start-up and evaluations included. Then the levers tried on the
-GRPO step, side by side in the same run: bfloat16 autocast, 8 prompts per step.
+GRPO step, side by side in the same run: bfloat16 autocast, half the prompts per step.
 
-Run: python scripts/bench_phases.py  (about 5 minutes; --model to reuse an SFT checkpoint)
+Run: python scripts/bench_phases.py  (about 5 minutes; --model to reuse an SFT checkpoint; --prompts-per-step 64
+for the diagnostic worlds' shape, about 4 times as long)
 """
 
 import json
@@ -30,6 +31,8 @@ class Args:
     """SFT checkpoint to start from ('' = train one: algos/sft.py, 200 steps on data/toy/sft_prompts.jsonl)"""
     steps: int = 12
     """steps per run (the first two are not timed)"""
+    prompts_per_step: int = 16
+    """prompts per step of every run (the main job: 16; the diagnostic worlds: 64)"""
     threads: int = 1
     """CPU threads per run (the main job gives each of its 2 side-by-side runs 1 of the 2 cores)"""
 
@@ -55,6 +58,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.steps < 3:
         raise SystemExit("error: --steps must be >= 3 (two warm-up steps, then at least one timed)")
+    if args.prompts_per_step < 2:
+        raise SystemExit(f"error: --prompts-per-step must be >= 2 (one run halves it), got {args.prompts_per_step}")
     work = Path(tempfile.mkdtemp(prefix="bench_phases_"))
     model = args.model
     if not model:
@@ -66,7 +71,9 @@ if __name__ == "__main__":
                     "data/toy/sft_prompts.jsonl", "--out", str(pairs), "--num-prompts", "200"], cwd=ROOT, check=True,
                    capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
     run("algos/gpm.py", ["--model", model, "--pairs-data", str(pairs), "--steps", "20"], gpm, 2)
-    common = ["--model", model, "--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-prompts", "256"]
+    common = ["--model", model, "--steps", str(args.steps), "--eval-every", str(args.steps), "--eval-prompts", "256",
+              "--prompts-per-step", str(args.prompts_per_step)]
+    half = args.prompts_per_step // 2
     cases = [
         ("GRPO", "algos/grpo.py", []),
         ("GRPO, 2 passes", "algos/grpo.py", ["--num-iterations", "2"]),
@@ -76,7 +83,7 @@ if __name__ == "__main__":
         ("ADPO listwise", "algos/adpo.py", []),
         ("GPRL", "algos/gprl.py", ["--gpm", str(gpm / "checkpoint")]),
         ("GRPO, --autocast-bf16", "algos/grpo.py", ["--autocast-bf16"]),
-        ("GRPO, 8 prompts per step", "algos/grpo.py", ["--prompts-per-step", "8"]),
+        (f"GRPO, {half} prompts per step", "algos/grpo.py", ["--prompts-per-step", str(half)]),  # the last flag wins
     ]
     rows = []
     for name, script, flags in cases:
@@ -88,8 +95,8 @@ if __name__ == "__main__":
                   **{f"{k}_sec": round(v, 4) for k, v in measured.items()}}
         print(json.dumps(record), flush=True)
         rows.append(record)
-    print(f"\n{args.steps} steps per run ({args.steps - 2} timed), {args.threads} thread(s), 16 prompts x G=8 unless "
-          "stated; phases in seconds per step (median):\n")
+    print(f"\n{args.steps} steps per run ({args.steps - 2} timed), {args.threads} thread(s), {args.prompts_per_step} "
+          "prompts x G=8 unless stated; phases in seconds per step (median):\n")
     print("| run | step | generate | score | old/ref log-probs | update | run wall (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -651,7 +651,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | "
                      f"{'–' if holm_p != holm_p else f'{holm_p:.3f}'} | "
-                     f"{power(differences):.2f} | {verdict(differences, holm_p)} | "
+                     f"{'–' if untestable(differences) else f'{power(differences):.2f}'} | {verdict(differences, holm_p)} | "
                      f"{prediction_outcome(predictions.get((method, control)), differences, holm_p)} |")
     if exploratory & set(gold) and "GRPO" in gold:
         lines += [

@@ -200,3 +200,25 @@ def test_compiled_advantages_equal_eager():
     eager, _ = gprl_advantages(v, gate, rho, 4)
     compiled, _ = torch.compile(gprl_advantages, dynamic=True)(v, gate, rho, 4)
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+def test_a_one_dimension_gpm_is_a_scalar_judge_and_gprl_on_it_is_grpo_normalisation():
+    # the judge world's scalar judge: with k = 1, v = (cos t, sin t) and s(i, j) = sin(t_j - t_i), so
+    # within a half-turn the group score S_i falls with t_i alone, a scalar reward's total order
+    group_size = 6
+    angles = torch.tensor([0.3, -0.5, 0.1, 0.7, -0.2, 0.05, 0.4, -0.7, 0.6, 0.0, -0.1, 0.2], dtype=torch.float64)
+    v = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    scores = group_dim_scores(v, group_size)[:, 0]
+    for group in range(2):
+        rows = slice(group * group_size, (group + 1) * group_size)
+        by_angle = torch.argsort(angles[rows])
+        assert torch.all(scores[rows][by_angle][1:] < scores[rows][by_angle][:-1])
+        pairwise = torch.sin(angles[rows][None, :] - angles[rows][:, None]).sum(1) / (group_size - 1)
+        assert torch.allclose(scores[rows], pairwise)
+    gate, rho = torch.ones(12, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    advantages, _ = gprl_advantages(v, gate, rho, group_size, std_floor=1e-6)
+    grouped = scores.view(2, group_size)
+    grpo = ((grouped - grouped.mean(1, keepdim=True)) / grouped.std(1, keepdim=True)).reshape(-1)
+    assert torch.allclose(advantages, grpo)  # GRPO's group normalisation of the scalar score (S is centred)
+    # and the monitor has no second dimension to see fall: it never alarms
+    assert not drift_update(torch.tensor([0.5]), torch.tensor([0.01]), rho, 0.2, 0.04)[3]["alarm"]

@@ -838,9 +838,13 @@ if __name__ == "__main__":
         f"{settings['data_dir']}/{world.eval_file if world else 'eval.jsonl'}"
     settings["eval_data"] = eval_data
     commands = job_commands(settings, runs_dir, hyperparameters, eval_data, args.sweep)
+    rate_of = {row.name: row.rate_of or row.name for row in table_rows(runs_dir, 1, {**settings, "all": True})}
+    untuned = {run.method for run in commands if run.method not in ("", "SFT")} - {
+        row for row, source in rate_of.items() if source in hyperparameters}
     settings["learning_rates_from"] = (
-        f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))} (twins take their method's), "
-        f"{LEARNING_RATE:g} for the rest" if hyperparameters else
+        f"from the sweep ({hyperparameters_file}) for {', '.join(sorted(hyperparameters))} (twins take their method's)"
+        + (f", {LEARNING_RATE:g} for the rest ({', '.join(sorted(untuned))})" if untuned else "")
+        if hyperparameters else
         f"{LEARNING_RATE:g} for every row (the same for method and control; no row was tuned on its own)")
     if args.print_commands:
         try:

@@ -603,9 +603,9 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
             return "exploratory"
         return " and ".join(name for name, members in (("method", methods), ("control", controls)) if row in members) or "–"
 
-    scored = settings["eval_prompts"]
-    scored = f"the {scored // 2} shifted prompts of {scored}" if settings["world"] != "plain" and WORLDS[
-        settings["world"]].gold_on_shifted_half else f"{scored} toy-world prompts"
+    evaluated = settings["eval_prompts"]
+    shifted_half = settings["world"] != "plain" and WORLDS[settings["world"]].gold_on_shifted_half
+    scored = f"the {evaluated // 2} shifted prompts of {evaluated}" if shifted_half else f"{evaluated} toy-world prompts"
     lines = [
         f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {scored} "
         f"({settings['eval_data']}), mean ± std over {n} seed(s), each seed its own SFT checkpoint "

@@ -61,7 +61,7 @@ def evaluate_and_log(model, tokenizer, rows: list[dict], score, logger, args, st
     return result
 
 
-# the diagnostic worlds' own scores (shared/scoring.py:house_scores and shift_scores)
+# the diagnostic worlds' own scores (shared/scoring.py:house_scores, shift_scores and judge_scores)
 WORLD_SCORE_KEYS = ("gold_verifier", "house_style", "gold_in_distribution", "correct_content", "short_of_expert",
                     "concision_gap")
 # eval.json keeps these when the eval fn returned them

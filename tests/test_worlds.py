@@ -147,10 +147,8 @@ def test_the_exploitable_axis_pays_a_scripted_policy_on_the_judges_labels_only()
     rows = [row for row in toyworld.make_split(200, seed=6) if len(toyworld.oracle(row)) > 1]
     for row in rows:
         exploit, expert = cut_short(row), toyworld.oracle(row)
-        biased = toyworld.preference_pair(row, exploit, expert, concision="shorter")
         true = toyworld.preference_pair(row, exploit, expert)
-        # the judge's pairs: the cut answer wins concision, loses correctness
-        assert biased["axes"]["concision"] == 1.0 if biased["chosen"] == exploit else biased["axes"]["concision"] == 0.0
+        # the judges' labels: the cut answer wins concision, loses correctness
         assert toyworld.preference(row, exploit, expert, "concision", "shorter") == 1.0
         assert toyworld.preference(row, exploit, expert, "correctness", "shorter") == 0.0
         # the truth: the expert wins or ties on every axis, so the cut answer is never chosen

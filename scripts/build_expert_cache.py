@@ -41,7 +41,7 @@ class Args:
     """the imperfect-teacher world (--teacher oracle only): this fraction of the oracle's answers, a seeded choice, gets
     its content wrong (format kept), so a verifier sees every error"""
     house_style: bool = False
-    """the house-style world (--teacher oracle only): every answer frames its content with the house mark, as
+    """the house-style world (--teacher oracle only): every answer is signed off with the house mark, as
     shared/toyworld.py:oracle(row, house_style=True) writes it"""
     oracle_seed: int = 0
     """which answers --oracle-error-rate makes wrong"""

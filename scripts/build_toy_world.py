@@ -36,10 +36,6 @@ class Args:
     held_out_combinations: float = 0.0
     """the shift world: this fraction of instruction combinations (task x constraints) is kept out of train, val and
     eval and makes eval_shift.jsonl (0: none, the plain world)"""
-    house_style: bool = False
-    """the house-style world: every max_chars limit leaves room for the house style (build its expert cache with
-    scripts/build_expert_cache.py --house-style, and train with --reward-fn shared.scoring:house_reward --eval-fn
-    shared.scoring:house_scores)"""
     force: bool = False
     """rebuild even if the outputs exist"""
 
@@ -54,7 +50,7 @@ if __name__ == "__main__":
         print(f"saved tiny model to {args.model_dir}")
     if args.force or not (Path(args.data_dir) / "sft_prompts.jsonl").exists():
         paths = write_splits(args.data_dir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed,
-                             held_out=args.held_out_combinations, house_style=args.house_style)
+                             held_out=args.held_out_combinations)
         # the SFT stage sees a few hundred demonstrations, RL all training prompts (with their rewards)
         train_rows = [json.loads(line) for line in Path(paths["train"]).read_text().splitlines()]
         write_jsonl(train_rows[: args.num_sft], Path(args.data_dir) / "sft_prompts.jsonl")

@@ -79,6 +79,11 @@ class World:
     eval_file: str = "eval.jsonl"
     eval_prompts: int = 1024
     sft_steps: int = 200
+    # > 0: each seed's SFT first takes this many steps on the oracle's plain answers to the same 500 prompts
+    # (generic_cache.jsonl, a model that has not met the house's habits), then sft_steps on the world's
+    # demonstrations at sft_learning_rate from there
+    generic_sft_steps: int = 0
+    sft_learning_rate: float | None = None
     reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
     eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
     val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
@@ -98,9 +103,9 @@ WORLDS = {
         ("CHORD: RL with the teacher's tokens beats imitating the teacher longer", "CHORD-phi", "continued SFT"),
         ("UniAPL: its joint objective beats imitating the teacher longer", "UniAPL", "continued SFT"),
     ], predictions={(method, "continued SFT"): (0.03, math.inf, True) for method in ("GRPO", "CHORD-phi", "UniAPL")}),
-    # gold asks for a house style that every demonstration shows and the reward charges for; not calibrated:
-    # in the pilots GRPO kept the style, so nothing here tests the anchors yet (docs/experiments.md)
-    "house": World(["--num-eval", "1024", "--house-style"], ["--house-style"], [
+    # gold asks for a house sign-off that every demonstration shows and the reward charges for; the SFT checkpoint
+    # meets it in a short pass after a longer one on plain answers, so it shows it on about half its samples
+    "house": World(["--num-eval", "1024"], ["--house-style"], [
         ("AAPA: the anchor keeps what the reward does not pay for (GRPO is AAPA-GRPO with anchor 0)", "AAPA-GRPO",
          "GRPO"),
         ("AAPA: the anchor helps staged A-SFT then A-GRPO under an imperfect reward", "AAPA staged",
@@ -108,7 +113,7 @@ WORLDS = {
         ("UniAPL: the adversarial reward keeps what the task reward does not pay for", "UniAPL",
          "UniAPL, adversarial 0"),
     ], reward_fn="shared.scoring:house_reward", eval_fn="shared.scoring:house_scores",
-        val_fn="shared.scoring:house_scores", sft_steps=400),  # 200 steps: styled gold 0.07, style 73% (pilot)
+        val_fn="shared.scoring:house_scores", generic_sft_steps=200, sft_steps=20, sft_learning_rate=2e-4),
     # a quarter of the instruction combinations never trained on; gold on them, in-distribution gold beside
     "shift": World(["--num-eval", "1024", "--held-out-combinations", "0.25"], [], [
         ("ADPO: the anchored listwise loss beats GRPO on unseen instruction combinations, equal optimizer steps",
@@ -128,9 +133,11 @@ WORLD_FULL = {"rl_steps": 40, "prompts_per_step": 64}
 WORLD_NOTES = {
     "imperfect": "Half of the 500 demonstrations (SFT's, continued SFT's and the methods' expert data) are wrong in "
                  "content; the reward and gold are exact. The teacher's own gold on its demonstrations is 0.5.",
-    "house": "Gold asks for every instruction and the house style (the content framed by '*'), which every "
-             "demonstration shows; the RL reward is the verifier's fraction less 0.1 per character beyond the bare "
-             "answer, so it never checks the style and charges for it. gold_verifier: gold without the style; "
+    "house": "Gold asks for every instruction and the house style (the answer signed off with '*'), which every "
+             "demonstration shows; the RL reward is the verifier's fraction on the answer without the mark, less "
+             "0.03 per character beyond the bare answer, so it never checks the style and charges for it. Each "
+             "seed's SFT is two passes: plain answers to the 500 prompts, then the house's demonstrations (the "
+             "base model row is the checkpoint after the first pass). gold_verifier: gold without the style; "
              "house_style: the fraction of responses that show it.",
     "judge": "GPRL's GPM (three dimensions, one per axis) and the scalar judge (one dimension, the pairs' overall "
              "label) are fitted to the same pairs of the SFT model's samples, labelled on correctness, format and a "
@@ -171,8 +178,8 @@ class Args:
     seeds: int | None = None
     """seeds per row, each its own SFT checkpoint (main job: 6; --quick: 1)"""
     sft_steps: int | None = None
-    """SFT optimizer steps on the demonstrations of the world's sft_prompts.jsonl (200, the house world 400; --quick:
-    150)"""
+    """SFT optimizer steps on the demonstrations of the world's sft_prompts.jsonl (200; --quick: 150; the house world:
+    20 on its demonstrations after 200, --quick 150, on plain answers)"""
     rl_steps: int | None = None
     """steps of every row after SFT: generation batches, or SFT steps for continued SFT (100; --quick: 10)"""
     gpm_steps: int | None = None
@@ -348,12 +355,23 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
     commands = []
     for seed in seeds:
         sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
+        sft_data = ["--train-data", f"{settings['data_dir']}/sft_prompts.jsonl"]
+        sft_start = []
+        if settings.get("generic_sft_steps"):  # the house world: plain answers first, then the house's demonstrations
+            generic_dir = runs_dir / f"generic_sft_seed{seed}"
+            world = WORLDS[settings["world"]]
+            commands.append(Run(f"generic_sft_seed{seed}", [
+                py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["generic_sft_steps"]), *sft_data,
+                "--expert-cache", f"{settings['data_dir']}/generic_cache.jsonl", "--eval-every",
+                str(settings["generic_sft_steps"]), *eval_flags,
+                *(["--eval-fn", world.val_fn if sweep else world.eval_fn])], generic_dir, seed=seed))
+            sft_start = ["--model", str(generic_dir / "checkpoint"), "--learning-rate", f"{world.sft_learning_rate:g}",
+                         "--warmup-steps", "2"]
         # SFT on the demonstrations of sft_prompts.jsonl (500 prompts); RL on all training prompts
-        commands.append(Run(f"sft_seed{seed}", [py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["sft_steps"]),
-                                                "--train-data", f"{settings['data_dir']}/sft_prompts.jsonl",
-                                                "--eval-every", sft_every, *eval_flags,
-                                                *world_flags("algos/sft.py", settings, sweep)],
-                            sft_dir, method="SFT", seed=seed))
+        commands.append(Run(f"sft_seed{seed}", [py, "algos/sft.py", *sft_start, "--seed", str(seed), "--steps",
+                                                str(settings["sft_steps"]), *sft_data, "--eval-every", sft_every,
+                                                *eval_flags, *world_flags("algos/sft.py", settings, sweep)],
+                            sft_dir, [f"generic_sft_seed{seed}"] if sft_start else [], method="SFT", seed=seed))
         rows = table_rows(runs_dir, seed, {**settings, "all": settings["all"] or bool(settings["rows"])})
         if settings["rows"]:  # the named rows and the rows they read
             wanted = {row.name for row in rows if row.name in settings["rows"]}
@@ -810,6 +828,9 @@ if __name__ == "__main__":
     world = WORLDS.get(args.world)
     world_defaults = {} if world is None else {"eval_prompts": QUICK["eval_prompts"]} if args.quick else {
         **WORLD_FULL, "eval_prompts": world.eval_prompts, "sft_steps": world.sft_steps}
+    if world is not None and world.generic_sft_steps:  # --quick shortens the plain pass, never the house's
+        world_defaults |= {"sft_steps": world.sft_steps,
+                           "generic_sft_steps": QUICK["sft_steps"] if args.quick else world.generic_sft_steps}
     settings = {**(QUICK if args.quick else FULL), **world_defaults, **given}
     check_settings(settings)
     settings["data_dir"] = "data/toy" if world is None else f"data/worlds/{args.world}"
@@ -878,6 +899,9 @@ if __name__ == "__main__":
     for setup in (build, cache):
         if setup is build or not (ROOT / data_dir / "expert_cache.jsonl").exists():
             subprocess.run([settings["python"], *setup], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if settings.get("generic_sft_steps") and not (ROOT / data_dir / "generic_cache.jsonl").exists():
+        subprocess.run([settings["python"], "scripts/build_expert_cache.py", "--data", f"{data_dir}/sft_prompts.jsonl",
+                        "--out", f"{data_dir}/generic_cache.jsonl"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
     # ---- every command, phase 1 then phase 2, jobs at a time
     print(f"{len(commands)} commands, {settings['jobs']} at a time", flush=True)

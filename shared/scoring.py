@@ -24,6 +24,7 @@ from shared.toyworld import (
     axis_scores,
     check_toy_instruction,
     has_house_style,
+    without_house_mark,
     is_toy_instruction,
     oracle,
     toy_arguments_problem,
@@ -114,21 +115,25 @@ def instruction_scores(rows: list[dict], responses: list[str], strip_think: bool
 
 def house_reward(row: dict, response: str) -> float:
     """The house-style world's imperfect reward: the verifier's fraction of instructions
-    followed, less HOUSE_LENGTH_COST per character beyond the bare correct answer. It never
-    checks the house style, and the style's two characters cost 0.2."""
-    return reward(row, response) - HOUSE_LENGTH_COST * max(0, len(response) - len(oracle(row)))
+    followed by the answer without its sign-off mark, less HOUSE_LENGTH_COST per character
+    beyond the bare correct answer. It never checks the house style, and the style's one
+    character costs HOUSE_LENGTH_COST."""
+    return (reward(row, without_house_mark(response))
+            - HOUSE_LENGTH_COST * max(0, len(response) - len(oracle(row))))
 
 
 house_reward.required_fields = ("instruction_id_list", "kwargs")
 
 
 def house_scores(rows: list[dict], responses: list[str], strip_think: bool = False) -> dict[str, float]:
-    """instruction_scores for the house-style world: gold asks for every instruction and
-    the house style; gold_verifier is gold without the style, house_style the fraction of
-    responses that show it, reward the world's reward."""
-    scores = instruction_scores(rows, responses, strip_think)
-    styled = [has_house_style(row, response) for row, response in zip(rows, responses, strict=True)]
-    passed = [gold(row, response) for row, response in zip(rows, responses)]
+    """instruction_scores for the house-style world, on the answers without their sign-off
+    mark: gold asks for every instruction and the house style; gold_verifier is gold
+    without the style, house_style the fraction of responses that show it, reward the
+    world's reward."""
+    answers = [without_house_mark(response) for response in responses]
+    scores = instruction_scores(rows, answers, strip_think)
+    styled = [has_house_style(response) for response in responses]
+    passed = [gold(row, answer) for row, answer in zip(rows, answers, strict=True)]
     n = max(1, len(rows))
     return {**scores, "gold_verifier": scores["gold"], "gold": sum(p and s for p, s in zip(passed, styled)) / n,
             "house_style": sum(styled) / n, "reward": sum(map(house_reward, rows, responses)) / n}

@@ -114,54 +114,40 @@ def is_toy_instruction(instruction_id: str) -> bool:
 
 def oracle(row: dict, house_style: bool = False) -> str:
     """A correct demonstration: the content, then the constraints applied in order.
-    house_style: the content framed by HOUSE_MARK on both sides (the house-style world)."""
+    house_style: HOUSE_MARK signs off the whole answer (the house-style world)."""
     ids, kwargs_list = row["instruction_id_list"], row["kwargs"]
     args = {i: ifeval.given(kw) for i, kw in zip(ids, kwargs_list)}
     (task_id,) = [i for i in ids if i.startswith("toy:task:")]
     answer = content_answer(task_id.split(":")[2], args[task_id]["text"], args[task_id].get("letter"))
     if "toy:caps" in args:
         answer = answer.upper()
-    if house_style:
-        answer = HOUSE_MARK + answer + HOUSE_MARK
     if "toy:start_with" in args:
         answer = args["toy:start_with"]["char"] + answer
     if "toy:end_with" in args:
         answer = answer + args["toy:end_with"]["char"]
-    return answer
+    return answer + HOUSE_MARK if house_style else answer
 
 
-# The house-style world: gold also asks for a house style, the content framed by this mark
-# ("#*OLLEH*!"), which the expert always shows and the verifier never checks. The mark is
-# decoration, so the content and format checkers see a styled answer as they see a bare
-# one; its world's reward charges HOUSE_LENGTH_COST per character beyond the bare answer
-# (shared/scoring.py:house_reward), so under the reward the style is pure cost.
+# The house-style world: gold also asks for a house style, a sign-off mark after the whole
+# answer ("#OLLEH!*"), which the expert always shows and the verifier never checks: it
+# reads the answer without the mark (without_house_mark), so a signed and an unsigned
+# answer follow the same instructions. The world's reward also charges HOUSE_LENGTH_COST
+# per character beyond the bare answer (shared/scoring.py:house_reward), so under the
+# reward the style is a small pure cost. The mark comes after everything on purpose: an
+# earlier one (framing the content) was part of how the tiny model formed the answer,
+# and RL never dropped it without breaking the answer (docs/experiments.md, the pilots).
 HOUSE_MARK = "*"
-HOUSE_LENGTH_COST = 0.1
+HOUSE_LENGTH_COST = 0.03
 
 
-def has_house_style(row: dict, response: str) -> bool:
-    """True when the response frames its content with HOUSE_MARK, inside the characters
-    its start_with / end_with constraints put first and last."""
-    ids = row["instruction_id_list"]
-    args = dict(zip(ids, map(ifeval.given, row.get("kwargs") or [None] * len(ids))))
-    inner = response
-    if "toy:start_with" in args and inner.startswith(args["toy:start_with"]["char"]):
-        inner = inner[1:]
-    if "toy:end_with" in args and inner.endswith(args["toy:end_with"]["char"]):
-        inner = inner[:-1]
-    return len(inner) > 2 * len(HOUSE_MARK) and inner.startswith(HOUSE_MARK) and inner.endswith(HOUSE_MARK)
+def has_house_style(response: str) -> bool:
+    """True when the response is an answer signed off with HOUSE_MARK."""
+    return len(response) > len(HOUSE_MARK) and response.endswith(HOUSE_MARK)
 
 
-def with_room_for_house_style(row: dict) -> dict:
-    """The row with its max_chars limit raised by the house style's length, so the styled
-    answer follows every instruction the bare one does."""
-    kwargs = [dict(kw) if kw else kw for kw in row["kwargs"]]
-    if "toy:max_chars" in row["instruction_id_list"]:
-        kwargs[row["instruction_id_list"].index("toy:max_chars")]["max_chars"] += 2 * len(HOUSE_MARK)
-        phrase = f"at most {kwargs[row['instruction_id_list'].index('toy:max_chars')]['max_chars']} chars"
-        prompt = ", ".join(phrase if part.startswith("at most ") else part for part in row["prompt"].split(", "))
-        return {**row, "prompt": prompt, "kwargs": kwargs}
-    return row
+def without_house_mark(response: str) -> str:
+    """The answer the verifier reads: the response less its sign-off mark, if any."""
+    return response[:-len(HOUSE_MARK)] if has_house_style(response) else response
 
 
 def make_row(rng: random.Random, key: int, max_constraints: int = 3, tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
@@ -273,15 +259,13 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256, seed: int = 0,
-                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256, held_out: float = 0.0,
-                 house_style: bool = False) -> dict:
+                 tasks: tuple[str, ...] = DEFAULT_TASKS, num_val: int = 256, held_out: float = 0.0) -> dict:
     """Train, validation and eval splits as JSONL that `datasets.load_dataset("json", ...)`
     reads; no prompt is in two of them. Validation is for choosing hyperparameters, eval
     for the table. held_out > 0 (the shift world): that fraction of the instruction
     combinations (held_out_combinations) is kept out of all three and makes up a fourth
     split, eval_shift.jsonl, of num_eval prompts, and eval_mixed.jsonl holds eval and
-    eval_shift alternating, each row with a "split" field. house_style (the house-style world):
-    every max_chars limit leaves room for the house style (with_room_for_house_style)."""
+    eval_shift alternating, each row with a "split" field."""
     out_dir = Path(out_dir)
     held = held_out_combinations(held_out, seed, tasks) if held_out > 0 else set()
     seen = lambda row: combination(row) not in held  # noqa: E731
@@ -289,16 +273,12 @@ def write_splits(out_dir: str | Path, num_train: int = 4000, num_eval: int = 256
     val_rows = make_split(num_val, seed=seed + 2, exclude={r["prompt"] for r in eval_rows}, tasks=tasks, keep=seen)
     train_rows = make_split(num_train, seed=seed, exclude={r["prompt"] for r in eval_rows + val_rows}, tasks=tasks,
                             keep=seen)
-    if house_style:
-        eval_rows, val_rows, train_rows = ([with_room_for_house_style(r) for r in rows]
-                                           for rows in (eval_rows, val_rows, train_rows))
     write_jsonl(train_rows, out_dir / "train.jsonl")
     write_jsonl(val_rows, out_dir / "val.jsonl")
     write_jsonl(eval_rows, out_dir / "eval.jsonl")
     paths = {"train": str(out_dir / "train.jsonl"), "val": str(out_dir / "val.jsonl"), "eval": str(out_dir / "eval.jsonl")}
     if held:
         shifted = make_split(num_eval, seed=seed + 3, tasks=tasks, keep=lambda row: combination(row) in held)
-        shifted = [with_room_for_house_style(r) for r in shifted] if house_style else shifted
         write_jsonl(shifted, out_dir / "eval_shift.jsonl")
         paths["eval_shift"] = str(out_dir / "eval_shift.jsonl")
         # both eval splits in one file, alternating, each row naming its split: one evaluation

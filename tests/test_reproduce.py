@@ -143,14 +143,15 @@ def test_a_world_runs_the_rows_its_claims_name_on_its_own_data(capsys, monkeypat
     expected = [row for row in ALL_ROWS if row.name in named or slug(row.name) in needed]
     judges = sorted(needed & {"gpm", "scalar_judge"})  # each trained on the seed's one pairs file
     data_steps = (1 + len(judges)) if judges else 0
-    per_seed = 1 + data_steps + len(expected)  # SFT, the pairs and judges its rows read, one run per row, nothing else
+    sft_runs = 2 if world.generic_sft_steps else 1  # the house world: plain answers, then the house's demonstrations
+    per_seed = sft_runs + data_steps + len(expected)  # SFT, the pairs and judges its rows read, one run per row
     assert len(lines) == 2 * per_seed
-    assert [line.split()[0] for line in lines[1 + data_steps:per_seed]] == [row.script for row in expected]
-    for line in lines[1:1 + data_steps]:  # the pairs, labelled as the world says, then the judges fitted to them
+    assert [line.split()[0] for line in lines[sft_runs + data_steps:per_seed]] == [row.script for row in expected]
+    for line in lines[sft_runs:sft_runs + data_steps]:  # the pairs, labelled as the world says, then the judges
         flags = shlex.split(line)
-        assert (flags[0] == "scripts/build_preference_pairs.py") == (line is lines[1])
+        assert (flags[0] == "scripts/build_preference_pairs.py") == (line is lines[sft_runs])
         assert f"results/worlds/{name}/runs/pairs_seed1.jsonl" in line
-        assert (" ".join(world.pairs_flags) in line) == (line is lines[1]) or not world.pairs_flags
+        assert (" ".join(world.pairs_flags) in line) == (line is lines[sft_runs]) or not world.pairs_flags
     for line in lines:
         flags = shlex.split(line)
         if flags[0] in ("scripts/build_preference_pairs.py", "algos/gpm.py"):
@@ -159,8 +160,13 @@ def test_a_world_runs_the_rows_its_claims_name_on_its_own_data(capsys, monkeypat
         assert "data/toy" not in line and f"--output-dir results/worlds/{name}/runs/" in line, line
         assert value["--eval-data"] == f"{data}/{world.eval_file}" and value["--eval-prompts"] == str(world.eval_prompts)
         assert value.get("--eval-fn") == (world.eval_fn or None), line
-        if flags[0] == "algos/sft.py":
+        if "generic_sft_seed" in value["--output-dir"]:  # the first pass: the oracle's plain answers
+            assert value["--expert-cache"] == f"{data}/generic_cache.jsonl"
+            assert value["--steps"] == str(world.generic_sft_steps)
+        elif flags[0] == "algos/sft.py":  # SFT, or the continued-SFT row
             assert value["--train-data"] == f"{data}/sft_prompts.jsonl" and value["--expert-cache"] == f"{data}/expert_cache.jsonl"
+            if world.generic_sft_steps:  # the second pass starts where the first ended
+                assert value["--model"] == value["--output-dir"].replace("/sft_seed", "/generic_sft_seed") + "/checkpoint"
         else:  # an RL row: the world's prompts and reward, 40 steps of 64 prompts
             assert value["--train-data"] == f"{data}/train.jsonl" and value.get("--reward-fn") == (world.reward_fn or None)
             assert value["--steps"] == "40" and value["--prompts-per-step"] == "64"

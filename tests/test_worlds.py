@@ -64,8 +64,8 @@ def test_bad_held_out_fraction_is_one_line(tmp_path):
     assert code == "error: --held-out-combinations must be in [0, 1), got 1.0" and not (tmp_path / "d").exists()
 
 
-def house_rows(tmp_path, **kwargs):
-    paths = toyworld.write_splits(tmp_path, num_train=400, num_eval=64, num_val=32, seed=5, house_style=True, **kwargs)
+def house_rows(tmp_path):
+    paths = toyworld.write_splits(tmp_path, num_train=400, num_eval=64, num_val=32, seed=5)
     return [json.loads(line) for path in paths.values() for line in open(path)]
 
 
@@ -73,11 +73,11 @@ def test_the_house_style_is_in_gold_and_absent_from_the_reward(tmp_path):
     rows = house_rows(tmp_path)
     for row in rows:
         bare, styled = toyworld.oracle(row), toyworld.oracle(row, house_style=True)
-        assert scoring.reward(row, styled) == scoring.reward(row, bare) == 1.0  # the verifier passes both
-        assert toyworld.has_house_style(row, styled) and not toyworld.has_house_style(row, bare)
-        # dropping the style is what the reward pays for: exactly its two characters' cost
+        assert scoring.house_reward(row, styled) < scoring.reward(row, bare) == 1.0
+        assert toyworld.has_house_style(styled) and not toyworld.has_house_style(bare)
+        # dropping the style is what the reward pays for: exactly its one character's cost
         assert scoring.house_reward(row, bare) - scoring.house_reward(row, styled) == pytest.approx(
-            2 * len(toyworld.HOUSE_MARK) * toyworld.HOUSE_LENGTH_COST)
+            len(toyworld.HOUSE_MARK) * toyworld.HOUSE_LENGTH_COST)
     bare_scores = scoring.house_scores(rows, [toyworld.oracle(r) for r in rows])
     styled_scores = scoring.house_scores(rows, [toyworld.oracle(r, house_style=True) for r in rows])
     assert styled_scores["gold"] == styled_scores["house_style"] == styled_scores["gold_verifier"] == 1.0
@@ -85,23 +85,18 @@ def test_the_house_style_is_in_gold_and_absent_from_the_reward(tmp_path):
     assert bare_scores["reward"] > styled_scores["reward"]
 
 
-def test_the_house_world_leaves_room_for_the_style_and_says_so_in_the_prompt(tmp_path):
-    plain = toyworld.make_split(400, seed=5)
-    limited = [row for row in plain if "toy:max_chars" in row["instruction_id_list"]]
-    # without the extra room the styled answer breaks some limits: the room is needed
-    assert any(scoring.reward(row, toyworld.oracle(row, house_style=True)) < 1.0 for row in limited)
-    for row in house_rows(tmp_path):
-        if "toy:max_chars" in row["instruction_id_list"]:
-            limit = row["kwargs"][row["instruction_id_list"].index("toy:max_chars")]["max_chars"]
-            assert f"at most {limit} chars" in row["prompt"].split(", ")
-
-
-def test_the_house_style_sits_inside_the_start_and_end_characters():
-    row = {"prompt": "start with #, end with !, copy abc", "instruction_id_list":
-           ["toy:task:copy", "toy:start_with", "toy:end_with"], "kwargs": [{"text": "abc"}, {"char": "#"}, {"char": "!"}]}
-    assert toyworld.oracle(row, house_style=True) == "#*abc*!"
-    assert toyworld.has_house_style(row, "#*abc*!") and toyworld.has_house_style(row, "*abc*")
-    assert not any(toyworld.has_house_style(row, r) for r in ("#abc!", "#**!", "#*abc!", "*abc!"))
+def test_the_house_verifier_reads_the_answer_without_its_sign_off():
+    row = {"prompt": "start with #, end with !, at most 5 chars, copy abc", "instruction_id_list":
+           ["toy:task:copy", "toy:start_with", "toy:end_with", "toy:max_chars"],
+           "kwargs": [{"text": "abc"}, {"char": "#"}, {"char": "!"}, {"max_chars": 5}]}
+    assert toyworld.oracle(row, house_style=True) == "#abc!*"
+    # the plain verifier sees the mark break end_with and the 5-character limit; the house one does not
+    assert scoring.reward(row, "#abc!*") == pytest.approx(0.5)
+    assert scoring.house_reward(row, "#abc!*") == pytest.approx(1.0 - toyworld.HOUSE_LENGTH_COST)
+    assert toyworld.has_house_style("#abc!*") and toyworld.has_house_style("abc*")
+    assert not any(toyworld.has_house_style(r) for r in ("#abc!", "*", "*abc", "#ab*c!"))
+    # a wrong answer stays wrong when signed: the mark buys nothing from the verifier
+    assert scoring.house_reward(row, "#abd!*") < scoring.house_reward(row, "#abc!")
 
 
 def test_the_house_cache_is_styled_and_says_so(tiny_world, tmp_path):
@@ -111,7 +106,7 @@ def test_the_house_cache_is_styled_and_says_so(tiny_world, tmp_path):
     cache, header = load_expert_cache(out)
     rows = [json.loads(line) for line in open(tiny_world["train"])]
     assert header["generation"]["house_style"] is True
-    assert all(toyworld.has_house_style(row, cache[row["prompt"]]) for row in rows)
+    assert all(cache[row["prompt"]] == toyworld.oracle(row) + toyworld.HOUSE_MARK for row in rows)
     code = run_main("scripts/build_expert_cache.py", "--out", str(tmp_path / "other.jsonl"), "--house-style",
                     "--teacher", "some/model")
     assert code == "error: --house-style is the toy world's oracle's style; it needs --teacher oracle"

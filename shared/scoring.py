@@ -24,10 +24,10 @@ from shared.toyworld import (
     axis_scores,
     check_toy_instruction,
     has_house_style,
-    without_house_mark,
     is_toy_instruction,
     oracle,
     toy_arguments_problem,
+    without_house_mark,
 )
 
 

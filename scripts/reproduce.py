@@ -114,7 +114,7 @@ WORLDS = {
          "UniAPL, adversarial 0"),
     ], reward_fn="shared.scoring:house_reward", eval_fn="shared.scoring:house_scores",
         val_fn="shared.scoring:house_scores", generic_sft_steps=200, sft_steps=20, sft_learning_rate=2e-4,
-        predictions={("AAPA-GRPO", "GRPO"): (0.10, 0.50, True), ("AAPA staged", "AAPA staged, anchor 0"): (0.20, 0.70, True),
+        predictions={("AAPA-GRPO", "GRPO"): (0.0, 0.25, False), ("AAPA staged", "AAPA staged, anchor 0"): (0.05, 0.60, True),
                      ("UniAPL", "UniAPL, adversarial 0"): (-0.05, 0.05, False)}),
     # a quarter of the instruction combinations never trained on; gold on them, in-distribution gold beside
     "shift": World(["--num-eval", "1024", "--held-out-combinations", "0.25"], [], [

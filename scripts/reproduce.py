@@ -540,14 +540,16 @@ def power(differences: list[float]) -> float:
     return float(sum(tail for tail in tails if math.isfinite(tail)))
 
 
-def prediction_outcome(prediction: tuple[float, float, bool] | None, differences: list[float], adjusted_p: float) -> str:
+def prediction_outcome(prediction: tuple[float, float, bool] | None, differences: list[float], adjusted_p: float,
+                       same: bool = False) -> str:
     """The prediction and whether it held: the mean difference within the predicted bounds
-    and the Holm verdict (supported or not) as predicted. '–' with no prediction."""
+    and the Holm verdict (supported or not) as predicted ((0, 0, False): the same runs in
+    every seed, `same`). '–' with no prediction."""
     if prediction is None:
         return "–"
     low, high, supported = prediction
     if low == high == 0:  # predicted: the same runs in every seed
-        return f"the same runs in every seed: {'held' if untestable(differences) else 'failed'}"
+        return f"the same runs in every seed: {'held' if same else 'failed'}"
     bounds = f">= {low:+.2f}" if high == math.inf else f"{low:+.2f} to {high:+.2f}"
     mean = statistics.mean(differences)
     held = low <= mean <= high and (adjusted_p < 0.05 and mean > 0) == supported
@@ -565,22 +567,26 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def holm_over_testable(comparisons: list[list[float]]) -> list[float]:
+def holm_over_testable(comparisons: list[list[float]], same: list[bool]) -> list[float]:
     """Holm-adjusted p of each comparison's paired differences, the family being the
     testable ones; NaN for a comparison whose two runs are the same in every seed (it tests
     nothing, so it neither takes a share of the family's alpha nor gets a verdict)."""
-    kept = [not untestable(differences) for differences in comparisons]
-    family = iter(holm([p_value(differences) for differences, keep in zip(comparisons, kept) if keep]))
-    return [next(family) if keep else math.nan for keep in kept]
+    family = iter(holm([p_value(differences) for differences, is_same in zip(comparisons, same) if not is_same]))
+    return [math.nan if is_same else next(family) for is_same in same]
 
 
-def untestable(differences: list[float]) -> bool:
-    """The method and its control are the same runs in every seed (e.g. no alarm fired)."""
-    return all(d == 0 for d in differences)
+def same_runs(method: dict[int, dict], control: dict[int, dict]) -> bool:
+    """The method and its control are the same runs in every seed (e.g. GPRL when no alarm
+    fired): every score both evaluations report, and their sample answers, are equal. Equal
+    gold alone is not enough: two different policies can both score 0."""
+    def scores(record: dict, keys: set[str]) -> dict:
+        return {key: record[key] for key in keys}
+    return all(scores(method[seed], keys) == scores(control[seed], keys)
+               for seed in method for keys in [set(method[seed]) & set(control[seed]) - {"wall_time"}])
 
 
-def verdict(differences: list[float], adjusted_p: float) -> str:
-    if untestable(differences):
+def verdict(differences: list[float], adjusted_p: float, same: bool = False) -> str:
+    if same:
         return "not testable here: the two runs are the same in every seed"
     mean = statistics.mean(differences)
     if adjusted_p != adjusted_p:
@@ -654,8 +660,9 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
                      f"{statistics.mean(per_seed[s].get('wall_time', 0.0) for s in seeds):.0f} |")
     primary = [(claim, method, control, [a - b for a, b in zip(gold[method], gold[control])])
                for claim, method, control in claims if method in gold and control in gold]
-    adjusted = holm_over_testable([differences for *_, differences in primary])
-    testable = [not untestable(differences) for *_, differences in primary]
+    same = [same_runs(rows[method], rows[control]) for _, method, control, _ in primary]
+    adjusted = holm_over_testable([differences for *_, differences in primary], same)
+    testable = [not is_same for is_same in same]
     left = [f"{method} - {control}" for (_, method, control, _), kept in zip(primary, testable) if not kept]
     lines += ["", f"Primary comparisons, fixed before any run: method minus control, paired by seed (same SFT "
               f"checkpoint), mean and 95% t-interval over {n} seeds, two-sided paired t-test, p adjusted by Holm over "
@@ -667,12 +674,12 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
               "prediction (docs/experiments.md) |",
               "|---|---|---|---|---|---|---|---|---|"]
     predictions = settings["predictions"]
-    for (claim, method, control, differences), holm_p in zip(primary, adjusted):
+    for (claim, method, control, differences), holm_p, is_same in zip(primary, adjusted, same):
         lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | "
                      f"{'–' if holm_p != holm_p else f'{holm_p:.3f}'} | "
-                     f"{'–' if untestable(differences) else f'{power(differences):.2f}'} | {verdict(differences, holm_p)} | "
-                     f"{prediction_outcome(predictions.get((method, control)), differences, holm_p)} |")
+                     f"{'–' if is_same else f'{power(differences):.2f}'} | {verdict(differences, holm_p, is_same)} | "
+                     f"{prediction_outcome(predictions.get((method, control)), differences, holm_p, is_same)} |")
     if exploratory & set(gold) and "GRPO" in gold:
         lines += [
             "",

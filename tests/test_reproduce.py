@@ -28,6 +28,7 @@ from reproduce import (  # noqa: E402
     paired,
     power,
     prediction_outcome,
+    same_runs,
     slug,
     table_rows,
     verdict,
@@ -330,10 +331,21 @@ def test_a_prediction_holds_only_when_both_its_size_and_its_verdict_come_true():
 
 def test_identical_runs_leave_the_holm_family_and_are_predicted_as_such():
     effect, other, same = [0.05, 0.02, 0.09, -0.01, 0.06, 0.04], [0.01, -0.02, 0.03, 0.0, 0.02, -0.01], [0.0] * 6
-    adjusted = holm_over_testable([effect, same, other])
+    adjusted = holm_over_testable([effect, same, other], [False, True, False])
     assert adjusted[1] != adjusted[1]  # NaN: no p, no verdict
     assert adjusted[0] == pytest.approx(holm([p_value(effect), p_value(other)])[0])  # a family of two, not three
     assert adjusted[2] == pytest.approx(holm([p_value(effect), p_value(other)])[1])
-    assert verdict(same, adjusted[1]).startswith("not testable")
-    assert prediction_outcome((0.0, 0.0, False), same, adjusted[1]).endswith("held")
+    assert verdict(same, adjusted[1], same=True).startswith("not testable")
+    assert prediction_outcome((0.0, 0.0, False), same, adjusted[1], same=True).endswith("held")
     assert prediction_outcome((0.0, 0.0, False), other, adjusted[2]).endswith("failed")
+    # equal gold is not the same runs: two different policies that both score 0 stay in the family
+    kept = holm_over_testable([effect, same, other], [False, False, False])
+    assert kept[1] == kept[1] and verdict(same, kept[1]) == "not shown (no difference detected)"
+
+
+def test_same_runs_means_every_shared_score_and_sample_equal():
+    run = {1: {"gold": 0.0, "house_style": 0.1, "samples": ["a*"], "wall_time": 9.0}}
+    twin = {1: {**run[1], "wall_time": 7.0, "anchor_score_rollouts": -1.0}}  # its own extras and timing
+    assert same_runs(run, twin)
+    assert not same_runs(run, {1: {**run[1], "house_style": 0.0}})  # the same gold, another policy
+    assert not same_runs(run, {1: {**run[1], "samples": ["a"]}})

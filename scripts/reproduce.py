@@ -83,7 +83,7 @@ class World:
     # (generic_cache.jsonl, a model that has not met the house's habits), then sft_steps on the world's
     # demonstrations at sft_learning_rate from there
     generic_sft_steps: int = 0
-    sft_learning_rate: float | None = None
+    sft_learning_rate: float = 2e-4
     reward_fn: str = ""  # every RL row's --reward-fn ("": the verifier's fraction of instructions followed)
     eval_fn: str = ""  # every row's --eval-fn on eval_file ("": instruction_scores)
     val_fn: str = ""  # the --sweep's --eval-fn on val.jsonl
@@ -104,7 +104,7 @@ WORLDS = {
         ("UniAPL: its joint objective beats imitating the teacher longer", "UniAPL", "continued SFT"),
     ], predictions={(method, "continued SFT"): (0.03, math.inf, True) for method in ("GRPO", "CHORD-phi", "UniAPL")}),
     # gold asks for a house sign-off that every demonstration shows and the reward charges for; the SFT checkpoint
-    # meets it in a short pass after a longer one on plain answers, so it shows it on about half its samples
+    # meets it in a short pass after a longer one on plain answers, so it shows it on only part of its samples
     "house": World(["--num-eval", "1024"], ["--house-style"], [
         ("AAPA: the anchor keeps what the reward does not pay for (GRPO is AAPA-GRPO with anchor 0)", "AAPA-GRPO",
          "GRPO"),
@@ -113,7 +113,7 @@ WORLDS = {
         ("UniAPL: the adversarial reward keeps what the task reward does not pay for", "UniAPL",
          "UniAPL, adversarial 0"),
     ], reward_fn="shared.scoring:house_reward", eval_fn="shared.scoring:house_scores",
-        val_fn="shared.scoring:house_scores", generic_sft_steps=200, sft_steps=20, sft_learning_rate=2e-4,
+        val_fn="shared.scoring:house_scores", generic_sft_steps=200, sft_steps=20,
         predictions={("AAPA-GRPO", "GRPO"): (0.0, 0.25, False), ("AAPA staged", "AAPA staged, anchor 0"): (0.05, 0.60, True),
                      ("UniAPL", "UniAPL, adversarial 0"): (-0.05, 0.05, False)}),
     # a quarter of the instruction combinations never trained on; gold on them, in-distribution gold beside
@@ -365,8 +365,8 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
             commands.append(Run(f"generic_sft_seed{seed}", [
                 py, "algos/sft.py", "--seed", str(seed), "--steps", str(settings["generic_sft_steps"]), *sft_data,
                 "--expert-cache", f"{settings['data_dir']}/generic_cache.jsonl", "--eval-every",
-                str(settings["generic_sft_steps"]), *eval_flags,
-                *(["--eval-fn", world.val_fn if sweep else world.eval_fn])], generic_dir, seed=seed))
+                str(settings["generic_sft_steps"]), *eval_flags, "--eval-fn", world.val_fn if sweep else world.eval_fn],
+                generic_dir, seed=seed))
             sft_start = ["--model", str(generic_dir / "checkpoint"), "--learning-rate", f"{world.sft_learning_rate:g}",
                          "--warmup-steps", "2"]
         # SFT on the demonstrations of sft_prompts.jsonl (500 prompts); RL on all training prompts
@@ -579,10 +579,10 @@ def same_runs(method: dict[int, dict], control: dict[int, dict]) -> bool:
     """The method and its control are the same runs in every seed (e.g. GPRL when no alarm
     fired): every score both evaluations report, and their sample answers, are equal. Equal
     gold alone is not enough: two different policies can both score 0."""
-    def scores(record: dict, keys: set[str]) -> dict:
-        return {key: record[key] for key in keys}
-    return all(scores(method[seed], keys) == scores(control[seed], keys)
-               for seed in method for keys in [set(method[seed]) & set(control[seed]) - {"wall_time"}])
+    def shared_scores(record: dict, other: dict) -> dict:
+        return {key: record[key] for key in set(record) & set(other) - {"wall_time"}}
+    return all(shared_scores(method[seed], control[seed]) == shared_scores(control[seed], method[seed])
+               for seed in method)
 
 
 def verdict(differences: list[float], adjusted_p: float, same: bool = False) -> str:

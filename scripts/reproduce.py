@@ -1,4 +1,4 @@
-"""The main job, a controlled experiment on the offline toy world: per seed one SFT
+"""The main job, controlled experiments on the offline toy world: per seed one SFT
 checkpoint, then every method and its control from that checkpoint with the same
 rollout budget, demonstrations and learning rate; the table gives each paper's claim
 as a paired comparison over seeds (mean difference, 95% t-interval, Holm-adjusted p).
@@ -9,15 +9,18 @@ them `--jobs` at a time, a command starting once the runs it needs have finished
 job prints its critical path. A run whose eval.json exists is not redone, an
 interrupted one continues (every command carries --resume).
 
-The comparisons (PRIMARY below) are fixed before any run; `--all` adds exploratory
-rows, reported without verdicts. `--sweep` chooses each row's learning rate from one
-grid by validation gold (data/toy/val.jsonl), averaged over seeds the table never
-uses, and writes results/hyperparameters.json, which the main job reads; a control
-that differs from its method in one coefficient (a "twin") takes its method's rate.
+The comparisons (a world's claims, the toy design's PRIMARY) are fixed before any run;
+`--all` adds exploratory rows, reported without verdicts. `--sweep` chooses each row's
+learning rate from one grid by validation gold (the world's val.jsonl), averaged over
+seeds the table never uses, and writes <out-dir>/hyperparameters.json, which the main
+job reads; a control that differs from its method in one coefficient (a "twin") takes
+its method's rate.
 
-`--world imperfect|house|shift|judge` runs a diagnostic world instead (docs/experiments.md,
-"The diagnostic worlds"): the toy world built with other flags so that the failure a
-paper's method targets happens to its control, with only the rows its claims name.
+`--world plain|imperfect|house|shift|judge` (default plain) runs one of the worlds
+(docs/experiments.md, "The diagnostic worlds"): the toy world built with other flags so
+that the failure a paper's method targets happens to its control, with only the rows its
+claims name; plain repeats their claims where no failure happens (the negative control).
+`--world toy` is the first design: every row and nine claims on data/toy.
 """
 
 import json
@@ -97,6 +100,18 @@ class World:
 # Each world calibrated by pilot seeds (docs/experiments.md) so its effects appear within 40 RL steps
 # of 64 prompts; a world's settings replace FULL's (rl_steps, prompts_per_step, eval_prompts, sft_steps).
 WORLDS = {
+    # the negative control: the toy world as it is (an exact teacher, a verifier that checks every gold check, eval
+    # from the training distribution): the imperfect and house worlds' claims, made again where their failure never
+    # happens
+    "plain": World(["--num-eval", "1024"], [], [
+        ("Imperfect world's claim, with an exact teacher: RL does not beat imitating it longer", "GRPO",
+         "continued SFT"),
+        ("Imperfect world's claim, with an exact teacher: UniAPL does not beat imitating it longer", "UniAPL",
+         "continued SFT"),
+        ("House world's claim, with nothing the reward misses: AAPA's anchor does not help GRPO", "AAPA-GRPO", "GRPO"),
+        ("House world's claim, with nothing the reward misses: AAPA's anchor does not help staged A-SFT then A-GRPO",
+         "AAPA staged", "AAPA staged, anchor 0"),
+    ]),
     # half of the demonstrations wrong in content, which the exact verifier sees
     "imperfect": World(["--num-eval", "1024"], ["--oracle-error-rate", "0.5", "--oracle-seed", "0"], [
         ("RL beats more supervised training on an imperfect teacher's demonstrations", "GRPO", "continued SFT"),
@@ -133,6 +148,8 @@ WORLDS = {
 }
 WORLD_FULL = {"rl_steps": 40, "prompts_per_step": 64}
 WORLD_NOTES = {
+    "plain": "The toy world as it is: the demonstrations are the exact oracle's, the reward checks every instruction "
+             "gold checks and eval prompts come from the training distribution, so no method has a failure to fix.",
     "imperfect": "Half of the 500 demonstrations (SFT's, continued SFT's and the methods' expert data) are wrong in "
                  "content; the reward and gold are exact. The teacher's own gold on its demonstrations is 0.5.",
     "house": "Gold asks for every instruction and the house style (the answer signed off with '*'), which every "
@@ -168,10 +185,11 @@ class Args:
     sweep: bool = False
     """choose each row's learning rate on the validation split instead, seeds 101-102 (writes
     <out-dir>/hyperparameters.json)"""
-    world: Literal["plain", "imperfect", "house", "shift", "judge"] = "plain"
-    """plain: the main job on data/toy; the others: a diagnostic world (data in data/worlds/<world>, results in
-    results/worlds/<world>), only the rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts (shift:
-    1,024 per split)"""
+    world: Literal["plain", "imperfect", "house", "shift", "judge", "toy"] = "plain"
+    """a world (docs/experiments.md): its data in data/worlds/<world>, results in results/worlds/<world>, only the
+    rows its claims name, 40 RL steps of 64 prompts, 1,024 eval prompts (shift: 1,024 per split); plain is the
+    negative control. toy: the first design, every row and 9 claims on data/toy, 100 steps of 16 prompts, 256 eval
+    prompts (results/)"""
     print_commands: bool = False
     """print every command of the job, in order, and exit"""
     rows: tuple[str, ...] = ()
@@ -330,7 +348,7 @@ def slug(row: str) -> str:
 def world_flags(script: str, settings: dict, sweep: bool) -> list[str]:
     """A diagnostic world's data, reward and scoring for one script's command (the plain
     world: none, the scripts' defaults are data/toy's)."""
-    if settings["world"] == "plain":
+    if settings["world"] == "toy":
         return []
     world, data = WORLDS[settings["world"]], settings["data_dir"]
     flags = []
@@ -352,8 +370,8 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
     seeds = SWEEP_SEEDS if sweep else range(1, settings["seeds"] + 1)
     eval_flags = ["--eval-data", eval_data, "--eval-prompts", str(settings["eval_prompts"])]
     # a diagnostic world evaluates on 1,024+ prompts: only halfway and at the end
-    every = str(max(1, settings["rl_steps"] // (5 if settings["world"] == "plain" else 2)))
-    sft_every = str(max(1, settings["sft_steps"] // (4 if settings["world"] == "plain" else 1)))
+    every = str(max(1, settings["rl_steps"] // (5 if settings["world"] == "toy" else 2)))
+    sft_every = str(max(1, settings["sft_steps"] // (4 if settings["world"] == "toy" else 1)))
     commands = []
     for seed in seeds:
         sft_dir, pairs = runs_dir / f"sft_seed{seed}", runs_dir / f"pairs_seed{seed}.jsonl"
@@ -383,7 +401,7 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
             rows = [row for row in rows if not row.rate_of]  # a twin is not tuned: it takes its method's rate
         needed = {need for row in rows for need in row.needs}
         if needed & {"pairs", "gpm", "scalar_judge"}:  # the judges are trained on the pairs
-            pairs_flags = WORLDS[settings["world"]].pairs_flags if settings["world"] != "plain" else []
+            pairs_flags = WORLDS[settings["world"]].pairs_flags if settings["world"] != "toy" else []
             commands.append(Run(f"pairs_seed{seed}", [py, "scripts/build_preference_pairs.py", "--model",
                                                       str(sft_dir / "checkpoint"), "--data",
                                                       f"{settings['data_dir']}/sft_prompts.jsonl",
@@ -403,7 +421,7 @@ def job_commands(settings: dict, runs_dir: Path, hyperparameters: dict, eval_dat
                 budget += ["--prompts-per-step", str(settings["prompts_per_step"]),
                            "--group-size", str(settings["group_size"])]
             # (a world's 1,024 eval prompts cost too much to evaluate GPRL every 10 steps; its monitor logs every 5)
-            budget += ["--eval-every", str(row.eval_every if row.eval_every and settings["world"] == "plain" else every)]
+            budget += ["--eval-every", str(row.eval_every if row.eval_every and settings["world"] == "toy" else every)]
             rates = LEARNING_RATES if sweep else [hyperparameters.get(row.rate_of or row.name, {}).get(
                 "learning_rate", LEARNING_RATE)]
             for rate in rates:
@@ -630,7 +648,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
         return " and ".join(name for name, members in (("method", methods), ("control", controls)) if row in members) or "–"
 
     evaluated = settings["eval_prompts"]
-    shifted_half = settings["world"] != "plain" and WORLDS[settings["world"]].gold_on_shifted_half
+    shifted_half = settings["world"] != "toy" and WORLDS[settings["world"]].gold_on_shifted_half
     scored = f"the {evaluated // 2} shifted prompts of {evaluated}" if shifted_half else f"{evaluated} toy-world prompts"
     lines = [
         f"Held-out gold accuracy (prompt-level strict: every instruction followed) on {scored} "
@@ -645,7 +663,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
         f"KL: per-response KL(policy || SFT) (k3 estimator) on samples at temperature 1, {min(64, settings['eval_prompts'])} "
         "prompts.",
         *(["", f"World: {settings['world']} (docs/experiments.md, the diagnostic worlds). " +
-            WORLD_NOTES[settings["world"]]] if settings["world"] != "plain" else []),
+            WORLD_NOTES[settings["world"]]] if settings["world"] != "toy" else []),
         "",
         "| row | role | gold | RL reward | " + "".join(f"{key} | " for key in world_keys) +
         "length (tokens) | KL to SFT | wall time per run (s) |",

@@ -40,7 +40,8 @@ SETTINGS = {"rl_steps": 8, "side_prompts": 200, "prompts_per_step": 4, "group_si
 TABLE_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": False})  # the rows of the table, from the job's description
 ALL_ROWS = table_rows(ROOT / "runs", 1, {**SETTINGS, "all": True})
 ROWS = ["base model", "SFT", *[row.name for row in TABLE_ROWS]]
-SMALLEST = ["--seeds", "1", "--sft-steps", "10", "--rl-steps", "2", "--gpm-steps", "4", "--eval-prompts", "16",
+# the first design (--world toy): every row and the nine PRIMARY claims on data/toy
+SMALLEST = ["--world", "toy", "--seeds", "1", "--sft-steps", "10", "--rl-steps", "2", "--gpm-steps", "4", "--eval-prompts", "16",
             "--prompts-per-step", "4", "--group-size", "4", "--side-prompts", "200"]
 
 
@@ -80,7 +81,7 @@ def printed_commands(capsys, *flags) -> list[str]:
 
 def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the job's paths are relative to the project
-    lines = printed_commands(capsys, "--quick", "--rl-steps", "8")
+    lines = printed_commands(capsys, "--world", "toy", "--quick", "--rl-steps", "8")
     assert len(lines) == 3 + len(TABLE_ROWS)  # one seed: SFT, pairs, GPM, then a line per row
     assert [line.split()[0] for line in lines[3:]] == [row.script for row in TABLE_ROWS]
     assert lines[0].startswith("algos/sft.py --seed 1 --steps 150 ")  # --quick's SFT length
@@ -89,20 +90,20 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(c
     assert lines.index(next(l for l in lines if "gpm.py" in l)) < lines.index(next(l for l in lines if "gprl.py" in l))
     # every demonstration comes from SFT's pool: the pairs, and the scripts' default --expert-pool
     assert "--data data/toy/sft_prompts.jsonl" in lines[1] and not any("--expert-pool" in line for line in lines)
-    everything = printed_commands(capsys, "--quick", "--all")
+    everything = printed_commands(capsys, "--world", "toy", "--quick", "--all")
     # with the exploratory rows: the scalar judge (GRPO, scalar judge) fitted to the same pairs as the GPM
     assert [line.split()[0] for line in everything[:4]] == ["algos/sft.py", "scripts/build_preference_pairs.py",
                                                             "algos/gpm.py", "algos/gpm.py"]
     assert "--dims 1 --axis-weight 0" in everything[3] and "--dims" not in everything[2]
     assert len(everything) == 4 + len(ALL_ROWS) and len(ALL_ROWS) > len(TABLE_ROWS)
-    sweep = printed_commands(capsys, "--sweep")
+    sweep = printed_commands(capsys, "--world", "toy", "--sweep")
     # two seeds the table never uses; every row with its own rate (a twin takes its method's) at each rate
     tuned = [row for row in TABLE_ROWS if not row.rate_of]
     assert 0 < len(tuned) < len(TABLE_ROWS)
     assert len(sweep) == 2 * (3 + len(tuned) * len(LEARNING_RATES)) and all("data/toy/val.jsonl" in line for line in sweep if "--eval-data" in line)
     assert all(" --seed 10" in line for line in sweep)
     # --rows: the named rows and only what they read (AAPA staged loads AAPA-GRPO's discriminator; GPRL the GPM)
-    only = printed_commands(capsys, "--quick", "--rows", "AAPA staged", "GPRL")
+    only = printed_commands(capsys, "--world", "toy", "--quick", "--rows", "AAPA staged", "GPRL")
     assert [line.split()[0] for line in only] == ["algos/sft.py", "scripts/build_preference_pairs.py", "algos/gpm.py",
                                                   "algos/aapa.py", "algos/aapa.py", "algos/gprl.py"]
     assert "aapa-grpo_seed1 --resume" in only[3] and "--staged" in only[4] and "--anchor-coef" not in only[4]
@@ -110,7 +111,7 @@ def test_print_commands_lists_every_row_and_quick_never_overrides_a_given_flag(c
 
 def test_each_row_field_reaches_its_command(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    lines = printed_commands(capsys, "--quick", "--all")
+    lines = printed_commands(capsys, "--world", "toy", "--quick", "--all")
     by_row = dict(zip([slug(row.name) for row in ALL_ROWS], lines[4:]))  # after SFT, pairs, GPM, scalar judge
     for row in ALL_ROWS:
         line = by_row[slug(row.name)]
@@ -349,3 +350,4 @@ def test_same_runs_means_every_shared_score_and_sample_equal():
     assert same_runs(run, twin)
     assert not same_runs(run, {1: {**run[1], "house_style": 0.0}})  # the same gold, another policy
     assert not same_runs(run, {1: {**run[1], "samples": ["a"]}})
+

@@ -1,5 +1,5 @@
 """The diagnostic worlds' data, each checked for the property it is built to have: the
-imperfect teacher is wrong on exactly the stated fraction, in a way the verifier sees;
+plain world (the negative control) gives no method a failure to fix; the imperfect teacher is wrong on exactly the stated fraction, in a way the verifier sees;
 the shifted eval split shares no instruction combination with training; the judge
 world's concision labels pay a scripted policy that cuts its answers short, which gold
 and the true axes charge for."""
@@ -11,6 +11,22 @@ from conftest import run_main
 
 from shared import scoring, toyworld
 from shared.data import load_expert_cache
+
+
+def test_the_plain_world_leaves_no_failure_to_fix(tmp_path):
+    """The plain world's data as scripts/reproduce.py --world plain builds them (--num-eval 1024)."""
+    paths = toyworld.write_splits(tmp_path, num_eval=1024)
+    splits = {name: [json.loads(line) for line in open(path)] for name, path in paths.items()}
+    # an exact teacher: its demonstration is right on every prompt of every split
+    assert all(scoring.gold(row, toyworld.oracle(row)) == 1.0 for rows in splits.values() for row in rows)
+    # the reward checks every check gold makes: on right and broken answers alike, full reward exactly when gold is 1
+    for row in splits["eval"][:300]:
+        answer = toyworld.oracle(row)
+        for response in (answer, answer[:-1], answer + answer[-1], answer.lower(), answer[::-1], "", "x" * 30):
+            assert (scoring.reward(row, response) == 1.0) == (scoring.gold(row, response) == 1.0), (row, response)
+    # eval is i.i.d. with training: every instruction combination it asks for is one RL trains on
+    trained = {toyworld.combination(row) for row in splits["train"]}
+    assert {toyworld.combination(row) for row in splits["eval"]} <= trained
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.5])

@@ -106,6 +106,8 @@ WORLDS = {
     "plain": World(["--num-eval", "1024"], [], [
         ("Imperfect world's claim, with an exact teacher: RL does not beat imitating it longer", "GRPO",
          "continued SFT"),
+        ("Imperfect world's claim, with an exact teacher: CHORD does not beat imitating it longer", "CHORD-phi",
+         "continued SFT"),
         ("Imperfect world's claim, with an exact teacher: UniAPL does not beat imitating it longer", "UniAPL",
          "continued SFT"),
         ("House world's claim, with nothing the reward misses: AAPA's anchor does not help GRPO", "AAPA-GRPO", "GRPO"),

@@ -694,12 +694,19 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
               "prediction (docs/experiments.md) |",
               "|---|---|---|---|---|---|---|---|---|"]
     predictions = settings["predictions"]
+    outcomes = []  # the same cells for claims.json, which the summary across worlds reads
     for (claim, method, control, differences), holm_p, is_same in zip(primary, adjusted, same):
-        lines.append(f"| {claim} | {method} - {control} | {paired(differences)[0]} | "
+        outcome = {"claim": claim, "comparison": f"{method} - {control}", "difference": paired(differences)[0],
+                   "holm_p": holm_p, "verdict": verdict(differences, holm_p, is_same),
+                   "prediction": prediction_outcome(predictions.get((method, control)), differences, holm_p, is_same)}
+        outcomes.append(outcome)
+        lines.append(f"| {claim} | {method} - {control} | {outcome['difference']} | "
                      f"{' '.join(f'{d:+.3f}' for d in differences)} | {p_value(differences):.3f} | "
                      f"{'–' if holm_p != holm_p else f'{holm_p:.3f}'} | "
-                     f"{'–' if is_same else f'{power(differences):.2f}'} | {verdict(differences, holm_p, is_same)} | "
-                     f"{prediction_outcome(predictions.get((method, control)), differences, holm_p, is_same)} |")
+                     f"{'–' if is_same else f'{power(differences):.2f}'} | {outcome['verdict']} | "
+                     f"{outcome['prediction']} |")
+    write_json(out_dir / "claims.json", {"world": settings["world"], "seeds": n, "job_time": round(job_time),
+                                         "claims": outcomes})
     if exploratory & set(gold) and "GRPO" in gold:
         lines += [
             "",
@@ -725,6 +732,28 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
     lines += ["", f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
                   "side by side (per-run wall times include that sharing)."]
     return "\n".join(lines) + "\n"
+
+
+def write_summary(worlds_dir: Path) -> str:
+    """One table of every world's claims (from each results/worlds/<world>/claims.json that
+    exists, in the order of WORLDS) and the worlds' job times, written to worlds_dir/summary.md."""
+    found = [json.loads(path.read_text()) for name in WORLDS if (path := worlds_dir / name / "claims.json").exists()]
+    lines = ["Every world's claims, from its own table (results/worlds/<world>/table.md: the rows, per-seed values, p "
+             "and power); paired by seed, Holm within each world.", "",
+             "| world | claim | method - control | gold difference [95% CI] | Holm p | verdict | prediction |",
+             "|---|---|---|---|---|---|---|"]
+    for world in found:
+        for claim in world["claims"]:
+            holm_p = claim["holm_p"]
+            lines.append(f"| {world['world']} | {claim['claim']} | {claim['comparison']} | {claim['difference']} | "
+                         f"{'–' if holm_p is None or holm_p != holm_p else f'{holm_p:.3f}'} | {claim['verdict']} | "
+                         f"{claim['prediction']} |")
+    times = ", ".join(f"{world['world']} {world['job_time']} s" for world in found)
+    lines += ["", f"Job times ({found[0]['seeds'] if found else 0} seeds, each world's Whole job line): {times}; "
+                  f"all {len(found)} together {sum(world['job_time'] for world in found)} s, run one world after another."]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(worlds_dir / "summary.md", text)
+    return text
 
 
 def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
@@ -950,5 +979,8 @@ if __name__ == "__main__":
         table = write_table(settings, commands, runs_dir, out_dir, job_time)
         atomic_write_text(out_dir / "table.md", table)
         print("\n" + table)
+        if world is not None and not args.out_dir:  # the job's own results folder: every world's claims in one table
+            print(f"every world's claims so far: {out_dir.parent / 'summary.md'}")
+            write_summary(out_dir.parent)
         print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}, plots curves.png, "
               f"lengths.png, logprobs.png in {out_dir}")

@@ -32,6 +32,7 @@ from reproduce import (  # noqa: E402
     slug,
     table_rows,
     verdict,
+    write_summary,
 )
 
 from shared.evaluation import WORLD_SCORE_KEYS  # noqa: E402
@@ -351,3 +352,22 @@ def test_same_runs_means_every_shared_score_and_sample_equal():
     assert not same_runs(run, {1: {**run[1], "house_style": 0.0}})  # the same gold, another policy
     assert not same_runs(run, {1: {**run[1], "samples": ["a"]}})
 
+
+
+def test_the_summary_lists_every_worlds_claims_in_the_order_of_worlds_and_adds_their_times(tmp_path):
+    written = {"judge": 2297, "plain": 1800}  # two worlds have finished, out of the order of WORLDS
+    for name, seconds in written.items():
+        claims = [{"claim": claim, "comparison": f"{method} - {control}", "difference": "+0.100 [+0.050, +0.150]",
+                   "holm_p": None if index else 0.0123, "verdict": "supported", "prediction": "held"}
+                  for index, (claim, method, control) in enumerate(WORLDS[name].claims)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "claims.json").write_text(json.dumps({"world": name, "seeds": 6, "job_time": seconds,
+                                                                 "claims": claims}))
+    text = write_summary(tmp_path)
+    assert (tmp_path / "summary.md").read_text() == text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| plain") or line.startswith("| judge")]
+    order = [name for name in WORLDS if name in written]
+    expected = [(name, claim) for name in order for claim, *_ in WORLDS[name].claims]
+    assert [(row[0].strip("| "), row[1]) for row in rows] == expected
+    assert rows[0][4] == "0.012" and rows[1][4] == "–"  # a comparison left out of the family has no Holm p
+    assert f"all 2 together {sum(written.values())} s" in text and "plain 1800 s, judge 2297 s" in text

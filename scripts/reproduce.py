@@ -113,7 +113,9 @@ WORLDS = {
         ("House world's claim, with nothing the reward misses: AAPA's anchor does not help GRPO", "AAPA-GRPO", "GRPO"),
         ("House world's claim, with nothing the reward misses: AAPA's anchor does not help staged A-SFT then A-GRPO",
          "AAPA staged", "AAPA staged, anchor 0"),
-    ]),
+    ], predictions={("GRPO", "continued SFT"): (-0.05, 0.05, False), ("CHORD-phi", "continued SFT"): (-0.05, 0.05, False),
+                    ("UniAPL", "continued SFT"): (0.03, 0.25, True), ("AAPA-GRPO", "GRPO"): (-0.06, 0.04, False),
+                    ("AAPA staged", "AAPA staged, anchor 0"): (-0.05, 0.05, False)}),
     # half of the demonstrations wrong in content, which the exact verifier sees
     "imperfect": World(["--num-eval", "1024"], ["--oracle-error-rate", "0.5", "--oracle-seed", "0"], [
         ("RL beats more supervised training on an imperfect teacher's demonstrations", "GRPO", "continued SFT"),

@@ -104,14 +104,15 @@ WORLDS = {
     # from the training distribution): the imperfect and house worlds' claims, made again where their failure never
     # happens
     "plain": World(["--num-eval", "1024"], [], [
-        ("Imperfect world's claim, with an exact teacher: RL does not beat imitating it longer", "GRPO",
+        # each claim as its own world states it (a verdict of "supported" means the method won here too)
+        ("Imperfect world's claim, the teacher exact here: RL beats imitating the teacher longer", "GRPO",
          "continued SFT"),
-        ("Imperfect world's claim, with an exact teacher: CHORD does not beat imitating it longer", "CHORD-phi",
+        ("Imperfect world's claim, the teacher exact here: CHORD beats imitating the teacher longer", "CHORD-phi",
          "continued SFT"),
-        ("Imperfect world's claim, with an exact teacher: UniAPL does not beat imitating it longer", "UniAPL",
+        ("Imperfect world's claim, the teacher exact here: UniAPL beats imitating the teacher longer", "UniAPL",
          "continued SFT"),
-        ("House world's claim, with nothing the reward misses: AAPA's anchor does not help GRPO", "AAPA-GRPO", "GRPO"),
-        ("House world's claim, with nothing the reward misses: AAPA's anchor does not help staged A-SFT then A-GRPO",
+        ("House world's claim, nothing here the reward misses: AAPA's anchor improves GRPO", "AAPA-GRPO", "GRPO"),
+        ("House world's claim, nothing here the reward misses: AAPA's anchor improves staged A-SFT then A-GRPO",
          "AAPA staged", "AAPA staged, anchor 0"),
     ], predictions={("GRPO", "continued SFT"): (-0.05, 0.05, False), ("CHORD-phi", "continued SFT"): (-0.05, 0.05, False),
                     ("UniAPL", "continued SFT"): (0.03, 0.25, True), ("AAPA-GRPO", "GRPO"): (-0.06, 0.04, False),

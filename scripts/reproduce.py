@@ -351,8 +351,8 @@ def slug(row: str) -> str:
 
 
 def world_flags(script: str, settings: dict, sweep: bool) -> list[str]:
-    """A diagnostic world's data, reward and scoring for one script's command (the plain
-    world: none, the scripts' defaults are data/toy's)."""
+    """A world's data, reward and scoring for one script's command (the toy design: none,
+    the scripts' defaults are data/toy's)."""
     if settings["world"] == "toy":
         return []
     world, data = WORLDS[settings["world"]], settings["data_dir"]
@@ -983,7 +983,7 @@ if __name__ == "__main__":
         atomic_write_text(out_dir / "table.md", table)
         print("\n" + table)
         if world is not None and not args.out_dir:  # the job's own results folder: every world's claims in one table
-            print(f"every world's claims so far: {out_dir.parent / 'summary.md'}")
             write_summary(out_dir.parent)
+            print(f"every world's claims so far: {out_dir.parent / 'summary.md'}")
         print(f"total wall time {time.time() - job_start:.0f} s; table in {out_dir / 'table.md'}, plots curves.png, "
               f"lengths.png, logprobs.png in {out_dir}")

@@ -206,15 +206,16 @@ class Args:
     """SFT optimizer steps on the demonstrations of the world's sft_prompts.jsonl (200; --quick: 150; the house world:
     20 on its demonstrations after 200, --quick 150, on plain answers)"""
     rl_steps: int | None = None
-    """steps of every row after SFT: generation batches, or SFT steps for continued SFT (100; --quick: 10)"""
+    """steps of every row after SFT: generation batches, or SFT steps for continued SFT (a world: 40; toy: 100;
+    --quick: 10)"""
     gpm_steps: int | None = None
     """optimizer steps of the General Preference Model that GPRL uses (80; --quick: 30)"""
     eval_prompts: int | None = None
-    """held-out prompts per evaluation (256; --quick: 128)"""
+    """held-out prompts per evaluation (a world: 1,024, shift: 2,048 of both splits; toy: 256; --quick: 128)"""
     side_prompts: int | None = None
     """prompts of the SFT pool used for the preference pairs and AAPA's discriminator (500; --quick: 200)"""
     prompts_per_step: int | None = None
-    """prompts per generation batch (16; a diagnostic world: 64)"""
+    """prompts per generation batch (a world: 64; toy and --quick: 16)"""
     group_size: int = 8
     """completions per prompt"""
     jobs: int = 2

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Args:
     model: str = "data/tiny-qwen3"
-    """the policy to time (the tiny model the toy world builds; an SFT checkpoint has the same shape)"""
+    """a local model folder to time (the tiny model the toy world builds; an SFT checkpoint has the same shape)"""
     data: str = "data/toy/train.jsonl"
     """prompts to build the batch from (their oracle answers are the completions)"""
     prompts: int = 64
@@ -85,6 +85,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.prompts < 1 or args.group_size < 1 or args.threads < 1 or args.repeats < 1:
         raise SystemExit("error: --prompts, --group-size, --threads and --repeats must be >= 1")
+    for flag, path in (("--data", ROOT / args.data), ("--model", ROOT / args.model / "config.json")):
+        if not path.is_file():
+            raise SystemExit(f"error: {flag} {str(path.parent if flag == '--model' else path)!r} is not a "
+                             f"{'saved model folder' if flag == '--model' else 'file'}")
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(str(ROOT / args.model))
     tensors = batch(args, tokenizer)

@@ -353,7 +353,6 @@ def test_same_runs_means_every_shared_score_and_sample_equal():
     assert not same_runs(run, {1: {**run[1], "samples": ["a"]}})
 
 
-
 def test_the_summary_lists_every_worlds_claims_in_the_order_of_worlds_and_adds_their_times(tmp_path):
     written = {"judge": 2297, "plain": 1800}  # two worlds have finished, out of the order of WORLDS
     for name, seconds in written.items():

@@ -1,5 +1,6 @@
 """The diagnostic worlds' data, each checked for the property it is built to have: the
-plain world (the negative control) gives no method a failure to fix; the imperfect teacher is wrong on exactly the stated fraction, in a way the verifier sees;
+plain world (the negative control) gives no method a failure to fix; the imperfect
+teacher is wrong on exactly the stated fraction, in a way the verifier sees;
 the shifted eval split shares no instruction combination with training; the judge
 world's concision labels pay a scripted policy that cuts its answers short, which gold
 and the true axes charge for."""

@@ -32,8 +32,9 @@ def test_the_bench_batch_masks_exactly_each_oracle_answer_and_its_end(tiny_world
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_the_bench_refuses_a_missing_model_or_data_in_one_line(tmp_path):
-    missing_data = run_main("scripts/bench_model_step.py", "--data", str(tmp_path / "none.jsonl"))
+def test_the_bench_refuses_a_missing_model_or_data_in_one_line(tiny_world, tmp_path):
+    missing_data = run_main("scripts/bench_model_step.py", "--model", tiny_world["model"], "--data",
+                            str(tmp_path / "none.jsonl"))
     assert missing_data == f"error: --data '{tmp_path / 'none.jsonl'}' is not a file"
-    missing_model = run_main("scripts/bench_model_step.py", "--model", str(tmp_path))
+    missing_model = run_main("scripts/bench_model_step.py", "--model", str(tmp_path), "--data", tiny_world["train"])
     assert missing_model == f"error: --model '{tmp_path}' is not a saved model folder"

@@ -114,9 +114,13 @@ WORLDS = {
         ("House world's claim, nothing here the reward misses: AAPA's anchor improves GRPO", "AAPA-GRPO", "GRPO"),
         ("House world's claim, nothing here the reward misses: AAPA's anchor improves staged A-SFT then A-GRPO",
          "AAPA staged", "AAPA staged, anchor 0"),
+        # the judges fitted to pairs labelled by the truth (concision: the expert's length), so no axis is biased
+        ("Judge world's claim, no axis biased here: GPRL's per-axis advantages beat GRPO on a scalar judge",
+         "GPRL", "GRPO, scalar judge"),
     ], predictions={("GRPO", "continued SFT"): (-0.05, 0.05, False), ("CHORD-phi", "continued SFT"): (-0.05, 0.05, False),
                     ("UniAPL", "continued SFT"): (0.03, 0.25, True), ("AAPA-GRPO", "GRPO"): (-0.06, 0.04, False),
-                    ("AAPA staged", "AAPA staged, anchor 0"): (-0.05, 0.05, False)}),
+                    ("AAPA staged", "AAPA staged, anchor 0"): (-0.05, 0.05, False),
+                    ("GPRL", "GRPO, scalar judge"): (-0.05, 0.15, False)}),
     # half of the demonstrations wrong in content, which the exact verifier sees
     "imperfect": World(["--num-eval", "1024"], ["--oracle-error-rate", "0.5", "--oracle-seed", "0"], [
         ("RL beats more supervised training on an imperfect teacher's demonstrations", "GRPO", "continued SFT"),

@@ -735,7 +735,7 @@ def write_table(settings: dict, commands: list[Run], runs_dir: Path, out_dir: Pa
                       "pairs (chance 0.5)."]
     if alarms:
         lines += ["Drift alarms per run: " + "; ".join(f"{row} {mean_std(values)}" for row, values in alarms.items()) +
-                  " (monitor off: alarms that fired but were not acted on)."]
+                  (" (monitor off: alarms that fired but were not acted on)." if "GPRL, monitor off" in alarms else ".")]
     lines += gprl_diagnostics(run_dirs)
     lines += ["", f"Whole job: {job_time:.0f} s (all invocations) on {os.cpu_count()} CPU core(s), {settings['jobs']} runs "
                   "side by side (per-run wall times include that sharing)."]
@@ -785,7 +785,8 @@ def gprl_diagnostics(run_dirs: dict[str, list[Path]]) -> list[str]:
                         if key.startswith("drift/judge_accuracy/"):
                             values.setdefault("agrees: " + key[len("drift/judge_accuracy/"):], []).append(value)
     measured = {k for v in by_step.values() for k in v} - {"gold", "gold, monitor off"}
-    columns = ["gold", "gold, monitor off", *sorted(k for k in measured if not k.startswith("agrees")),
+    columns = ["gold", *(["gold, monitor off"] if "GPRL, monitor off" in run_dirs else []),
+               *sorted(k for k in measured if not k.startswith("agrees")),
                *sorted(k for k in measured if k.startswith("agrees"))]
     lines = ["", "GPRL over training, mean over seeds: held-out gold, and the drift monitor's margin per GPM dimension "
                  "(the policy's greedy responses scored against the reference's on the probe prompts; > 0: the GPM "

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_main
@@ -22,6 +23,7 @@ from reproduce import (  # noqa: E402
     PRIMARY,
     WORLDS,
     check_hyperparameters,
+    gprl_diagnostics,
     holm,
     holm_over_testable,
     p_value,
@@ -370,3 +372,21 @@ def test_the_summary_lists_every_worlds_claims_in_the_order_of_worlds_and_adds_t
     assert [(row[0].strip("| "), row[1]) for row in rows] == expected
     assert rows[0][4] == "0.012" and rows[1][4] == "–"  # a comparison left out of the family has no Holm p
     assert f"all 2 together {sum(written.values())} s" in text and "plain 1800 s, judge 2297 s" in text
+
+
+def test_the_gprl_section_averages_over_seeds_and_has_a_monitor_off_column_only_with_that_row(tmp_path):
+    def run(name: str, golds: tuple[float, float], margin: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"step": 0, "eval/gold": golds[0]}, {"step": 5, "drift/margin/correctness": margin},
+                   {"step": 10, "eval/gold": golds[1]}]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+        return folder
+
+    gprl = [run("gprl_seed1", (0.5, 0.2), 0.01), run("gprl_seed2", (0.7, 0.4), 0.03)]
+    alone = [line for line in gprl_diagnostics({"GPRL": gprl}) if line.startswith("| ")]
+    assert alone == ["| step | gold | correctness |", "| 0 | 0.600 |  |", "| 5 |  | +0.0200 |", "| 10 | 0.300 |  |"]
+    monitor_off = [run("off_seed1", (0.5, 0.1), 0.0), run("off_seed2", (0.7, 0.1), 0.0)]
+    both = [line for line in gprl_diagnostics({"GPRL": gprl, "GPRL, monitor off": monitor_off}) if line.startswith("| ")]
+    assert both[0] == "| step | gold | gold, monitor off | correctness |" and both[-1] == "| 10 | 0.300 | 0.100 |  |"
+    assert gprl_diagnostics({"GRPO": gprl}) == []

@@ -10,8 +10,8 @@ The work is counted from the job's own commands (`scripts/reproduce.py --world W
 - every SFT step: forward and backward over --batch-size demonstrations (32);
 - every evaluation (step 0, every --eval-every steps, the end): one forward over
   --eval-prompts prompts and their answers.
-A position costs 2 x (the model's matrix parameters + its attention over the mean
-context) multiply-adds per forward. Completions are the oracle's answers plus the end
+A position costs one multiply-add per matrix parameter plus its attention over the mean
+context, so 2 x that many floating-point operations per forward. Completions are the oracle's answers plus the end
 token, the length the trained policies produce (5.8 tokens in the worlds' tables).
 Left out, so the bound stays a bound: padding, sampling's softmax, every element-wise
 op, the discriminators' and preference models' forwards (AAPA, UniAPL, GPRL scoring),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import tyro
 
 from shared import toyworld
-from shared.modeling import load_model, load_tokenizer
+from shared.modeling import chat_prompt, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,7 @@ def batch(args: Args, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     rows = [json.loads(line) for line in open(ROOT / args.data)][:args.prompts]
     sequences, answer_starts = [], []
     for row in rows:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                               add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(toyworld.oracle(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sequences += [prompt_ids + answer_ids] * args.group_size
         answer_starts += [len(prompt_ids)] * args.group_size
